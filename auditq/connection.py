@@ -1,0 +1,121 @@
+"""Where the writer gets its connection: its own (from a DSN) or one borrowed from a pool."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Protocol
+
+import orjson
+import psycopg
+from psycopg.types.json import set_json_dumps
+from psycopg_pool import ConnectionPool
+
+from .dsn import Dsn
+
+logger = logging.getLogger("auditq")
+
+Connection = psycopg.Connection[Any]
+
+# A forked child must never close a connection it inherited: libpq would send a Terminate
+# message down the socket the parent is still using. Such connections are parked here for
+# the life of the child instead (psycopg/psycopg#395).
+_inherited_connections: list[Connection] = []
+
+
+def _dump_json(obj: Any) -> bytes:
+    # Metadata is serialised on the caller's path (to snapshot it); pass those bytes through.
+    if isinstance(obj, bytes):
+        return obj
+    return orjson.dumps(obj)
+
+
+def prepare(conn: Connection) -> None:
+    """Make `conn` accept pre-serialised JSON bytes for jsonb columns."""
+    set_json_dumps(_dump_json, conn)
+
+
+class ConnectionSource(Protocol):
+    """What the sink needs: a connection per attempt and a way to give it back."""
+
+    def acquire(self) -> Connection: ...
+    def release(self, conn: Connection, *, broken: bool) -> None: ...
+    def close(self) -> None: ...
+    def forget_after_fork(self) -> None: ...
+
+
+class DsnSource:
+    """One long-lived connection of the writer's own, reopened after any failure."""
+
+    def __init__(self, dsn: Dsn) -> None:
+        self._dsn = dsn
+        self._conn: Connection | None = None
+
+    def acquire(self) -> Connection:
+        conn = self._conn
+        if conn is None or conn.closed:
+            try:
+                conn = psycopg.connect(self._dsn.secret_value, autocommit=False)
+            except psycopg.Error as exc:
+                # libpq quotes malformed conninfo strings verbatim: scrub before it travels.
+                raise type(exc)(self._dsn.scrub(str(exc))) from None
+            prepare(conn)
+            self._conn = conn
+        return conn
+
+    def release(self, conn: Connection, *, broken: bool) -> None:
+        if broken:
+            self._conn = None
+            try:
+                conn.close()
+            except Exception:  # noqa: S110 - closing a dead connection may fail; it is gone
+                pass
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except Exception:  # noqa: S110
+                pass
+
+    def forget_after_fork(self) -> None:
+        if self._conn is not None:
+            _inherited_connections.append(self._conn)
+        self._conn = None
+
+    def __repr__(self) -> str:
+        return f"DsnSource({str(self._dsn)!r})"
+
+
+class PoolSource:
+    """Connections borrowed per batch from the caller's `psycopg_pool.ConnectionPool`.
+
+    The pool is the caller's: auditq never closes it, and after a fork the caller must make a
+    new one in the child (psycopg pools cannot cross a fork).
+    """
+
+    def __init__(self, pool: ConnectionPool[Any], timeout: float) -> None:
+        self._pool = pool
+        self._timeout = timeout
+
+    def acquire(self) -> Connection:
+        conn = self._pool.getconn(timeout=self._timeout)
+        prepare(conn)  # cheap, and a pooled connection may be new or reset
+        return conn
+
+    def release(self, conn: Connection, *, broken: bool) -> None:
+        if broken:
+            try:
+                conn.close()
+            except Exception:  # noqa: S110
+                pass
+        self._pool.putconn(conn)
+
+    def close(self) -> None:
+        pass
+
+    def forget_after_fork(self) -> None:
+        pass
+
+    def __repr__(self) -> str:
+        return f"PoolSource({self._pool.name!r})"

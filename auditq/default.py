@@ -1,0 +1,92 @@
+"""The module-level default writer: `auditq.configure()` once, then `auditq.log()` anywhere.
+
+`write_audit_log` and `write_audit_logs` are the Python forms of the original TypeScript
+service's `writeAuditLog()` / `writeAuditLogs()`: fire-and-forget, never raising for
+database trouble.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from psycopg_pool import ConnectionPool
+
+from .config import dsn_from_env, options_from_env
+from .entry import AuditEntry
+from .writer import AuditWriter
+
+logger = logging.getLogger("auditq")
+
+_writer: AuditWriter | None = None
+_lock = threading.Lock()
+_warned_unconfigured = False
+
+
+def configure(dsn_or_pool: str | ConnectionPool[Any] | None = None, **options: Any) -> AuditWriter:
+    """Create the default writer (closing any previous one) and return it.
+
+    With no arguments, the DSN comes from `AUDITQ_DSN` or `DATABASE_URL` and each option from
+    `AUDITQ_<OPTION>`; arguments given here win.
+    """
+    global _writer
+    merged = {**options_from_env(), **options}
+    target = dsn_or_pool if dsn_or_pool is not None else dsn_from_env()
+    writer = AuditWriter(target, **merged)
+    with _lock:
+        previous, _writer = _writer, writer
+    if previous is not None:
+        previous.close()
+    return writer
+
+
+def get_writer() -> AuditWriter | None:
+    """The default writer, configured from the environment on first use if possible."""
+    global _writer, _warned_unconfigured
+    writer = _writer
+    if writer is not None:
+        return writer
+    with _lock:
+        if _writer is None and dsn_from_env():
+            _writer = AuditWriter(dsn_from_env(), **options_from_env())
+        if _writer is None and not _warned_unconfigured:
+            _warned_unconfigured = True
+            logger.warning(
+                "not configured (call auditq.configure() or set AUDITQ_DSN); "
+                "audit entries are being discarded"
+            )
+        return _writer
+
+
+def log(action: str, /, **fields: Any) -> bool:
+    """`AuditWriter.log` on the default writer; False when none is configured."""
+    writer = _writer or get_writer()
+    return False if writer is None else writer.log(action, **fields)
+
+
+def write_audit_log(entry: AuditEntry | Mapping[str, Any]) -> bool:
+    """Queue one entry (an `AuditEntry` or a mapping of its fields) on the default writer."""
+    writer = _writer or get_writer()
+    return False if writer is None else writer.write(entry)
+
+
+def write_audit_logs(entries: Iterable[AuditEntry | Mapping[str, Any]]) -> int:
+    """Queue many entries on the default writer; returns how many were accepted."""
+    writer = _writer or get_writer()
+    return 0 if writer is None else writer.write_many(entries)
+
+
+def flush(timeout: float | None = None) -> bool:
+    """Flush the default writer (True when there is nothing to wait for)."""
+    writer = _writer
+    return True if writer is None else writer.flush(timeout)
+
+
+def shutdown(timeout: float | None = None) -> bool:
+    """Close the default writer and forget it; a later `log()` configures a new one."""
+    global _writer
+    with _lock:
+        writer, _writer = _writer, None
+    return True if writer is None else writer.close(timeout)

@@ -1,0 +1,312 @@
+"""PostgreSQL delivery of one batch: COPY, retries, idempotent replay, poison-row isolation.
+
+`Sink.deliver()` does not return until every row of the batch is resolved: committed, or
+dead-lettered with a reason, or (when the writer is closing past its deadline) handed back
+as undelivered. The fast path is one transaction holding one binary COPY. The slow paths:
+
+* transient failure (connection lost, server restarting, lock/serialisation trouble, the
+  watchdog cutting a hung operation): reconnect and retry the same rows, with backoff;
+* commit outcome unknown (connection lost while COMMIT was in flight): replay through a
+  temporary staging table and `INSERT ... ON CONFLICT (id) DO NOTHING`, so rows that did
+  commit are not written twice;
+* the server rejects the data: split the batch in halves until each bad row stands alone
+  (O(k log n) round trips for k bad rows), write every good row, dead-letter each bad one
+  with the server's message;
+* the table is missing or not writable: one clear error naming the fix, then quiet retries.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, Literal, Protocol
+
+import psycopg
+from psycopg import sql
+
+from .backoff import Backoff
+from .connection import Connection, ConnectionSource
+from .dsn import Dsn
+from .entry import COLUMNS, Row
+from .schema import qualified
+from .watchdog import Watchdog
+
+logger = logging.getLogger("auditq")
+
+COPY_TYPES: Final = [
+    "uuid",
+    "timestamptz",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "text",
+    "inet",
+    "text",
+    "text",
+    "jsonb",
+]
+
+Mode = Literal["copy", "replay", "dedupe"]
+Kind = Literal["transient", "ambiguous", "data", "duplicate", "config"]
+
+#: SQLSTATE classes whose errors are about the rows, not the connection or the server.
+_DATA_CLASSES: Final = frozenset({"22", "23"})
+#: SQLSTATEs that mean the table is not there or not writable: retrying will not help soon.
+_CONFIG_STATES: Final = frozenset({"42P01", "42703", "42501", "3F000", "0A000", "42804", "42P10"})
+#: Unclassified server errors are retried this often before the rows are blamed and split.
+MAX_UNKNOWN_ATTEMPTS: Final = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    """A row on its way: what the caller queued and the values COPY sends."""
+
+    row: Row
+    values: tuple[Any, ...]
+
+
+class Ledger(Protocol):
+    """Where the sink reports what became of rows (the writer's locked counters)."""
+
+    def committed(self, count: int) -> None: ...
+    def dead(self, items: Sequence[Item], reason: str) -> None: ...
+    def retrying(self, error: str) -> None: ...
+
+
+class _RowError(Exception):
+    """A row the driver could not encode: blame the rows, not the connection."""
+
+
+class Sink:
+    """Writes batches to one table through a `ConnectionSource`."""
+
+    def __init__(
+        self,
+        source: ConnectionSource,
+        *,
+        schema: str,
+        table: str,
+        ledger: Ledger,
+        abort: threading.Event,
+        watchdog: Watchdog,
+        dsn: Dsn | None,
+        write_timeout: float,
+        retry_backoff_max: float,
+    ) -> None:
+        self._source = source
+        self._ledger = ledger
+        # Set by close() past its deadline: stop retrying and hand rows back.
+        self._abort = abort
+        self._watchdog = watchdog
+        self._dsn = dsn
+        self._write_timeout = write_timeout
+        self._backoff = Backoff(cap=retry_backoff_max)
+        #: A monotonic time after which to stop retrying (close() draining inline).
+        self.deadline: float | None = None
+        # When the current run of failures began (monotonic), for one warning per outage.
+        self._outage_since: float | None = None
+        self._outage_retries = 0
+        self._config_error_logged = False
+        # True once COMMIT may be in flight: a failure after it leaves the outcome unknown.
+        self._committing = False
+        target = qualified(schema, table)
+        columns = sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
+        self._copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(target, columns)
+        staging = sql.Identifier(f"auditq_staging_{zlib.crc32(f'{schema}.{table}'.encode()):08x}")
+        self._create_staging = sql.SQL(
+            "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        ).format(staging, target)
+        self._copy_staging = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+            staging, columns
+        )
+        self._merge = sql.SQL(
+            "INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT (id) DO NOTHING RETURNING id"
+        ).format(target, columns, columns, staging)
+
+    def deliver(self, items: list[Item]) -> list[Item]:
+        """Write `items`; return those left unresolved because the writer is aborting."""
+        work: list[tuple[list[Item], Mode, int]] = [(items, "copy", 0)]
+        while work:
+            batch, mode, attempts = work.pop()
+            if self._stopping():
+                rest = [item for chunk, _, _ in work for item in chunk]
+                return batch + rest
+            try:
+                inserted = self._attempt(batch, mode)
+            except Exception as exc:
+                kind = self._classify(exc, attempts)
+                self._on_failure(batch, mode, attempts, kind, exc, work)
+                continue
+            self._recovered()
+            if inserted is None or mode == "replay":
+                self._ledger.committed(len(batch))
+            else:
+                written = [item for item in batch if item.values[0] in inserted]
+                duplicates = [item for item in batch if item.values[0] not in inserted]
+                self._ledger.committed(len(written))
+                if duplicates:
+                    self._ledger.dead(duplicates, "duplicate id: a row with this id is already stored")
+        return []
+
+    # -- one attempt ---------------------------------------------------------------------
+
+    def _attempt(self, batch: list[Item], mode: Mode) -> set[Any] | None:
+        self._committing = False
+        conn = self._source.acquire()
+        broken = False
+        try:
+            self._watchdog.arm(conn.pgconn.socket, self._write_timeout)
+            try:
+                if mode == "copy":
+                    self._copy_rows(conn, batch)
+                    return None
+                return self._merge_rows(conn, batch)
+            finally:
+                self._watchdog.disarm()
+        except BaseException:
+            broken = conn.closed or conn.broken
+            raise
+        finally:
+            self._source.release(conn, broken=broken)
+
+    def _copy_rows(self, conn: Connection, batch: list[Item]) -> None:
+        with conn.transaction():
+            self._stream(conn, self._copy, batch)
+            # From here the transaction's exit sends COMMIT: a lost connection now leaves
+            # the outcome unknown, and the retry must not write these rows twice.
+            self._committing = True
+
+    def _merge_rows(self, conn: Connection, batch: list[Item]) -> set[Any]:
+        with conn.transaction():
+            conn.execute(self._create_staging)
+            self._stream(conn, self._copy_staging, batch)
+            with conn.cursor() as cur:
+                cur.execute(self._merge)
+                inserted = {row[0] for row in cur.fetchall()}
+            self._committing = True
+        return inserted
+
+    def _stream(self, conn: Connection, statement: sql.Composed, batch: list[Item]) -> None:
+        with conn.cursor() as cur, cur.copy(statement) as copy:
+            copy.set_types(COPY_TYPES)
+            write_row = copy.write_row
+            for item in batch:
+                try:
+                    write_row(item.values)
+                except psycopg.OperationalError:
+                    raise
+                except Exception as exc:
+                    raise _RowError(f"cannot encode row: {exc}") from exc
+
+    # -- failures ------------------------------------------------------------------------
+
+    def _classify(self, exc: BaseException, attempts: int) -> Kind:
+        if isinstance(exc, _RowError):
+            return "data"
+        state = getattr(exc, "sqlstate", None)
+        if state == "23505":
+            return "duplicate"
+        if state and state[:2] in _DATA_CLASSES:
+            return "data"
+        if state in _CONFIG_STATES:
+            return "config"
+        if isinstance(exc, psycopg.OperationalError) or state is None:
+            return "ambiguous" if self._committing else "transient"
+        if state[:2] in {"08", "40", "53", "55", "57", "58"}:
+            return "transient"
+        # An unclassified server error: retry a few times, then suspect the rows.
+        return "data" if attempts + 1 >= MAX_UNKNOWN_ATTEMPTS else "transient"
+
+    def _on_failure(
+        self,
+        batch: list[Item],
+        mode: Mode,
+        attempts: int,
+        kind: Kind,
+        exc: BaseException,
+        work: list[tuple[list[Item], Mode, int]],
+    ) -> None:
+        message = self._describe(exc)
+        if kind == "data":
+            if len(batch) == 1:
+                self._ledger.dead(batch, f"rejected by the server: {message}")
+            else:
+                half = len(batch) // 2
+                work.append((batch[half:], mode, 0))
+                work.append((batch[:half], mode, 0))
+            return
+        if kind == "duplicate":
+            work.append((batch, "replay" if mode == "replay" else "dedupe", attempts))
+            return
+        self._ledger.retrying(message)
+        self._enter_outage(kind, message)
+        next_mode: Mode = "replay" if kind == "ambiguous" or mode == "replay" else mode
+        work.append((batch, next_mode, attempts + 1))
+        delay = self._backoff.next_delay()
+        if self.deadline is not None:
+            delay = max(0.0, min(delay, self.deadline - time.monotonic()))
+        self._abort.wait(delay)
+
+    def _stopping(self) -> bool:
+        return self._abort.is_set() or (
+            self.deadline is not None and time.monotonic() >= self.deadline
+        )
+
+    def _describe(self, exc: BaseException) -> str:
+        state = getattr(exc, "sqlstate", None)
+        text = str(exc).strip() or type(exc).__name__
+        text = f"{type(exc).__name__}: {text}" if not state else f"[{state}] {text}"
+        return self._dsn.scrub(text) if self._dsn is not None else text
+
+    def _enter_outage(self, kind: Kind, message: str) -> None:
+        self._outage_retries += 1
+        if kind == "config":
+            if not self._config_error_logged:
+                self._config_error_logged = True
+                logger.error(
+                    "cannot write to the audit table (%s). Create it with "
+                    "`auditq init-db` (or auditq.schema.create()) and grant INSERT to this "
+                    "role; entries keep queueing meanwhile and are retried.",
+                    message,
+                )
+        if self._outage_since is None:
+            self._outage_since = time.monotonic()
+            if kind != "config":
+                logger.warning(
+                    "database write failed (%s); retrying with backoff, entries keep "
+                    "queueing up to max_queue",
+                    message,
+                )
+
+    def _recovered(self) -> None:
+        self._backoff.reset()
+        if self._outage_since is not None:
+            logger.info(
+                "database writes recovered after %.1fs (%d retries)",
+                time.monotonic() - self._outage_since,
+                self._outage_retries,
+            )
+            self._outage_since = None
+            self._outage_retries = 0
+            self._config_error_logged = False
+
+
+def make_items(rows: Sequence[Row], encode: Callable[[Row], tuple[Any, ...]]) -> tuple[
+    list[Item], list[tuple[Row, str]]
+]:
+    """Encode `rows`, splitting off those that fail their checks, with the reason."""
+    items: list[Item] = []
+    bad: list[tuple[Row, str]] = []
+    for row in rows:
+        try:
+            items.append(Item(row, encode(row)))
+        except Exception as exc:  # EncodeError, or a bug in a caller-supplied value's __str__
+            bad.append((row, str(exc) or type(exc).__name__))
+    return items, bad

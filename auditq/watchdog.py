@@ -1,0 +1,121 @@
+"""A bound on how long one database operation may block the writer thread.
+
+psycopg waits on its socket without a deadline, and a server that is stopped (SIGSTOP, a
+frozen VM, packets dropped) keeps the TCP connection open, so neither libpq nor the kernel
+ever gives up. This watchdog shuts the socket down from another thread when an armed
+deadline passes; the blocked call then fails at once like any lost connection and the
+writer's ordinary retry path takes over. `close()` uses the same lever to stop on time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+import weakref
+from typing import Protocol
+
+logger = logging.getLogger("auditq")
+
+
+class _HasSocket(Protocol):
+    @property
+    def fileno(self) -> int: ...
+
+
+def interrupt_socket(fd: int) -> None:
+    """Shut down the connection behind `fd` so every read or write on it fails now."""
+    try:
+        dup = os.dup(fd)
+    except OSError:
+        return
+    try:
+        with socket.socket(fileno=dup) as sock:
+            sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already closed or never connected: nothing is blocked on it
+
+
+class Watchdog:
+    """One sleeping thread that interrupts the armed socket when its deadline passes."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        # Guards the armed state; held only for assignments, never across I/O.
+        self._cond = threading.Condition(threading.Lock())
+        # The armed socket and the monotonic deadline; None when disarmed.
+        self._fd: int | None = None
+        self._deadline = 0.0
+        # Bumped on every arm so a late wake-up never interrupts a later operation.
+        self._generation = 0
+        self._closed = False
+        self._thread: threading.Thread | None = None
+        #: How many operations were cut short.
+        self.fired = 0
+
+    def arm(self, fd: int, seconds: float) -> None:
+        """Interrupt `fd` unless `disarm()` is called within `seconds`."""
+        with self._cond:
+            self._generation += 1
+            self._fd = fd
+            self._deadline = time.monotonic() + seconds
+            if self._thread is None:
+                self._start()
+            self._cond.notify()
+
+    def disarm(self) -> None:
+        with self._cond:
+            self._fd = None
+
+    def fire_now(self) -> bool:
+        """Interrupt the armed operation immediately (used by `close()` at its deadline)."""
+        with self._cond:
+            fd = self._fd
+            self._fd = None
+        if fd is None:
+            return False
+        interrupt_socket(fd)
+        self.fired += 1
+        return True
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._fd = None
+            self._cond.notify()
+
+    def _start(self) -> None:
+        thread = threading.Thread(
+            target=_run, args=(weakref.ref(self), self._cond), name=self._name, daemon=True
+        )
+        self._thread = thread
+        thread.start()
+
+    def _step(self) -> bool:
+        """Wait for the armed deadline and fire if it passed; False once closed."""
+        with self._cond:
+            if self._closed:
+                return False
+            if self._fd is None:
+                self._cond.wait(timeout=60.0)
+                return True
+            remaining = self._deadline - time.monotonic()
+            if remaining > 0:
+                self._cond.wait(timeout=remaining)
+                return True
+            fd, self._fd = self._fd, None
+        logger.warning("a database operation exceeded its time bound; interrupting it")
+        interrupt_socket(fd)
+        self.fired += 1
+        return True
+
+
+def _run(ref: weakref.ref[Watchdog], cond: threading.Condition) -> None:
+    # Holds only a weak reference between steps so an abandoned writer can be collected.
+    while True:
+        dog = ref()
+        if dog is None or not dog._step():
+            return
+        del dog

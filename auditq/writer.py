@@ -1,0 +1,637 @@
+"""AuditWriter: the caller-facing queue, the drain loop, and flush/close/atexit/fork.
+
+The caller's path (`log`) is a pid check, a cheap validity check, a timestamp, one tuple and
+one `deque.append`: no I/O, no lock, no model, no uuid, no JSON unless metadata is given.
+Everything else happens on one daemon thread per writer, which takes batches from the
+queue, encodes them and hands them to the sink.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import os
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Final
+
+from psycopg_pool import ConnectionPool
+from pydantic import ValidationError
+
+from .context import current as _current_context
+from .buffer import Buffer
+from .connection import ConnectionSource, DsnSource, PoolSource
+from .dsn import Dsn
+from .encode import describe, encode_row
+from .entry import AuditEntry, InvalidEntry, Row, dump_metadata
+from .schema import DEFAULT_SCHEMA, DEFAULT_TABLE
+from .sink import Item, Sink, make_items
+from .stats import WriterStats
+from .watchdog import Watchdog
+
+logger = logging.getLogger("auditq")
+
+_getpid: Final = os.getpid
+_time_ns: Final = time.time_ns
+
+#: Mapping keys accepted by `write()` besides the field names: the original TypeScript
+#: service's camelCase spelling, so `write_audit_log({...})` payloads keep working.
+_ALIASES: Final = {
+    "tenantId": "tenant_id",
+    "actorId": "actor_id",
+    "actorType": "actor_type",
+    "resourceType": "resource_type",
+    "resourceId": "resource_id",
+    "userAgent": "user_agent",
+    "requestId": "request_id",
+    "occurredAt": "occurred_at",
+    "ipAddress": "ip",
+}
+_FIELDS: Final = frozenset(
+    {
+        "id",
+        "occurred_at",
+        "action",
+        "tenant_id",
+        "actor_id",
+        "actor_type",
+        "resource_type",
+        "resource_id",
+        "outcome",
+        "ip",
+        "user_agent",
+        "request_id",
+        "metadata",
+    }
+)
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An accepted entry that will never be written, and why."""
+
+    entry: dict[str, Any]
+    reason: str
+    at: datetime
+
+
+DeadLetterHandler = Callable[[DeadLetter], None]
+
+
+class AuditWriter:
+    """Accepts audit entries without blocking and writes them to PostgreSQL in batches.
+
+    `dsn_or_pool` is a connection string (its password never appears in logs, reprs or
+    errors) or your own `psycopg_pool.ConnectionPool`; with None, `AUDITQ_DSN` then
+    `DATABASE_URL` are read. Every option is keyword-only; the defaults suit a web worker.
+    """
+
+    def __init__(
+        self,
+        dsn_or_pool: str | ConnectionPool[Any] | None = None,
+        *,
+        table: str = DEFAULT_TABLE,
+        schema: str = DEFAULT_SCHEMA,
+        max_queue: int = 100_000,
+        batch_size: int = 5_000,
+        flush_interval: float = 1.0,
+        shutdown_timeout: float = 10.0,
+        write_timeout: float = 15.0,
+        connect_timeout: float = 5.0,
+        retry_backoff_max: float = 5.0,
+        warn_interval: float = 10.0,
+        strict: bool = False,
+        on_dead_letter: DeadLetterHandler | None = None,
+        name: str | None = None,
+    ) -> None:
+        _positive("max_queue", max_queue)
+        _positive("batch_size", batch_size)
+        _positive("flush_interval", flush_interval)
+        _positive("write_timeout", write_timeout)
+        _positive("connect_timeout", connect_timeout)
+        _positive("retry_backoff_max", retry_backoff_max)
+        if shutdown_timeout < 0:
+            raise ValueError("shutdown_timeout must be >= 0")
+        if not table or not schema:
+            raise ValueError("table and schema must be non-empty")
+        self.table = table
+        self.schema = schema
+        self.max_queue = max_queue
+        self.batch_size = batch_size
+        self.flush_interval = flush_interval
+        self.shutdown_timeout = shutdown_timeout
+        self.write_timeout = write_timeout
+        self.connect_timeout = connect_timeout
+        self.retry_backoff_max = retry_backoff_max
+        self.warn_interval = warn_interval
+        self.strict = strict
+        self.on_dead_letter = on_dead_letter
+        self.name = name or f"{schema}.{table}"
+        self._dsn: Dsn | None = None
+        self._pool: ConnectionPool[Any] | None = None
+        if isinstance(dsn_or_pool, ConnectionPool):
+            self._pool = dsn_or_pool
+            self._display_target = f"pool {dsn_or_pool.name!r}"
+        else:
+            raw = dsn_or_pool or os.environ.get("AUDITQ_DSN") or os.environ.get("DATABASE_URL")
+            if not raw:
+                raise ValueError(
+                    "no database given: pass a DSN or pool, or set AUDITQ_DSN or DATABASE_URL"
+                )
+            self._display_target = str(Dsn(raw))
+            self._dsn = Dsn(raw).with_defaults(
+                connect_timeout=max(2, round(connect_timeout)),
+                application_name="auditq",
+                keepalives=1,
+                keepalives_idle=10,
+                keepalives_interval=5,
+                keepalives_count=3,
+            )
+        self._init_state()
+        _live_writers.add(self)
+
+    def _init_state(self) -> None:
+        """Fresh runtime state: at construction and in a forked child."""
+        # The process that owns this state; a mismatch on the caller's path means a fork
+        # that skipped the at-fork hooks (uWSGI), and triggers the same reset.
+        self._pid = _getpid()
+        # Wakes the writer thread early: a full batch, flush(), close().
+        self._wake = threading.Event()
+        self._buffer = Buffer(self.max_queue, self.batch_size, self._wake.set)
+        # Guards every counter below and the move of rows out of the buffer; never held
+        # across I/O, so callers that touch it (drops, rejections) never wait on the server.
+        self._lock = threading.Lock()
+        # flush() waiters sleep here until enough rows are resolved.
+        self._resolved_cond = threading.Condition(self._lock)
+        # Set by close() at its deadline: the sink stops retrying and hands rows back.
+        self._abort = threading.Event()
+        self._closed = False
+        self._drain_all = False
+        self._thread: threading.Thread | None = None
+        self._taken = 0  # rows ever removed from the buffer (by the writer or close())
+        self._inflight = 0  # taken but not yet resolved
+        self._written = 0
+        self._dead = 0
+        self._dropped = 0
+        self._rejected = 0
+        self._batches = 0
+        self._retries = 0
+        self._last_error: str | None = None
+        self._last_write_at: datetime | None = None
+        # Rate-limited reporting: counts since the last line and when it was written.
+        self._unreported_drops = 0
+        self._unreported_rejects = 0
+        self._last_reject_reason = ""
+        self._unreported_dead = 0
+        self._last_dead_reason = ""
+        self._last_report = float("-inf")
+        self._watchdog = Watchdog(f"auditq-watchdog[{self.name}]")
+        source: ConnectionSource
+        if self._pool is not None:
+            source = PoolSource(self._pool, timeout=self.connect_timeout)
+        else:
+            assert self._dsn is not None
+            source = DsnSource(self._dsn)
+        self._source = source
+        self._sink = Sink(
+            source,
+            schema=self.schema,
+            table=self.table,
+            ledger=self,
+            abort=self._abort,
+            watchdog=self._watchdog,
+            dsn=self._dsn,
+            write_timeout=self.write_timeout,
+            retry_backoff_max=self.retry_backoff_max,
+        )
+
+    # -- the caller's path -------------------------------------------------------------
+
+    def log(
+        self,
+        action: str,
+        /,
+        *,
+        tenant_id: Any = None,
+        actor_id: Any = None,
+        actor_type: Any = None,
+        resource_type: Any = None,
+        resource_id: Any = None,
+        outcome: Any = None,
+        ip: Any = None,
+        user_agent: Any = None,
+        request_id: Any = None,
+        metadata: Mapping[str, Any] | None = None,
+        occurred_at: datetime | None = None,
+        id: Any = None,  # noqa: A002 - the field's name
+    ) -> bool:
+        """Queue one entry; True if accepted. Never blocks, never raises (unless strict)."""
+        if self._pid != _getpid():
+            self._after_fork()
+        if type(action) is not str or not action:
+            return self._reject(f"action must be a non-empty string, got {action!r:.80}")
+        bound = _current_context.get()
+        if bound is not None:
+            if tenant_id is None:
+                tenant_id = bound[0]
+            if actor_id is None:
+                actor_id = bound[1]
+            if actor_type is None:
+                actor_type = bound[2]
+            if request_id is None:
+                request_id = bound[3]
+            if ip is None:
+                ip = bound[4]
+            if user_agent is None:
+                user_agent = bound[5]
+        if self.strict:
+            return self._offer_validated(
+                {
+                    "action": action,
+                    "tenant_id": tenant_id,
+                    "actor_id": actor_id,
+                    "actor_type": actor_type,
+                    "resource_type": resource_type,
+                    "resource_id": resource_id,
+                    "outcome": outcome,
+                    "ip": ip,
+                    "user_agent": user_agent,
+                    "request_id": request_id,
+                    "metadata": metadata,
+                    "occurred_at": occurred_at,
+                    "id": id,
+                }
+            )
+        if metadata is not None:
+            try:
+                metadata = dump_metadata(metadata)  # type: ignore[assignment]
+            except ValueError as exc:
+                return self._reject(str(exc))
+        return self._offer(
+            (
+                id,
+                _time_ns() if occurred_at is None else occurred_at,
+                action,
+                tenant_id,
+                actor_id,
+                actor_type,
+                resource_type,
+                resource_id,
+                outcome,
+                ip,
+                user_agent,
+                request_id,
+                metadata,
+            )
+        )
+
+    def write(self, entry: AuditEntry | Mapping[str, Any]) -> bool:
+        """Queue an `AuditEntry` (already validated) or a mapping of its fields."""
+        if isinstance(entry, AuditEntry):
+            if self._pid != _getpid():
+                self._after_fork()
+            return self._offer(entry.to_row())
+        if not isinstance(entry, Mapping):
+            return self._reject(f"expected an AuditEntry or a mapping, got {type(entry).__name__}")
+        fields = {_ALIASES.get(key, key): value for key, value in entry.items()}
+        unknown = set(fields) - _FIELDS
+        if unknown:
+            return self._reject(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
+        action = fields.pop("action", None)
+        return self.log(action, **fields)  # type: ignore[arg-type]
+
+    def write_many(self, entries: Iterable[AuditEntry | Mapping[str, Any]]) -> int:
+        """Queue each entry; returns how many were accepted."""
+        accepted = 0
+        for entry in entries:
+            accepted += self.write(entry)
+        return accepted
+
+    def _offer_validated(self, fields: dict[str, Any]) -> bool:
+        present = {k: v for k, v in fields.items() if v is not None}
+        try:
+            entry = AuditEntry(**present)
+        except ValidationError as exc:
+            return self._reject(f"invalid entry: {exc}")
+        return self._offer(entry.to_row())
+
+    def _offer(self, row: Row) -> bool:
+        if self._closed:
+            return self._reject("the writer is closed", invalid=False)
+        if self._buffer.offer(row):
+            if self._thread is None:
+                self._start()
+            return True
+        with self._lock:
+            self._dropped += 1
+            self._unreported_drops += 1
+        return False
+
+    def _reject(self, reason: str, *, invalid: bool = True) -> bool:
+        with self._lock:
+            self._rejected += 1
+            self._unreported_rejects += 1
+            self._last_reject_reason = reason
+        if self.strict and invalid:
+            raise InvalidEntry(reason)
+        if self._thread is None and not self._closed:
+            self._start()  # the writer thread is the one that reports rejections
+        return False
+
+    # -- flush, close, stats -----------------------------------------------------------
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Wait until everything accepted before this call is written, dead-lettered or
+        spooled; False if `timeout` seconds pass first (None waits as long as it takes)."""
+        if self._pid != _getpid():
+            self._after_fork()
+        if threading.current_thread() is self._thread:
+            return False  # called from a dead-letter callback: waiting would deadlock
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._lock:
+            target = self._taken + len(self._buffer)
+            if self._resolved() >= target:
+                return True
+            self._drain_all = True
+        self._wake.set()
+        if self._thread is None:
+            self._start()
+        with self._resolved_cond:
+            while self._resolved() < target:
+                if deadline is None:
+                    self._resolved_cond.wait()
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._resolved_cond.wait(remaining)
+        return True
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop accepting, drain within `timeout` (default `shutdown_timeout`), stop the
+        thread. Entries still unwritten at the deadline are dead-lettered. True when every
+        accepted entry was resolved in time. Idempotent."""
+        if self._pid != _getpid():
+            self._after_fork()
+        timeout = self.shutdown_timeout if timeout is None else timeout
+        deadline = time.monotonic() + max(0.0, timeout)
+        with self._lock:
+            self._closed = True
+            self._drain_all = True
+        self._wake.set()
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            # No thread to drain (never started, or interpreter shutdown forbade it): drain
+            # here, bounded by the same deadline.
+            self._sink.deadline = deadline
+            self._drain(drain_all=True)
+        elif thread is not threading.current_thread():
+            # Keep a slice of the budget to interrupt a hung operation and account for it.
+            margin = min(0.25, timeout * 0.2)
+            thread.join(max(0.0, deadline - margin - time.monotonic()))
+            if thread.is_alive():
+                self._abort.set()
+                self._wake.set()
+                self._watchdog.fire_now()
+                thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            leftovers = self._buffer.take_all()
+            self._taken += len(leftovers)
+            self._inflight += len(leftovers)
+        if leftovers:
+            self.dead(
+                [Item(row, ()) for row in leftovers],
+                "not written before close() timed out"
+                + (f" (last error: {self._last_error})" if self._last_error else ""),
+            )
+        if thread is None or not thread.is_alive():
+            self._release_resources()
+        with self._lock:
+            return self._inflight == 0 and len(self._buffer) == 0
+
+    def stats(self) -> WriterStats:
+        """A consistent snapshot of this writer's counters (see `WriterStats`)."""
+        if self._pid != _getpid():
+            self._after_fork()
+        with self._lock:
+            queued = len(self._buffer)
+            return WriterStats(
+                accepted=self._taken + queued,
+                written=self._written,
+                dropped_overflow=self._dropped,
+                rejected=self._rejected,
+                dead_lettered=self._dead,
+                spooled=0,
+                pending=self._inflight + queued,
+                batches=self._batches,
+                retries=self._retries,
+                last_error=self._last_error,
+                last_write_at=self._last_write_at,
+            )
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def __enter__(self) -> AuditWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        target = self._display_target
+        state = "closed" if self._closed else "open"
+        return (
+            f"<AuditWriter {self.name!r} {state} target={target!r} "
+            f"pending={len(self._buffer) + self._inflight}>"
+        )
+
+    # -- the Ledger the sink reports to ------------------------------------------------
+
+    def committed(self, count: int) -> None:
+        with self._lock:
+            self._written += count
+            self._inflight -= count
+            self._batches += 1
+            self._last_write_at = datetime.now(UTC)
+            self._resolved_cond.notify_all()
+
+    def dead(self, items: Sequence[Item], reason: str) -> None:
+        self.dead_rows([(item.row, reason) for item in items])
+
+    def dead_rows(self, rows: Sequence[tuple[Row, str]]) -> None:
+        """Resolve in-flight rows as dead letters, each with its reason."""
+        if not rows:
+            return
+        with self._lock:
+            self._dead += len(rows)
+            self._inflight -= len(rows)
+            self._unreported_dead += len(rows)
+            self._last_dead_reason = rows[-1][1]
+            self._resolved_cond.notify_all()
+        handler = self.on_dead_letter
+        if handler is not None:
+            now = datetime.now(UTC)
+            for row, reason in rows:
+                try:
+                    handler(DeadLetter(describe(row), reason, now))
+                except Exception:
+                    logger.exception("on_dead_letter callback failed")
+        if threading.current_thread() is not self._thread:
+            self._report()
+
+    def retrying(self, error: str) -> None:
+        with self._lock:
+            self._retries += 1
+            self._last_error = error
+
+    # -- the writer thread -------------------------------------------------------------
+
+    def _resolved(self) -> int:
+        return self._taken - self._inflight
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is not None:
+                return
+            thread = threading.Thread(
+                target=_run, args=(weakref.ref(self),), name=f"auditq[{self.name}]", daemon=True
+            )
+            self._thread = thread
+        try:
+            thread.start()
+        except RuntimeError:
+            # Interpreter shutdown forbids new threads; close() then drains inline.
+            with self._lock:
+                self._thread = None
+
+    def _step(self) -> bool:
+        """One wake-up of the writer thread; False when it should exit."""
+        woken = self._wake.wait(self.flush_interval)
+        self._wake.clear()
+        with self._lock:
+            drain_all = self._drain_all or not woken or self._closed
+            self._drain_all = False
+        self._drain(drain_all)
+        self._report()
+        with self._lock:
+            return not (self._closed and len(self._buffer) == 0) and not self._abort.is_set()
+
+    def _drain(self, drain_all: bool) -> None:
+        """Write batches until the queue is empty (or below a full batch)."""
+        while not self._abort.is_set():
+            with self._lock:
+                if not drain_all and len(self._buffer) < self.batch_size:
+                    return
+                rows = self._buffer.take(self.batch_size)
+                if not rows:
+                    return
+                self._taken += len(rows)
+                self._inflight += len(rows)
+            items, bad = make_items(rows, encode_row)
+            self.dead_rows(bad)
+            if items:
+                leftover = self._sink.deliver(items)
+                if leftover:
+                    self.dead(leftover, "not written before close() timed out")
+
+    def _report(self) -> None:
+        """Rate-limited warnings for drops, rejections and dead letters (writer side)."""
+        now = time.monotonic()
+        with self._lock:
+            if now - self._last_report < self.warn_interval:
+                return
+            drops, self._unreported_drops = self._unreported_drops, 0
+            rejects, self._unreported_rejects = self._unreported_rejects, 0
+            dead, self._unreported_dead = self._unreported_dead, 0
+            if drops or rejects or dead:
+                self._last_report = now
+        if drops:
+            logger.warning(
+                "queue full (max_queue=%d): dropped %d entries since the last report",
+                self.max_queue,
+                drops,
+            )
+        if rejects:
+            logger.warning(
+                "rejected %d invalid entries since the last report; last reason: %s",
+                rejects,
+                self._scrub(self._last_reject_reason),
+            )
+        if dead:
+            logger.error(
+                "dead-lettered %d entries since the last report; last reason: %s",
+                dead,
+                self._scrub(self._last_dead_reason),
+            )
+
+    def _release_resources(self) -> None:
+        self._watchdog.close()
+        self._source.close()
+
+    def _scrub(self, text: str) -> str:
+        return self._dsn.scrub(text) if self._dsn is not None else text
+
+    # -- fork --------------------------------------------------------------------------
+
+    def _after_fork(self) -> None:
+        """In a forked child: start empty, with a new thread and connection, lazily.
+
+        The parent still owns (and will write) everything queued before the fork.
+        """
+        if self._pid == _getpid():
+            return
+        self._source.forget_after_fork()
+        closed = self._closed
+        self._init_state()
+        self._closed = closed
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value!r}")
+
+
+def _run(ref: weakref.ref[AuditWriter]) -> None:
+    # Holds the writer only while working, so an abandoned writer can be collected; a loop
+    # step that fails is logged and the loop goes on, so one surprise never strands the queue.
+    while True:
+        writer = ref()
+        if writer is None:
+            return
+        try:
+            if not writer._step():
+                writer._release_resources()
+                return
+        except Exception:
+            logger.exception("writer loop error (continuing)")
+            time.sleep(0.1)
+        finally:
+            del writer
+
+
+# Every live writer, for the exit drain and the fork reset; weak so it never keeps one alive.
+_live_writers: weakref.WeakSet[AuditWriter] = weakref.WeakSet()
+
+
+def _close_all_at_exit() -> None:
+    for writer in list(_live_writers):
+        if not writer.closed and writer._pid == _getpid():
+            try:
+                writer.close(writer.shutdown_timeout)
+            except Exception:
+                logger.exception("exit drain failed")
+
+
+def _reset_all_after_fork() -> None:
+    for writer in list(_live_writers):
+        writer._after_fork()
+
+
+atexit.register(_close_all_at_exit)
+os.register_at_fork(after_in_child=_reset_all_after_fork)
