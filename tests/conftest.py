@@ -110,3 +110,16 @@ def own_server() -> Iterator[EmbeddedServer]:
 @pytest.fixture
 def own_table(own_server: EmbeddedServer) -> Table:
     return _make_table(own_server.dsn)
+
+
+@pytest.fixture
+def default_writer(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """A clean module-level default writer: none before the test, shut down after it."""
+    import auditq
+    import auditq.default
+
+    for name in ("AUDITQ_DSN", "DATABASE_URL"):
+        monkeypatch.delenv(name, raising=False)
+    auditq.shutdown(timeout=5)
+    yield
+    auditq.shutdown(timeout=5)
