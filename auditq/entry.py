@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import time
 import uuid
 from datetime import UTC, datetime
@@ -208,6 +209,11 @@ class AuditEntry(BaseModel):
         )
 
 
+# A NUL character serialises as \u0000 after an even number of backslashes; the text
+# "\u0000" (a real backslash) serialises with an odd number and is fine.
+_JSON_NUL: Final = re.compile(rb"(?<!\\)(?:\\\\)*\\u0000")
+
+
 def _json_default(value: Any) -> Any:
     # orjson handles datetime, UUID, enums and dataclasses itself; Decimal is common in audit
     # metadata (amounts) and has one faithful JSON form. Anything else is the caller's bug.
@@ -235,6 +241,6 @@ def dump_metadata(metadata: Any) -> bytes:
         raise ValueError(f"metadata is not serialisable as JSON: {exc}") from None
     if len(data) > MAX_METADATA_BYTES:
         raise ValueError(f"metadata is {len(data)} bytes of JSON; the limit is {MAX_METADATA_BYTES}")
-    if b"\\u0000" in data:
+    if b"\\u0000" in data and _JSON_NUL.search(data):
         raise ValueError("metadata must not contain NUL (\\u0000): jsonb cannot store it")
     return data

@@ -15,24 +15,15 @@ import socket
 import threading
 import time
 import weakref
-from typing import Protocol
 
 logger = logging.getLogger("auditq")
 
 
-class _HasSocket(Protocol):
-    @property
-    def fileno(self) -> int: ...
-
-
 def interrupt_socket(fd: int) -> None:
-    """Shut down the connection behind `fd` so every read or write on it fails now."""
+    """Shut down the connection behind `fd` (a private duplicate, which this closes) so every
+    read or write on that connection fails now."""
     try:
-        dup = os.dup(fd)
-    except OSError:
-        return
-    try:
-        with socket.socket(fileno=dup) as sock:
+        with socket.socket(fileno=fd) as sock:
             sock.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass  # already closed or never connected: nothing is blocked on it
@@ -45,11 +36,10 @@ class Watchdog:
         self._name = name
         # Guards the armed state; held only for assignments, never across I/O.
         self._cond = threading.Condition(threading.Lock())
-        # The armed socket and the monotonic deadline; None when disarmed.
+        # A duplicate of the armed socket (so a closed and reused descriptor number can never
+        # point the watchdog at another connection) and its monotonic deadline.
         self._fd: int | None = None
         self._deadline = 0.0
-        # Bumped on every arm so a late wake-up never interrupts a later operation.
-        self._generation = 0
         self._closed = False
         self._thread: threading.Thread | None = None
         #: How many operations were cut short.
@@ -57,17 +47,21 @@ class Watchdog:
 
     def arm(self, fd: int, seconds: float) -> None:
         """Interrupt `fd` unless `disarm()` is called within `seconds`."""
+        dup = os.dup(fd)
         with self._cond:
-            self._generation += 1
-            self._fd = fd
+            stale, self._fd = self._fd, dup
             self._deadline = time.monotonic() + seconds
             if self._thread is None:
                 self._start()
             self._cond.notify()
+        if stale is not None:
+            os.close(stale)
 
     def disarm(self) -> None:
         with self._cond:
-            self._fd = None
+            fd, self._fd = self._fd, None
+        if fd is not None:
+            os.close(fd)
 
     def fire_now(self) -> bool:
         """Interrupt the armed operation immediately (used by `close()` at its deadline)."""
@@ -83,8 +77,10 @@ class Watchdog:
     def close(self) -> None:
         with self._cond:
             self._closed = True
-            self._fd = None
+            fd, self._fd = self._fd, None
             self._cond.notify()
+        if fd is not None:
+            os.close(fd)
 
     def _start(self) -> None:
         thread = threading.Thread(

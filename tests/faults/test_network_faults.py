@@ -1,0 +1,157 @@
+"""Network faults through the test proxy: cuts mid-COPY, a blackhole, a lost COMMIT reply,
+and an outage that outlasts the queue (spool off)."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import pytest
+
+from ..conftest import Table
+from .conftest import Attempts, Caller, WriterMaker, assert_exact, stored_numbers
+from .proxy import COMMIT_MESSAGE, COPY_SIGNATURE, Proxy
+
+
+def test_cut_mid_copy_retries_the_batch(proxy: Proxy, table: Table, writers: WriterMaker) -> None:
+    writer = writers(proxy.dsn, table, batch_size=1000)
+    caller = Caller(writer)
+    # The first three COPY streams are cut as their data starts to flow.
+    proxy.cut_on(COPY_SIGNATURE, forward=False, times=3)
+    caller.stream(5000, chunk=500, pause=0.01)
+    assert writer.flush(timeout=30)
+    assert proxy.triggered == 3
+
+    # Then whole-connection cuts at arbitrary moments while a stream runs.
+    stop = threading.Event()
+
+    def cutter() -> None:
+        while not stop.wait(0.1):
+            proxy.cut_all()
+
+    thread = threading.Thread(target=cutter)
+    thread.start()
+    try:
+        caller.stream(20_000, chunk=500, pause=0.01, start=5000)
+    finally:
+        stop.set()
+        thread.join()
+    assert writer.flush(timeout=30)
+
+    stats = writer.stats()
+    assert stats.retries >= 3
+    assert proxy.cuts > 0
+    assert stats.dropped_overflow == stats.dead_lettered == stats.rejected == 0
+    assert_exact(writer, table, caller)
+    assert stored_numbers(table) == list(range(25_000))
+    caller.check_latency("proxy cuts mid-COPY")
+
+
+def test_blackhole_is_cut_by_the_watchdog(proxy: Proxy, table: Table, writers: WriterMaker) -> None:
+    writer = writers(proxy.dsn, table, batch_size=500, write_timeout=1.0)
+    caller = Caller(writer)
+    caller.stream(1000)
+    assert writer.flush(timeout=10)
+
+    proxy.blackhole(True)
+    started = time.monotonic()
+    caller.stream(10_000, chunk=500, pause=0.02, start=1000)
+    time.sleep(max(0.0, 2.5 - (time.monotonic() - started)))
+    proxy.blackhole(False)
+    assert writer.flush(timeout=60)
+
+    stats = writer.stats()
+    assert writer._watchdog.fired > 0, "the hung COPY was never cut"
+    assert stats.retries > 0
+    assert stats.dropped_overflow == stats.dead_lettered == stats.rejected == 0
+    assert_exact(writer, table, caller)
+    assert stored_numbers(table) == list(range(11_000))
+    caller.check_latency("proxy blackhole")
+
+
+@pytest.mark.parametrize(
+    "committed", [True, False], ids=["commit-landed-reply-lost", "commit-never-arrived"]
+)
+def test_commit_outcome_unknown_replays_without_duplicates(
+    proxy: Proxy, table: Table, writers: WriterMaker, committed: bool
+) -> None:
+    writer = writers(proxy.dsn, table, batch_size=1000)
+    attempts = Attempts(writer)
+    caller = Caller(writer)
+    # The first COMMIT is cut: after reaching the server (committed=True) or before.
+    proxy.cut_on(COMMIT_MESSAGE, forward=committed, times=1)
+    caller.stream(5000, chunk=500, pause=0.01)
+    assert writer.flush(timeout=30)
+    assert proxy.triggered == 1
+
+    stats = writer.stats()
+    assert stats.retries >= 1
+    # The lost batch went through the staging-table replay exactly once, and the replay
+    # found its rows already stored (or not) just as the server had left them.
+    assert len(attempts.merges) == 1, attempts.merges
+    size, inserted = attempts.merges[0]
+    assert inserted == (0 if committed else size)
+    assert stats.dropped_overflow == stats.dead_lettered == stats.rejected == 0
+    assert stats.written == 5000
+    assert_exact(writer, table, caller)
+    assert stored_numbers(table) == list(range(5000))
+    caller.check_latency(f"commit outcome unknown (committed={committed})")
+
+
+def test_outage_longer_than_the_queue_drops_exactly(
+    proxy: Proxy, table: Table, writers: WriterMaker
+) -> None:
+    writer = writers(proxy.dsn, table, batch_size=200, max_queue=1000)
+    caller = Caller(writer)
+    before = caller.stream(500, chunk=100)
+    assert writer.flush(timeout=10)
+
+    proxy.refuse(True)  # the server is gone: every connection is cut at once
+    during = caller.stream(5000, chunk=500, pause=0.01, start=500)
+    mid = writer.stats()
+    assert mid.dropped_overflow == caller.refused > 0
+    assert mid.retries > 0
+
+    proxy.refuse(False)
+    assert writer.flush(timeout=30)  # the queue drains once the server is back
+    after = caller.stream(500, chunk=100, start=5500)
+    assert after == list(range(5500, 6000))
+    assert writer.flush(timeout=30)
+
+    stats = writer.stats()
+    assert stats.dead_lettered == stats.rejected == 0
+    assert stats.dropped_overflow == caller.refused == 5000 - len(during)
+    # The queue held max_queue entries (plus the batch in flight when the outage began).
+    assert 1000 <= len(during) <= 1000 + 200
+    assert_exact(writer, table, caller)
+    # Exactly the accepted entries were written: nothing else was lost.
+    assert stored_numbers(table) == before + during + after
+    caller.check_latency("outage > queue, no spool")
+
+
+def test_close_returns_on_time_while_the_server_hangs(
+    proxy: Proxy, table: Table, writers: WriterMaker
+) -> None:
+    writer = writers(proxy.dsn, table, batch_size=500, write_timeout=30.0)
+    caller = Caller(writer)
+    caller.stream(1000)
+    assert writer.flush(timeout=10)
+
+    proxy.blackhole(True)  # hung, and write_timeout is far away: only close() can cut it
+    caller.stream(2000, chunk=500, start=1000)
+    time.sleep(0.3)  # let the writer get stuck in a COPY
+    started = time.monotonic()
+    assert writer.close(timeout=1.5) is False  # not everything could be written
+    took = time.monotonic() - started
+    proxy.blackhole(False)
+
+    print(f"\n[close while hung] close(timeout=1.5) returned after {took:.2f}s")
+    assert took < 2.0
+    stats = writer.stats()
+    assert stats.written == 1000
+    assert stats.dead_lettered == 2000  # each with "not written before close() timed out"
+    assert stats.dropped_overflow == stats.rejected == 0
+    time.sleep(0.5)  # the cut COPY reaches the server after the blackhole: it must abort
+    assert_exact(writer, table, caller)
+    assert stored_numbers(table) == list(range(1000))
+    caller.check_latency("close while hung")
