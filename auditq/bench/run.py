@@ -290,7 +290,8 @@ def format_result(result: BenchResult, target: str) -> str:
         f"  rejected    {result.rejected:>10,}   dead-lettered {result.dead_lettered:,}",
         f"  throughput  {result.entries_per_second:>10,.0f} entries/s written "
         f"({result.seconds:.2f}s end to end; callers done in {result.enqueue_seconds:.2f}s)",
-        f"  log() latency  p50 {lat.get('p50', 0) / 1000:.2f} µs   p99 {lat.get('p99', 0) / 1000:.2f} µs"
+        f"  log() latency  p50 {lat.get('p50', 0) / 1000:.2f} µs"
+        f"   p99 {lat.get('p99', 0) / 1000:.2f} µs"
         f"   p99.9 {lat.get('p99.9', 0) / 1000:.2f} µs   max {lat.get('max', 0) / 1e6:.2f} ms"
         f"   (timer overhead {result.timer_overhead_ns:.0f} ns included)",
         f"  accounting  {'OK' if result.consistent else 'MISMATCH'}: "

@@ -1,0 +1,682 @@
+"""`auditq bench --compare`: auditq against PostgreSQL's own COPY ceiling and the usual
+alternatives, in one process, cases interleaved over several rounds, medians reported.
+
+Throughput cases (each starts on an emptied table, after a CHECKPOINT when allowed):
+  ceiling      rows encoded with `auditq.binary.encode_row` before timing; timed: binary COPY of
+               HEADER, the rows in ~1 MB writes, TRAILER, in chunks of 20,000 rows per commit
+  auditq-1t    1 producer thread calling `writer.log()` as fast as it can, default settings;
+               timed from the first call until `flush()` returned (then `count(*)` must agree)
+  auditq-4t    the same with 4 producer threads
+  naive        one INSERT per call, autocommit (the original service's design)
+  executemany  INSERTs batched 1,000 per `executemany` + commit
+Then, once each: the caller's `log()` latency with the server frozen (SIGSTOP, only for a server
+the harness started), overload (producers offered ~10x the ceiling) and an idle writer's CPU.
+
+`report.py` turns the result into the table, the target verdicts, JSON and the chart.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import sys
+import threading
+import time
+import uuid
+from array import array
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TextIO
+
+import orjson
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from ..binary import HEADER, TRAILER, encode_row
+from ..entry import COLUMNS
+from ..schema import qualified
+from ..writer import AuditWriter
+from .run import _USER_AGENT, machine_info, percentiles, prepare_table, timer_overhead_ns
+from .system import ServerFreezer, rss_bytes
+
+THROUGHPUT_CASES = ("ceiling", "auditq-1t", "auditq-4t", "naive", "executemany")
+LATENCY_MARKS = (50, 99, 99.9)
+MiB = 1 << 20
+
+
+@dataclass
+class CompareConfig:
+    rounds: int = 3
+    #: Rows for `ceiling` and for each auditq case, per round.
+    entries: int = 200_000
+    naive_entries: int = 5_000
+    executemany_entries: int = 50_000
+    executemany_batch: int = 1_000
+    #: Rows per COPY transaction in `ceiling`, and the size of each write() inside it.
+    ceiling_chunk: int = 20_000
+    copy_block_bytes: int = 1 * MiB
+    freeze_seconds: float = 3.0
+    overload_seconds: float = 10.0
+    #: Overload offers this multiple of the ceiling's rows/s (as far as a caller can).
+    overload_factor: float = 10.0
+    idle_seconds: float = 10.0
+    table: str = "auditq_bench"
+    schema: str = "public"
+    progress: bool = True
+
+
+@dataclass
+class CaseRun:
+    """One case in one round."""
+
+    case: str
+    round: int
+    rows: int
+    seconds: float
+    rows_per_second: float
+    rows_in_table: int
+    consistent: bool
+    stats: dict[str, Any] = field(default_factory=dict)
+    latency_ns: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class CompareResult:
+    config: dict[str, Any]
+    machine: dict[str, Any]
+    writer_settings: dict[str, Any]
+    server_owned: bool
+    timer_overhead_ns: float
+    runs: list[CaseRun]
+    #: case -> {"median", "min", "max", "rows"} in rows/s.
+    throughput: dict[str, dict[str, float]]
+    #: scenario -> percentiles in ns (p50/p99/p99.9 median over rounds; max the worst).
+    latency_ns: dict[str, dict[str, float]]
+    frozen: dict[str, Any]
+    overload: dict[str, Any]
+    idle: dict[str, Any]
+    seconds: float
+
+    @property
+    def consistent(self) -> bool:
+        """Every run's rows accounted for in the table."""
+        return (
+            all(run.consistent for run in self.runs)
+            and bool(self.frozen.get("consistent", True))
+            and bool(self.overload.get("consistent", True))
+            and bool(self.idle.get("consistent", True))
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        payload = asdict(self)
+        payload["consistent"] = self.consistent
+        return payload
+
+
+# -- the rows every case writes -------------------------------------------------------------
+
+
+def _metadata(n: int) -> dict[str, Any]:
+    return {"seq": n, "path": "/api/documents"}
+
+
+def _log_one(log: Callable[..., bool], n: int) -> bool:
+    return log(
+        "document.read",
+        tenant_id="tenant-42",
+        actor_id="user-1234",
+        actor_type="user",
+        resource_type="document",
+        resource_id="doc-9",
+        outcome="success",
+        ip="203.0.113.7",
+        user_agent=_USER_AGENT,
+        request_id="req-0001",
+        metadata=_metadata(n),
+    )
+
+
+def _insert_params(n: int) -> tuple[Any, ...]:
+    """What a naive service binds per call: a fresh uuid, a datetime, a JSON-dumped dict."""
+    return (
+        uuid.uuid4(),
+        datetime.now(UTC),
+        "document.read",
+        "tenant-42",
+        "user-1234",
+        "user",
+        "document",
+        "doc-9",
+        "success",
+        "203.0.113.7",
+        _USER_AGENT,
+        "req-0001",
+        Jsonb(_metadata(n)),
+    )
+
+
+def encode_ceiling(cfg: CompareConfig) -> list[list[bytes]]:
+    """The ceiling's pre-encoded input: per transaction, its ~1 MB blocks of binary tuples."""
+    chunks: list[list[bytes]] = []
+    blocks: list[bytes] = []
+    pending: list[bytes] = []
+    size = 0
+    for n in range(cfg.entries):
+        row = (
+            None,
+            time.time_ns(),
+            "document.read",
+            "tenant-42",
+            "user-1234",
+            "user",
+            "document",
+            "doc-9",
+            "success",
+            "203.0.113.7",
+            _USER_AGENT,
+            "req-0001",
+            orjson.dumps(_metadata(n)),
+        )
+        data, _ = encode_row(row)
+        pending.append(data)
+        size += len(data)
+        last_in_chunk = (n + 1) % cfg.ceiling_chunk == 0 or n + 1 == cfg.entries
+        if size >= cfg.copy_block_bytes or last_in_chunk:
+            blocks.append(b"".join(pending))
+            pending, size = [], 0
+        if last_in_chunk:
+            chunks.append(blocks)
+            blocks = []
+    return chunks
+
+
+# -- the harness ------------------------------------------------------------------------------
+
+
+class Harness:
+    def __init__(self, dsn: str, cfg: CompareConfig, *, server_owned: bool, stream: TextIO) -> None:
+        self.dsn = dsn
+        self.cfg = cfg
+        self.server_owned = server_owned
+        self.stream = stream
+        self.target = qualified(cfg.schema, cfg.table)
+        columns = sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
+        self.copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+            self.target, columns
+        )
+        self.insert_sql = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
+            self.target, columns, sql.SQL(", ").join(sql.Placeholder() * len(COLUMNS))
+        )
+        self.can_checkpoint = True
+        #: The default settings every auditq case runs with, as the writer reports them.
+        self.writer_settings: dict[str, Any] = {}
+
+    def writer(self) -> AuditWriter:
+        writer = AuditWriter(self.dsn, table=self.cfg.table, schema=self.cfg.schema)
+        self.writer_settings = {
+            "max_queue": writer.max_queue,
+            "batch_size": writer.batch_size,
+            "flush_interval": writer.flush_interval,
+        }
+        return writer
+
+    def say(self, text: str) -> None:
+        if self.cfg.progress:
+            self.stream.write(f"  {text}\n")
+            self.stream.flush()
+
+    # -- table state
+
+    def reset(self) -> None:
+        """Empty the table and checkpoint, so no case pays for the previous one's writes."""
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("TRUNCATE {}").format(self.target))
+            if self.can_checkpoint:
+                try:
+                    conn.execute("CHECKPOINT")
+                except psycopg.Error:
+                    self.can_checkpoint = False  # needs superuser or pg_checkpoint
+        gc.collect()
+
+    def count(self, distinct: bool = False) -> tuple[int, int]:
+        what = "count(*), count(DISTINCT id)" if distinct else "count(*), 0"
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            row = conn.execute(
+                sql.SQL("SELECT " + what + " FROM {}").format(self.target)
+            ).fetchone()
+        assert row is not None
+        return int(row[0]), int(row[1])
+
+    # -- throughput cases
+
+    def ceiling(self, round_: int, chunks: list[list[bytes]]) -> CaseRun:
+        rows = self.cfg.entries
+        with psycopg.connect(self.dsn) as conn:
+            conn.execute("SELECT 1")
+            conn.commit()
+            started = time.perf_counter()
+            for blocks in chunks:
+                with conn.cursor() as cur, cur.copy(self.copy_sql) as copy:
+                    copy.write(HEADER)
+                    for block in blocks:
+                        copy.write(block)
+                    copy.write(TRAILER)
+                conn.commit()
+            seconds = time.perf_counter() - started
+        in_table, _ = self.count()
+        return CaseRun("ceiling", round_, rows, seconds, rows / seconds, in_table, in_table == rows)
+
+    def auditq(self, round_: int, threads: int) -> CaseRun:
+        total = self.cfg.entries
+        per_thread = [total // threads] * threads
+        per_thread[0] += total - sum(per_thread)
+        samples = [array("q", bytes(8 * n)) for n in per_thread]
+        gate = threading.Event()
+        writer = self.writer()
+        workers = [
+            threading.Thread(
+                target=_produce,
+                args=(writer.log, n, sum(per_thread[:k]), samples[k], gate),
+                name=f"bench-producer-{k}",
+            )
+            for k, n in enumerate(per_thread)
+        ]
+        for worker in workers:
+            worker.start()
+        started = time.perf_counter()
+        gate.set()
+        for worker in workers:
+            worker.join()
+        enqueue_seconds = time.perf_counter() - started
+        flushed = writer.flush(timeout=600)
+        seconds = time.perf_counter() - started
+        writer.close(timeout=30)
+        stats = writer.stats()
+        in_table, distinct = self.count(distinct=True)
+        merged = array("q")
+        for part in samples:
+            merged.extend(part)
+        consistent = (
+            flushed
+            and stats.calls == total
+            and in_table == stats.written == distinct
+            and stats.accepted == stats.written + stats.dead_lettered
+            and stats.calls == stats.accepted + stats.dropped_overflow + stats.rejected
+        )
+        return CaseRun(
+            f"auditq-{threads}t",
+            round_,
+            total,
+            seconds,
+            stats.written / seconds,
+            in_table,
+            consistent,
+            stats={
+                "calls": stats.calls,
+                "accepted": stats.accepted,
+                "written": stats.written,
+                "dropped_overflow": stats.dropped_overflow,
+                "rejected": stats.rejected,
+                "dead_lettered": stats.dead_lettered,
+                "batches": stats.batches,
+                "retries": stats.retries,
+                "distinct_ids": distinct,
+                "enqueue_seconds": enqueue_seconds,
+                "flushed": flushed,
+            },
+            latency_ns=percentiles(merged, LATENCY_MARKS),
+        )
+
+    def naive(self, round_: int) -> CaseRun:
+        rows = self.cfg.naive_entries
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            conn.execute("SELECT 1")
+            execute = conn.execute
+            statement = self.insert_sql
+            started = time.perf_counter()
+            for n in range(rows):
+                execute(statement, _insert_params(n))
+            seconds = time.perf_counter() - started
+        in_table, _ = self.count()
+        return CaseRun("naive", round_, rows, seconds, rows / seconds, in_table, in_table == rows)
+
+    def executemany(self, round_: int) -> CaseRun:
+        rows = self.cfg.executemany_entries
+        batch = self.cfg.executemany_batch
+        with psycopg.connect(self.dsn) as conn:
+            conn.execute("SELECT 1")
+            conn.commit()
+            started = time.perf_counter()
+            with conn.cursor() as cur:
+                for first in range(0, rows, batch):
+                    params = [_insert_params(n) for n in range(first, min(rows, first + batch))]
+                    cur.executemany(self.insert_sql, params)
+                    conn.commit()
+            seconds = time.perf_counter() - started
+        in_table, _ = self.count()
+        return CaseRun(
+            "executemany", round_, rows, seconds, rows / seconds, in_table, in_table == rows
+        )
+
+    # -- once-only scenarios
+
+    def frozen(self) -> dict[str, Any]:
+        """log() latency while every server process is stopped for `freeze_seconds`."""
+        if not self.server_owned:
+            return {"skipped": "n/a (server not owned)"}
+        try:
+            freezer = ServerFreezer(self.dsn)
+        except ImportError:
+            return {"skipped": "n/a (psutil not installed: pip install 'auditq[bench]')"}
+        except Exception as exc:
+            return {"skipped": f"n/a (cannot find the server's processes: {exc})"}
+        freeze = self.cfg.freeze_seconds
+        warm, after = 1.0, 1.0
+        writer = self.writer()
+        # Paced so the queue holds everything offered during the freeze: the figure is the
+        # caller's cost while the writer is stuck, not the cost of dropping.
+        rate = min(50_000.0, 0.5 * writer.max_queue / max(freeze, 0.1))
+        capacity = int(rate * (warm + freeze + after) * 1.2) + 1_000
+        starts = array("q", bytes(8 * capacity))
+        costs = array("q", bytes(8 * capacity))
+        stop = threading.Event()
+        done: list[int] = [0]
+        producer = threading.Thread(
+            target=_produce_paced,
+            args=(writer.log, rate, stop, starts, costs, done),
+            name="bench-producer-frozen",
+        )
+        producer.start()
+        processes = 0
+        try:
+            time.sleep(warm)
+            frozen_at = time.perf_counter_ns()
+            processes = freezer.freeze()
+            time.sleep(freeze)
+        finally:
+            freezer.thaw()
+            thawed_at = time.perf_counter_ns()
+        time.sleep(after)
+        stop.set()
+        producer.join()
+        flushed = writer.flush(timeout=120)
+        writer.close(timeout=30)
+        stats = writer.stats()
+        in_table, _ = self.count()
+        calls = done[0]
+        during = array("q", (costs[i] for i in range(calls) if frozen_at <= starts[i] <= thawed_at))
+        consistent = (
+            flushed
+            and stats.calls == calls
+            and in_table == stats.written
+            and stats.accepted == stats.written + stats.dead_lettered
+        )
+        return {
+            "freeze_seconds": (thawed_at - frozen_at) / 1e9,
+            "server_processes_stopped": processes,
+            "paced_rate": rate,
+            "calls": calls,
+            "calls_while_frozen": len(during),
+            "latency_ns": percentiles(during, LATENCY_MARKS),
+            "latency_all_ns": percentiles(costs[:calls], LATENCY_MARKS),
+            "written": stats.written,
+            "dropped_overflow": stats.dropped_overflow,
+            "retries": stats.retries,
+            "rows_in_table": in_table,
+            "consistent": consistent,
+        }
+
+    def overload(self, ceiling_rows_per_second: float) -> dict[str, Any]:
+        """Producers offered `overload_factor` x the ceiling: RSS growth and drops."""
+        seconds = self.cfg.overload_seconds
+        offered_rate = self.cfg.overload_factor * ceiling_rows_per_second
+        gc.collect()
+        baseline = rss_bytes()
+        writer = self.writer()
+        stop = threading.Event()
+        done: list[int] = [0]
+        producer = threading.Thread(
+            target=_produce_paced,
+            args=(writer.log, offered_rate, stop, None, None, done),
+            name="bench-producer-overload",
+        )
+        samples: list[tuple[float, int, int, int]] = []  # (s, rss, pending, dropped)
+        started = time.perf_counter()
+        producer.start()
+        while (elapsed := time.perf_counter() - started) < seconds:
+            s = writer.stats()
+            samples.append((elapsed, rss_bytes(), s.pending, s.dropped_overflow))
+            time.sleep(0.05)
+        stop.set()
+        producer.join()
+        offered_seconds = time.perf_counter() - started
+        calls = done[0]
+        at_stop = writer.stats()
+        flushed = writer.flush(timeout=300)
+        writer.close(timeout=30)
+        stats = writer.stats()
+        in_table, _ = self.count()
+        peak = max((rss for _, rss, _, _ in samples), default=baseline)
+        fill = next((i for i, sample in enumerate(samples) if sample[3] > 0), None)
+        if fill is not None:
+            at_fill = samples[fill][1]
+            after_fill = max(rss for _, rss, _, _ in samples[fill:])
+            growth_after_fill: int | None = after_fill - at_fill
+            fill_seconds: float | None = samples[fill][0]
+        else:
+            growth_after_fill = fill_seconds = None
+        max_queue = writer.max_queue
+        return {
+            "seconds": offered_seconds,
+            "target_rate": offered_rate,
+            "offered_rate": calls / offered_seconds,
+            "calls": calls,
+            "accepted": stats.accepted,
+            "dropped_overflow": stats.dropped_overflow,
+            "drop_fraction": stats.dropped_overflow / calls if calls else 0.0,
+            "written_while_offered": at_stop.written,
+            "absorbed_rate": at_stop.written / offered_seconds,
+            "written": stats.written,
+            "rows_in_table": in_table,
+            "rss_baseline_bytes": baseline,
+            "rss_peak_bytes": peak,
+            "rss_growth_bytes": peak - baseline,
+            "rss_bound_bytes": max_queue * 1024 + 32 * MiB,
+            "queue_full_after_seconds": fill_seconds,
+            "rss_growth_after_fill_bytes": growth_after_fill,
+            "flat_tolerance_bytes": FLAT_TOLERANCE,
+            "max_queue": max_queue,
+            "rss_samples": [(round(t, 3), rss) for t, rss, _, _ in samples],
+            "consistent": flushed
+            and stats.calls == calls
+            and in_table == stats.written
+            and stats.accepted == stats.written + stats.dead_lettered
+            and stats.calls == stats.accepted + stats.dropped_overflow + stats.rejected,
+        }
+
+    def idle(self) -> dict[str, Any]:
+        """Process CPU time of a connected, idle writer while the main thread sleeps."""
+        writer = self.writer()
+        _log_one(writer.log, 0)
+        flushed = writer.flush(timeout=30)
+        gc.collect()
+        cpu0, wall0 = time.process_time(), time.perf_counter()
+        time.sleep(self.cfg.idle_seconds)
+        cpu = time.process_time() - cpu0
+        wall = time.perf_counter() - wall0
+        writer.close(timeout=30)
+        stats = writer.stats()
+        return {
+            "seconds": wall,
+            "cpu_seconds": cpu,
+            "cpu_fraction_of_core": cpu / wall if wall else 0.0,
+            "consistent": flushed and stats.written == 1,
+        }
+
+
+#: RSS may move this much after the queue filled and still count as flat (allocator noise:
+#: batches in flight, pymalloc arenas, the COPY buffer).
+FLAT_TOLERANCE = 8 * MiB
+
+
+def _produce(
+    log: Callable[..., bool], count: int, offset: int, out: array[int], gate: threading.Event
+) -> None:
+    clock = time.perf_counter_ns
+    gate.wait()
+    for i in range(count):
+        n = offset + i
+        meta = _metadata(n)
+        t0 = clock()
+        log(
+            "document.read",
+            tenant_id="tenant-42",
+            actor_id="user-1234",
+            actor_type="user",
+            resource_type="document",
+            resource_id="doc-9",
+            outcome="success",
+            ip="203.0.113.7",
+            user_agent=_USER_AGENT,
+            request_id="req-0001",
+            metadata=meta,
+        )
+        out[i] = clock() - t0
+
+
+def _produce_paced(
+    log: Callable[..., bool],
+    rate: float,
+    stop: threading.Event,
+    starts: array[int] | None,
+    costs: array[int] | None,
+    done: list[int],
+) -> None:
+    """Call `log` at up to `rate` calls/s until `stop`; record (start, cost) when given arrays."""
+    clock = time.perf_counter_ns
+    interval_ns = 1e9 / rate if rate > 0 else 0.0
+    capacity = len(costs) if costs is not None else sys.maxsize
+    began = clock()
+    n = 0
+    while not stop.is_set() and n < capacity:
+        for _ in range(64):
+            meta = _metadata(n)
+            t0 = clock()
+            log(
+                "document.read",
+                tenant_id="tenant-42",
+                actor_id="user-1234",
+                actor_type="user",
+                resource_type="document",
+                resource_id="doc-9",
+                outcome="success",
+                ip="203.0.113.7",
+                user_agent=_USER_AGENT,
+                request_id="req-0001",
+                metadata=meta,
+            )
+            if costs is not None and starts is not None:
+                costs[n] = clock() - t0
+                starts[n] = t0
+            n += 1
+            if n >= capacity:
+                break
+        if interval_ns:
+            ahead = began + n * interval_ns - clock()
+            if ahead > 200_000:
+                time.sleep(ahead / 1e9)
+    done[0] = n
+
+
+def _median_latency(runs: list[CaseRun]) -> dict[str, float]:
+    """Per-round percentiles: the median of each mark over rounds; `max` is the worst."""
+    marks = [run.latency_ns for run in runs if run.latency_ns]
+    if not marks:
+        return {}
+    out = {key: float(statistics.median(m[key] for m in marks)) for key in marks[0] if key != "max"}
+    out["max"] = max(m["max"] for m in marks)
+    return out
+
+
+def run_compare(
+    dsn: str, cfg: CompareConfig, *, server_owned: bool, stream: TextIO = sys.stderr
+) -> CompareResult:
+    """Run every case against `dsn` (the caller's table is emptied, as `auditq bench` does)."""
+    wall = time.perf_counter()
+    server_version = prepare_table(dsn, cfg.schema, cfg.table)
+    harness = Harness(dsn, cfg, server_owned=server_owned, stream=stream)
+    overhead = timer_overhead_ns()
+    harness.say(f"encoding {cfg.entries:,} rows for the ceiling (not timed)")
+    chunks = encode_ceiling(cfg)
+    steps: dict[str, Callable[[int], CaseRun]] = {
+        "ceiling": lambda r: harness.ceiling(r, chunks),
+        "auditq-1t": lambda r: harness.auditq(r, 1),
+        "auditq-4t": lambda r: harness.auditq(r, 4),
+        "naive": harness.naive,
+        "executemany": harness.executemany,
+    }
+    runs: list[CaseRun] = []
+    for round_ in range(cfg.rounds):
+        # Rotate the order each round so no case always runs first (or after the same one).
+        order = THROUGHPUT_CASES[round_ % 5 :] + THROUGHPUT_CASES[: round_ % 5]
+        for case in order:
+            harness.reset()
+            run = steps[case](round_ + 1)
+            runs.append(run)
+            flag = "" if run.consistent else "  ACCOUNTING MISMATCH"
+            if run.stats.get("dropped_overflow"):
+                flag += f"  ({run.stats['dropped_overflow']:,} dropped: queue full)"
+            harness.say(
+                f"round {round_ + 1}/{cfg.rounds}  {case:<12} {run.rows_per_second:>10,.0f} rows/s"
+                f"  ({run.rows:,} rows in {run.seconds:.2f}s){flag}"
+            )
+    chunks.clear()  # ~70 MB the once-only cases need not carry
+    throughput: dict[str, dict[str, float]] = {}
+    for case in THROUGHPUT_CASES:
+        rates = [run.rows_per_second for run in runs if run.case == case]
+        throughput[case] = {
+            "median": statistics.median(rates),
+            "min": min(rates),
+            "max": max(rates),
+            "rows": float(next(run.rows for run in runs if run.case == case)),
+        }
+    latency = {
+        "saturating-1t": _median_latency([r for r in runs if r.case == "auditq-1t"]),
+        "saturating-4t": _median_latency([r for r in runs if r.case == "auditq-4t"]),
+    }
+
+    harness.reset()
+    harness.say(f"frozen server: {cfg.freeze_seconds:g}s of SIGSTOP")
+    frozen = harness.frozen()
+    if "latency_ns" in frozen:
+        latency["frozen"] = frozen["latency_ns"]
+
+    harness.reset()
+    harness.say(
+        f"overload: {cfg.overload_seconds:g}s offered at {cfg.overload_factor:g}x the ceiling"
+    )
+    overload = harness.overload(throughput["ceiling"]["median"])
+
+    harness.reset()
+    harness.say(f"idle writer: {cfg.idle_seconds:g}s")
+    idle = harness.idle()
+
+    machine = machine_info()
+    machine["server_version"] = server_version
+    settings = {**harness.writer_settings, "checkpoint_between_cases": harness.can_checkpoint}
+    return CompareResult(
+        config=asdict(cfg),
+        machine=machine,
+        writer_settings=settings,
+        server_owned=server_owned,
+        timer_overhead_ns=overhead,
+        runs=runs,
+        throughput=throughput,
+        latency_ns=latency,
+        frozen=frozen,
+        overload=overload,
+        idle=idle,
+        seconds=time.perf_counter() - wall,
+    )

@@ -1,0 +1,315 @@
+"""What `auditq bench --compare` prints and writes: the table, issue 4's targets with their
+verdicts, the JSON file and (with `auditq[bench]`) a PNG chart."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from .compare import THROUGHPUT_CASES, CompareResult
+
+MiB = 1 << 20
+MET, NOT_MET, NA = "met", "NOT MET", "n/a"
+
+
+@dataclass
+class Target:
+    name: str
+    #: The goal, as text (e.g. ">= 0.85x ceiling").
+    goal: str
+    status: str
+    #: What was measured, as text.
+    measured: str
+    #: What bounds the figure, or why it could not be measured.
+    note: str = ""
+
+
+def _verdict(ok: bool | None) -> str:
+    return NA if ok is None else (MET if ok else NOT_MET)
+
+
+def _us(ns: float | None) -> str:
+    return "-" if ns is None else f"{ns / 1000:,.2f} µs"
+
+
+def evaluate(result: CompareResult) -> list[Target]:
+    """Issue 4's targets, each met / NOT MET / n/a with the measured value."""
+    tp = {case: result.throughput[case]["median"] for case in THROUGHPUT_CASES}
+    ceiling = tp["ceiling"]
+    targets: list[Target] = []
+    bound = f"ceiling {ceiling:,.0f} rows/s in this run"
+    for case, factor in (("auditq-1t", 0.85), ("auditq-4t", 0.8)):
+        ratio = tp[case] / ceiling if ceiling else 0.0
+        targets.append(
+            Target(
+                f"{case} throughput",
+                f">= {factor:g}x ceiling",
+                _verdict(ratio >= factor),
+                f"{ratio:.2f}x ({tp[case]:,.0f} rows/s)",
+                bound,
+            )
+        )
+    for other, factor in (("naive", 30.0), ("executemany", 2.0)):
+        ratio = tp["auditq-1t"] / tp[other] if tp[other] else 0.0
+        targets.append(
+            Target(
+                f"auditq-1t vs {other}",
+                f">= {factor:g}x {other}",
+                _verdict(ratio >= factor),
+                f"{ratio:.1f}x ({tp[other]:,.0f} rows/s)",
+                f"ceiling / {other} = {ceiling / tp[other]:.1f}x" if tp[other] else "",
+            )
+        )
+    overhead = f"timer overhead {result.timer_overhead_ns:.0f} ns included"
+    sat = result.latency_ns.get("saturating-1t", {})
+    for mark, limit in (("p50", 1_000.0), ("p99", 5_000.0)):
+        value = sat.get(mark)
+        targets.append(
+            Target(
+                f"log() {mark} saturating (1t)",
+                f"<= {_us(limit)}",
+                _verdict(None if value is None else value <= limit),
+                _us(value),
+                overhead,
+            )
+        )
+    switch_ns = float(result.machine.get("switch_interval_s", 0.005)) * 1e9
+    frozen = result.frozen
+    if "skipped" in frozen:
+        for name, goal in (
+            ("log() p99 frozen server", "<= 5.00 µs"),
+            (
+                "log() max block frozen server",
+                f"<= 2x switch interval ({2 * switch_ns / 1e6:g} ms)",
+            ),
+        ):
+            targets.append(Target(name, goal, NA, "-", str(frozen["skipped"])))
+    else:
+        lat = frozen.get("latency_ns", {})
+        p99, worst = lat.get("p99"), lat.get("max")
+        calls = f"{frozen.get('calls_while_frozen', 0):,} calls while frozen"
+        targets.append(
+            Target(
+                "log() p99 frozen server",
+                "<= 5.00 µs",
+                _verdict(None if p99 is None else p99 <= 5_000),
+                _us(p99),
+                calls,
+            )
+        )
+        targets.append(
+            Target(
+                "log() max block frozen server",
+                f"<= 2x switch interval ({2 * switch_ns / 1e6:g} ms)",
+                _verdict(None if worst is None else worst <= 2 * switch_ns),
+                f"{worst / 1e6:.3f} ms" if worst is not None else "-",
+                f"saturating max {sat.get('max', 0) / 1e6:.3f} ms (1t), "
+                f"{result.latency_ns.get('saturating-4t', {}).get('max', 0) / 1e6:.3f} ms (4t)",
+            )
+        )
+    ov = result.overload
+    growth, limit = ov["rss_growth_bytes"], ov["rss_bound_bytes"]
+    targets.append(
+        Target(
+            "overload RSS growth",
+            f"<= max_queue x 1 KiB + 32 MiB ({limit / MiB:.0f} MiB)",
+            _verdict(growth <= limit),
+            f"{growth / MiB:.1f} MiB",
+            f"offered {ov['offered_rate']:,.0f}/s ({ov['offered_rate'] / ceiling:.1f}x ceiling), "
+            f"dropped {ov['drop_fraction']:.0%}"
+            if ceiling
+            else "",
+        )
+    )
+    after = ov["rss_growth_after_fill_bytes"]
+    targets.append(
+        Target(
+            "overload RSS flat after queue fills",
+            f"<= {ov['flat_tolerance_bytes'] / MiB:.0f} MiB after fill",
+            _verdict(None if after is None else after <= ov["flat_tolerance_bytes"]),
+            "-" if after is None else f"{after / MiB:+.1f} MiB",
+            "queue never filled: offered rate too low"
+            if after is None
+            else f"queue full after {ov['queue_full_after_seconds']:.1f}s",
+        )
+    )
+    cpu = result.idle["cpu_fraction_of_core"]
+    targets.append(
+        Target(
+            "idle writer CPU",
+            "< 1% of a core",
+            _verdict(cpu < 0.01),
+            f"{cpu:.3%} of a core",
+            f"over {result.idle['seconds']:.1f}s",
+        )
+    )
+    return targets
+
+
+def format_report(result: CompareResult, target: str) -> str:
+    m = result.machine
+    cfg = result.config
+    ws = result.writer_settings
+    tp = result.throughput
+    ceiling = tp["ceiling"]["median"]
+    naive = tp["naive"]["median"]
+    lines = [
+        f"auditq bench --compare: {cfg['rounds']} round(s), cases interleaved, medians "
+        f"({result.seconds:.0f}s in all)",
+        f"  target    {target} (PostgreSQL {m.get('server_version', '?')}"
+        f"{', server owned by the harness' if result.server_owned else ''})",
+        f"  machine   {m.get('cpus')} cpus, {m.get('cpu', m.get('machine'))}, Python "
+        f"{m.get('python')}, psycopg {m.get('psycopg')} ({m.get('psycopg_impl')})",
+        f"  writer    defaults: batch_size={ws.get('batch_size')} max_queue={ws.get('max_queue')} "
+        f"flush_interval={ws.get('flush_interval')}s; switch interval "
+        f"{float(m.get('switch_interval_s', 0)) * 1000:g} ms",
+        "",
+        f"  {'case':<13}{'rows/run':>10}{'rows/s':>12}{'min..max':>20}"
+        f"{'x ceiling':>11}{'x naive':>10}{'dropped':>10}",
+    ]
+    for case in THROUGHPUT_CASES:
+        t = tp[case]
+        spread = f"{t['min'] / 1000:,.1f}k..{t['max'] / 1000:,.1f}k"
+        dropped = sum(
+            int(run.stats.get("dropped_overflow", 0)) for run in result.runs if run.case == case
+        )
+        lines.append(
+            f"  {case:<13}{t['rows']:>10,.0f}{t['median']:>12,.0f}{spread:>20}"
+            f"{t['median'] / ceiling if ceiling else 0:>10.2f}x"
+            f"{t['median'] / naive if naive else 0:>9.1f}x"
+            f"{f'{dropped:,}' if case.startswith('auditq') else '-':>10}"
+        )
+    lines.append(
+        "  (auditq rows/s = rows written / (first log() until flush() returned); "
+        "dropped = queue-full refusals, summed over rounds)"
+    )
+    lines += ["", f"  {'log() latency':<28}{'p50':>10}{'p99':>10}{'p99.9':>10}{'max':>12}"]
+    for name in ("saturating-1t", "saturating-4t", "frozen"):
+        lat = result.latency_ns.get(name)
+        if lat is None:
+            reason = result.frozen.get("skipped", "n/a")
+            lines.append(f"  {name:<28}{reason}")
+            continue
+        lines.append(
+            f"  {name:<28}{_us(lat.get('p50')):>10}{_us(lat.get('p99')):>10}"
+            f"{_us(lat.get('p99.9')):>10}{lat.get('max', 0) / 1e6:>9.3f} ms"
+        )
+    lines.append(
+        f"  (timer overhead {result.timer_overhead_ns:.0f} ns included; p50/p99/p99.9 are "
+        "medians over rounds, max is the worst call)"
+    )
+    ov = result.overload
+    lines += [
+        "",
+        f"  overload  {ov['seconds']:.1f}s offered {ov['offered_rate']:,.0f}/s "
+        f"(asked {ov['target_rate']:,.0f}/s), absorbed {ov['absorbed_rate']:,.0f}/s, "
+        f"dropped {ov['dropped_overflow']:,} ({ov['drop_fraction']:.0%})",
+        f"            RSS +{ov['rss_growth_bytes'] / MiB:.1f} MiB peak "
+        f"(bound {ov['rss_bound_bytes'] / MiB:.0f} MiB)"
+        + (
+            f", {ov['rss_growth_after_fill_bytes'] / MiB:+.1f} MiB after the queue filled "
+            f"at {ov['queue_full_after_seconds']:.1f}s"
+            if ov["rss_growth_after_fill_bytes"] is not None
+            else ", queue never filled"
+        ),
+        f"  idle      {result.idle['cpu_seconds'] * 1000:.1f} ms CPU in "
+        f"{result.idle['seconds']:.1f}s = {result.idle['cpu_fraction_of_core']:.3%} of a core",
+        "",
+        "  targets (issue 4)",
+    ]
+    for verdict in evaluate(result):
+        note = f"  [{verdict.note}]" if verdict.note else ""
+        lines.append(
+            f"  {verdict.status:<8}{verdict.name:<38}{verdict.measured:<24}"
+            f"goal {verdict.goal}{note}"
+        )
+    bad = [run for run in result.runs if not run.consistent]
+    lines.append("")
+    if result.consistent:
+        lines.append(
+            "  accounting OK: every run's rows == count(*) (auditq: written == count(*) == "
+            "distinct ids, calls == accepted + dropped + rejected)"
+        )
+    else:
+        which = ", ".join(f"{run.case}#{run.round}" for run in bad) or "frozen/overload/idle"
+        lines.append(f"  accounting MISMATCH in {which}")
+    return "\n".join(lines)
+
+
+def write_json(result: CompareResult, path: str, target: str) -> None:
+    payload = result.to_json()
+    payload["target"] = target
+    payload["targets"] = targets_json(result)
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(payload, handle, indent=2)
+        handle.write("\n")
+
+
+def write_chart(result: CompareResult, path: str) -> None:
+    """A PNG: median throughput per case, and log() latency percentiles per scenario."""
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise RuntimeError("the chart needs matplotlib: pip install 'auditq[bench]'") from exc
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    cases = list(THROUGHPUT_CASES)
+    medians = [result.throughput[c]["median"] for c in cases]
+    lows = [m - result.throughput[c]["min"] for c, m in zip(cases, medians, strict=True)]
+    highs = [result.throughput[c]["max"] - m for c, m in zip(cases, medians, strict=True)]
+    colours = ["#777777", "#1f77b4", "#1f77b4", "#d62728", "#ff7f0e"]
+    left.bar(cases, medians, yerr=[lows, highs], color=colours, capsize=4)
+    left.set_yscale("log")
+    left.set_ylabel("rows/s (log scale; median, min..max)")
+    left.set_title("End-to-end throughput")
+    for x, case in enumerate(cases):
+        top = result.throughput[case]["max"]
+        label = f"{medians[x]:,.0f}"
+        left.annotate(
+            label,
+            (x, top),
+            xytext=(0, 3),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=8,
+        )
+
+    scenarios = [s for s in ("saturating-1t", "saturating-4t", "frozen") if s in result.latency_ns]
+    marks = ["p50", "p99", "p99.9", "max"]
+    width = 0.8 / max(1, len(scenarios))
+    for k, scenario in enumerate(scenarios):
+        lat = result.latency_ns[scenario]
+        values = [max(lat.get(mark, 0.0), 1.0) / 1000 for mark in marks]
+        right.bar([i + k * width for i in range(len(marks))], values, width, label=scenario)
+    right.set_xticks([i + width * (len(scenarios) - 1) / 2 for i in range(len(marks))], marks)
+    right.set_yscale("log")
+    right.set_ylabel("µs per log() call (log scale)")
+    right.axhline(1.0, color="green", linestyle=":", linewidth=1, label="1 µs (p50 goal)")
+    right.axhline(5.0, color="orange", linestyle=":", linewidth=1, label="5 µs (p99 goal)")
+    switch_us = float(result.machine.get("switch_interval_s", 0.005)) * 1e6
+    right.axhline(
+        2 * switch_us,
+        color="red",
+        linestyle=":",
+        linewidth=1,
+        label="2x switch interval (max block goal)",
+    )
+    right.set_title("Caller latency")
+    right.legend(fontsize=8)
+    m = result.machine
+    fig.suptitle(
+        f"auditq bench --compare: {m.get('cpus')} cpus, PostgreSQL {m.get('server_version', '?')}, "
+        f"Python {m.get('python')}, {result.config['rounds']} rounds",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def targets_json(result: CompareResult) -> list[dict[str, Any]]:
+    return [asdict(t) for t in evaluate(result)]
