@@ -10,7 +10,8 @@ from .default import (
     write_audit_log,
     write_audit_logs,
 )
-from .entry import AuditEntry, InvalidEntry, Outcome, uuid7
+from .entry import AuditEntry, InvalidEntry, Outcome
+from .ids import uuid7
 from .stats import WriterStats
 from .writer import AuditWriter, DeadLetter
 

@@ -99,7 +99,7 @@ class PoolSource:
         self._timeout = timeout
 
     def acquire(self) -> Connection:
-        conn = self._pool.getconn(timeout=self._timeout)
+        conn: Connection = self._pool.getconn(timeout=self._timeout)
         prepare(conn)  # cheap, and a pooled connection may be new or reset
         return conn
 

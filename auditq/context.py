@@ -56,7 +56,7 @@ def get_context() -> dict[str, Any]:
     return dict(zip(CONTEXT_FIELDS, current.get() or _EMPTY, strict=True))
 
 
-class context:  # noqa: N801 - used like contextlib's lower-case helpers
+class context:
     """Bind fields within a `with` block or around a function (sync or async)."""
 
     def __init__(self, **fields: Any) -> None:

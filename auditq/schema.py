@@ -78,7 +78,8 @@ def create(
 def _create(conn: psycopg.Connection[object], schema: str, table: str) -> None:
     with conn.transaction():
         # Concurrent CREATE ... IF NOT EXISTS can still race on the catalog; serialise them.
-        key = int.from_bytes(hashlib.sha1(f"auditq:{schema}.{table}".encode()).digest()[:8], "big", signed=True)
+        digest = hashlib.sha1(f"auditq:{schema}.{table}".encode(), usedforsecurity=False)
+        key = int.from_bytes(digest.digest()[:8], "big", signed=True)
         conn.execute("SELECT pg_advisory_xact_lock(%s)", (key,))
         for statement in ddl(schema, table):
             conn.execute(statement)

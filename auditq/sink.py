@@ -22,13 +22,13 @@ import threading
 import time
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Final, Literal, Protocol
 
 import psycopg
 from psycopg import sql
 
 from .backoff import Backoff
+from .binary import HEADER, TRAILER
 from .connection import Connection, ConnectionSource
 from .dsn import Dsn
 from .entry import COLUMNS, Row
@@ -36,22 +36,6 @@ from .schema import qualified
 from .watchdog import Watchdog
 
 logger = logging.getLogger("auditq")
-
-COPY_TYPES: Final = [
-    "uuid",
-    "timestamptz",
-    "text",
-    "text",
-    "text",
-    "text",
-    "text",
-    "text",
-    "text",
-    "inet",
-    "text",
-    "text",
-    "jsonb",
-]
 
 Mode = Literal["copy", "replay", "dedupe"]
 Kind = Literal["transient", "ambiguous", "data", "duplicate", "config"]
@@ -64,12 +48,17 @@ _CONFIG_STATES: Final = frozenset({"42P01", "42703", "42501", "3F000", "0A000", 
 MAX_UNKNOWN_ATTEMPTS: Final = 3
 
 
-@dataclass(frozen=True, slots=True)
-class Item:
-    """A row on its way: what the caller queued and the values COPY sends."""
-
-    row: Row
-    values: tuple[Any, ...]
+#: A row on its way: (binary COPY tuple, id as an int, the queued Row or None when it came
+#: back from the spool). A plain tuple, not a class: tuples of untracked values drop out of
+#: the garbage collector's sight, and batches of them would otherwise lengthen full
+#: collections, which stop the callers too.
+Item = tuple[bytes, int, Row | None]
+DATA: Final = 0
+IDENT: Final = 1
+ROW: Final = 2
+#: Rows joined into one `write()` of a COPY: the server starts on them while the next
+#: chunk is joined, instead of waiting for the whole batch.
+CHUNK_ROWS: Final = 1000
 
 
 class Ledger(Protocol):
@@ -80,8 +69,9 @@ class Ledger(Protocol):
     def retrying(self, error: str) -> None: ...
 
 
-class _RowError(Exception):
-    """A row the driver could not encode: blame the rows, not the connection."""
+#: Why `deliver()` handed rows back: the writer is closing past its deadline, or it asked
+#: for them (to spool them during an outage).
+Handback = Literal["", "abort", "divert"]
 
 
 class Sink:
@@ -130,30 +120,68 @@ class Sink:
             "INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT (id) DO NOTHING RETURNING id"
         ).format(target, columns, columns, staging)
 
-    def deliver(self, items: list[Item]) -> list[Item]:
-        """Write `items`; return those left unresolved because the writer is aborting."""
-        work: list[tuple[list[Item], Mode, int]] = [(items, "copy", 0)]
+    def deliver(
+        self,
+        items: list[Item],
+        *,
+        mode: Mode = "copy",
+        divert: Callable[[], bool] | None = None,
+        ledger: Ledger | None = None,
+    ) -> tuple[list[Item], Handback]:
+        """Write `items`, reporting to `ledger` (default: the writer's). Returns the rows
+        handed back unresolved, and why: the writer is aborting, or `divert()` said so
+        after a failed attempt (the writer then spools them)."""
+        report = ledger or self._ledger
+        work: list[tuple[list[Item], Mode, int]] = [(items, mode, 0)]
         while work:
             batch, mode, attempts = work.pop()
             if self._stopping():
-                rest = [item for chunk, _, _ in work for item in chunk]
-                return batch + rest
+                return batch + [item for chunk, _, _ in work for item in chunk], "abort"
             try:
                 inserted = self._attempt(batch, mode)
             except Exception as exc:
                 kind = self._classify(exc, attempts)
-                self._on_failure(batch, mode, attempts, kind, exc, work)
+                if self._on_failure(batch, mode, attempts, kind, exc, work, report):
+                    if divert is not None and divert():
+                        return [item for chunk, _, _ in work for item in chunk], "divert"
+                    self._pause()
                 continue
             self._recovered()
             if inserted is None or mode == "replay":
-                self._ledger.committed(len(batch))
+                report.committed(len(batch))
             else:
-                written = [item for item in batch if item.values[0] in inserted]
-                duplicates = [item for item in batch if item.values[0] not in inserted]
-                self._ledger.committed(len(written))
+                written = [item for item in batch if item[IDENT] in inserted]
+                duplicates = [item for item in batch if item[IDENT] not in inserted]
+                report.committed(len(written))
                 if duplicates:
-                    self._ledger.dead(duplicates, "duplicate id: a row with this id is already stored")
-        return []
+                    report.dead(duplicates, "duplicate id: a row with this id is already stored")
+        return [], ""
+
+    def probe(self) -> bool:
+        """One cheap round trip: is the database answering again?"""
+        try:
+            conn = self._source.acquire()
+        except Exception:
+            return False
+        broken = False
+        try:
+            self._watchdog.arm(conn.pgconn.socket, self._write_timeout)
+            try:
+                conn.execute("SELECT 1")
+                conn.rollback()
+            finally:
+                self._watchdog.disarm()
+        except Exception:
+            broken = conn.closed or conn.broken
+            return False
+        finally:
+            self._source.release(conn, broken=broken)
+        return True
+
+    def outage_seconds(self) -> float:
+        """How long writes have been failing (0 when they are not)."""
+        since = self._outage_since
+        return 0.0 if since is None else time.monotonic() - since
 
     # -- one attempt ---------------------------------------------------------------------
 
@@ -189,27 +217,21 @@ class Sink:
             self._stream(conn, self._copy_staging, batch)
             with conn.cursor() as cur:
                 cur.execute(self._merge)
-                inserted = {row[0] for row in cur.fetchall()}
+                inserted = {row[0].int for row in cur.fetchall()}
             self._committing = True
         return inserted
 
     def _stream(self, conn: Connection, statement: sql.Composed, batch: list[Item]) -> None:
         with conn.cursor() as cur, cur.copy(statement) as copy:
-            copy.set_types(COPY_TYPES)
-            write_row = copy.write_row
-            for item in batch:
-                try:
-                    write_row(item.values)
-                except psycopg.OperationalError:
-                    raise
-                except Exception as exc:
-                    raise _RowError(f"cannot encode row: {exc}") from exc
+            write = copy.write
+            write(HEADER)
+            for start in range(0, len(batch), CHUNK_ROWS):
+                write(b"".join([item[DATA] for item in batch[start : start + CHUNK_ROWS]]))
+            write(TRAILER)
 
     # -- failures ------------------------------------------------------------------------
 
     def _classify(self, exc: BaseException, attempts: int) -> Kind:
-        if isinstance(exc, _RowError):
-            return "data"
         state = getattr(exc, "sqlstate", None)
         if state == "23505":
             return "duplicate"
@@ -232,23 +254,29 @@ class Sink:
         kind: Kind,
         exc: BaseException,
         work: list[tuple[list[Item], Mode, int]],
-    ) -> None:
+        report: Ledger,
+    ) -> bool:
+        """Queue what to try next; True when that is a retry of the same rows."""
         message = self._describe(exc)
         if kind == "data":
             if len(batch) == 1:
-                self._ledger.dead(batch, f"rejected by the server: {message}")
+                report.dead(batch, f"rejected by the server: {message}")
             else:
                 half = len(batch) // 2
                 work.append((batch[half:], mode, 0))
                 work.append((batch[:half], mode, 0))
-            return
+            return False
         if kind == "duplicate":
             work.append((batch, "replay" if mode == "replay" else "dedupe", attempts))
-            return
-        self._ledger.retrying(message)
+            return False
+        report.retrying(message)
         self._enter_outage(kind, message)
         next_mode: Mode = "replay" if kind == "ambiguous" or mode == "replay" else mode
         work.append((batch, next_mode, attempts + 1))
+        return True
+
+    def _pause(self) -> None:
+        """Back off before a retry; close() cuts the wait short."""
         delay = self._backoff.next_delay()
         if self.deadline is not None:
             delay = max(0.0, min(delay, self.deadline - time.monotonic()))
@@ -267,15 +295,14 @@ class Sink:
 
     def _enter_outage(self, kind: Kind, message: str) -> None:
         self._outage_retries += 1
-        if kind == "config":
-            if not self._config_error_logged:
-                self._config_error_logged = True
-                logger.error(
-                    "cannot write to the audit table (%s). Create it with "
-                    "`auditq init-db` (or auditq.schema.create()) and grant INSERT to this "
-                    "role; entries keep queueing meanwhile and are retried.",
-                    message,
-                )
+        if kind == "config" and not self._config_error_logged:
+            self._config_error_logged = True
+            logger.error(
+                "cannot write to the audit table (%s). Create it with "
+                "`auditq init-db` (or auditq.schema.create()) and grant INSERT to this "
+                "role; entries keep queueing meanwhile and are retried.",
+                message,
+            )
         if self._outage_since is None:
             self._outage_since = time.monotonic()
             if kind != "config":
@@ -298,15 +325,18 @@ class Sink:
             self._config_error_logged = False
 
 
-def make_items(rows: Sequence[Row], encode: Callable[[Row], tuple[Any, ...]]) -> tuple[
-    list[Item], list[tuple[Row, str]]
-]:
+def make_items(
+    rows: Sequence[Row], encode: Callable[[Row], tuple[bytes, int]]
+) -> tuple[list[Item], list[tuple[Row, str]]]:
     """Encode `rows`, splitting off those that fail their checks, with the reason."""
     items: list[Item] = []
     bad: list[tuple[Row, str]] = []
+    append = items.append
     for row in rows:
         try:
-            items.append(Item(row, encode(row)))
-        except Exception as exc:  # EncodeError, or a bug in a caller-supplied value's __str__
+            data, ident = encode(row)
+        except Exception as exc:  # EncodeError, or a caller-supplied value's __str__ failing
             bad.append((row, str(exc) or type(exc).__name__))
+            continue
+        append((data, ident, row))
     return items, bad

@@ -39,6 +39,10 @@ class WriterStats:
     last_error: str | None
     #: When the last batch committed.
     last_write_at: datetime | None
+    #: Rows from spools left by other processes that this writer wrote (outside `accepted`).
+    replayed: int = 0
+    #: Rows from such spools that it dead-lettered.
+    replay_dead_lettered: int = 0
 
     @property
     def calls(self) -> int:

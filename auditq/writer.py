@@ -22,14 +22,16 @@ from typing import Any, Final
 from psycopg_pool import ConnectionPool
 from pydantic import ValidationError
 
-from .context import current as _current_context
+from . import binary, ids
+from . import otel as _otel
 from .buffer import Buffer
 from .connection import ConnectionSource, DsnSource, PoolSource
+from .context import current as _current_context
 from .dsn import Dsn
-from .encode import describe, encode_row
 from .entry import AuditEntry, InvalidEntry, Row, dump_metadata
 from .schema import DEFAULT_SCHEMA, DEFAULT_TABLE
-from .sink import Item, Sink, make_items
+from .sink import DATA, ROW, Item, Ledger, Sink, make_items
+from .spool import FsyncPolicy, Spool, SpoolFull
 from .stats import WriterStats
 from .watchdog import Watchdog
 
@@ -106,6 +108,10 @@ class AuditWriter:
         warn_interval: float = 10.0,
         strict: bool = False,
         on_dead_letter: DeadLetterHandler | None = None,
+        spool_dir: str | os.PathLike[str] | None = None,
+        spool_after: float = 5.0,
+        spool_max_bytes: int = 1024**3,
+        spool_fsync: FsyncPolicy = "interval",
         name: str | None = None,
     ) -> None:
         _positive("max_queue", max_queue)
@@ -114,6 +120,11 @@ class AuditWriter:
         _positive("write_timeout", write_timeout)
         _positive("connect_timeout", connect_timeout)
         _positive("retry_backoff_max", retry_backoff_max)
+        _positive("spool_max_bytes", spool_max_bytes)
+        if spool_after < 0:
+            raise ValueError("spool_after must be >= 0")
+        if spool_fsync not in ("always", "interval", "never"):
+            raise ValueError("spool_fsync must be 'always', 'interval' or 'never'")
         if shutdown_timeout < 0:
             raise ValueError("shutdown_timeout must be >= 0")
         if not table or not schema:
@@ -130,6 +141,10 @@ class AuditWriter:
         self.warn_interval = warn_interval
         self.strict = strict
         self.on_dead_letter = on_dead_letter
+        self.spool_dir = None if spool_dir is None else os.fspath(spool_dir)
+        self.spool_after = spool_after
+        self.spool_max_bytes = spool_max_bytes
+        self.spool_fsync: FsyncPolicy = spool_fsync
         self.name = name or f"{schema}.{table}"
         self._dsn: Dsn | None = None
         self._pool: ConnectionPool[Any] | None = None
@@ -171,11 +186,18 @@ class AuditWriter:
         self._abort = threading.Event()
         self._closed = False
         self._drain_all = False
+        # Set by close() when the writer thread outlived its deadline (stuck connecting, say):
+        # its in-flight rows were then counted as dead letters, and what the thread later
+        # reports for them only corrects that count (or hands them to on_dead_letter).
+        self._abandoned = False
         self._thread: threading.Thread | None = None
         self._taken = 0  # rows ever removed from the buffer (by the writer or close())
         self._inflight = 0  # taken but not yet resolved
         self._written = 0
         self._dead = 0
+        self._spooled = 0  # this writer's rows on disk, waiting for replay
+        self._replayed = 0  # rows from other processes' spools that this writer wrote
+        self._replay_dead = 0  # ... and those it dead-lettered
         self._dropped = 0
         self._rejected = 0
         self._batches = 0
@@ -197,6 +219,19 @@ class AuditWriter:
             assert self._dsn is not None
             source = DsnSource(self._dsn)
         self._source = source
+        # The disk spool (None when spool_dir is not set); the writer thread appends to it
+        # during long outages and replays it once the database answers again.
+        self._spool = (
+            None
+            if self.spool_dir is None
+            else Spool(self.spool_dir, max_bytes=self.spool_max_bytes, fsync=self.spool_fsync)
+        )
+        # Replay progress of this writer's own segments: path -> byte offset done so far.
+        self._replay_offsets: dict[str, int] = {}
+        # When the writer may next look for spooled segments to replay, and next probe the
+        # database while it is spooling through an outage (monotonic seconds).
+        self._next_spool_scan = 0.0
+        self._next_probe = 0.0
         self._sink = Sink(
             source,
             schema=self.schema,
@@ -227,7 +262,7 @@ class AuditWriter:
         request_id: Any = None,
         metadata: Mapping[str, Any] | None = None,
         occurred_at: datetime | None = None,
-        id: Any = None,  # noqa: A002 - the field's name
+        id: Any = None,
     ) -> bool:
         """Queue one entry; True if accepted. Never blocks, never raises (unless strict)."""
         if self._pid != _getpid():
@@ -248,6 +283,8 @@ class AuditWriter:
                 ip = bound[4]
             if user_agent is None:
                 user_agent = bound[5]
+        if _otel.enabled:  # opentelemetry-api installed: add the active span's ids
+            metadata = _otel.with_trace(metadata)
         if self.strict:
             return self._offer_validated(
                 {
@@ -302,7 +339,7 @@ class AuditWriter:
         if unknown:
             return self._reject(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
         action = fields.pop("action", None)
-        return self.log(action, **fields)  # type: ignore[arg-type]
+        return self.log(action, **fields)
 
     def write_many(self, entries: Iterable[AuditEntry | Mapping[str, Any]]) -> int:
         """Queue each entry; returns how many were accepted."""
@@ -398,20 +435,27 @@ class AuditWriter:
                 self._wake.set()
                 self._watchdog.fire_now()
                 thread.join(max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                with self._lock:
+                    self._abandoned = True
+                    stuck, self._inflight = self._inflight, 0
+                    self._dead += stuck
+                    self._unreported_dead += stuck
+                    if stuck:
+                        self._last_dead_reason = "not written before close() timed out"
+                    self._resolved_cond.notify_all()
         with self._lock:
             leftovers = self._buffer.take_all()
             self._taken += len(leftovers)
             self._inflight += len(leftovers)
         if leftovers:
-            self.dead(
-                [Item(row, ()) for row in leftovers],
-                "not written before close() timed out"
-                + (f" (last error: {self._last_error})" if self._last_error else ""),
-            )
+            items, bad = make_items(leftovers, binary.encode_row)
+            self.dead_rows(bad)
+            self._give_up(items)
         if thread is None or not thread.is_alive():
             self._release_resources()
         with self._lock:
-            return self._inflight == 0 and len(self._buffer) == 0
+            return not self._abort.is_set() and self._inflight == 0 and len(self._buffer) == 0
 
     def stats(self) -> WriterStats:
         """A consistent snapshot of this writer's counters (see `WriterStats`)."""
@@ -425,12 +469,14 @@ class AuditWriter:
                 dropped_overflow=self._dropped,
                 rejected=self._rejected,
                 dead_lettered=self._dead,
-                spooled=0,
+                spooled=self._spooled,
                 pending=self._inflight + queued,
                 batches=self._batches,
                 retries=self._retries,
                 last_error=self._last_error,
                 last_write_at=self._last_write_at,
+                replayed=self._replayed,
+                replay_dead_lettered=self._replay_dead,
             )
 
     @property
@@ -456,39 +502,63 @@ class AuditWriter:
     def committed(self, count: int) -> None:
         with self._lock:
             self._written += count
-            self._inflight -= count
+            if self._abandoned_report():
+                self._dead -= count  # close() wrote these off, but they did commit
+            else:
+                self._inflight -= count
             self._batches += 1
             self._last_write_at = datetime.now(UTC)
             self._resolved_cond.notify_all()
 
     def dead(self, items: Sequence[Item], reason: str) -> None:
-        self.dead_rows([(item.row, reason) for item in items])
+        self.dead_rows([(_entry_view(item), reason) for item in items])
 
-    def dead_rows(self, rows: Sequence[tuple[Row, str]]) -> None:
+    def dead_rows(self, rows: Sequence[tuple[Row | dict[str, Any], str]]) -> None:
         """Resolve in-flight rows as dead letters, each with its reason."""
         if not rows:
             return
         with self._lock:
-            self._dead += len(rows)
-            self._inflight -= len(rows)
-            self._unreported_dead += len(rows)
+            if not self._abandoned_report():  # else close() has counted them already
+                self._dead += len(rows)
+                self._inflight -= len(rows)
+                self._unreported_dead += len(rows)
             self._last_dead_reason = rows[-1][1]
             self._resolved_cond.notify_all()
-        handler = self.on_dead_letter
-        if handler is not None:
-            now = datetime.now(UTC)
-            for row, reason in rows:
-                try:
-                    handler(DeadLetter(describe(row), reason, now))
-                except Exception:
-                    logger.exception("on_dead_letter callback failed")
+        self._publish_dead_letters(rows)
         if threading.current_thread() is not self._thread:
             self._report()
+
+    def _publish_dead_letters(self, rows: Sequence[tuple[Row | dict[str, Any], str]]) -> None:
+        """Hand dead letters to the dead-letter file and the callback (never raises)."""
+        now = datetime.now(UTC)
+        letters = [
+            DeadLetter(row if isinstance(row, dict) else binary.describe_row(row), reason, now)
+            for row, reason in rows
+        ]
+        if self._spool is not None:
+            records = [
+                {"entry": d.entry, "reason": d.reason, "at": d.at.isoformat()} for d in letters
+            ]
+            try:
+                self._spool.write_dead_letters(records)
+            except OSError:
+                logger.exception("could not append to the dead-letter file")
+        handler = self.on_dead_letter
+        if handler is not None:
+            for letter in letters:
+                try:
+                    handler(letter)
+                except Exception:
+                    logger.exception("on_dead_letter callback failed")
 
     def retrying(self, error: str) -> None:
         with self._lock:
             self._retries += 1
             self._last_error = error
+
+    def _abandoned_report(self) -> bool:
+        """True for a report from a writer thread that close() gave up on (lock held)."""
+        return self._abandoned and threading.current_thread() is self._thread
 
     # -- the writer thread -------------------------------------------------------------
 
@@ -533,12 +603,109 @@ class AuditWriter:
                     return
                 self._taken += len(rows)
                 self._inflight += len(rows)
-            items, bad = make_items(rows, encode_row)
+            items, bad = make_items(rows, binary.encode_row)
             self.dead_rows(bad)
             if items:
-                leftover = self._sink.deliver(items)
+                self._deliver(items)
+
+    # -- delivery, spooling and replay (writer thread) ----------------------------------
+
+    def _deliver(self, items: list[Item]) -> None:
+        """Write one batch; in a long outage (with a spool) put it on disk instead."""
+        spool = self._spool
+        if spool is not None and self._spooling() and time.monotonic() < self._next_probe:
+            self._to_spool(items)  # still down a moment ago: do not wait on it again
+            return
+        leftover, why = self._sink.deliver(items, divert=self._should_divert)
+        if why == "divert":
+            self._next_probe = time.monotonic() + min(self.retry_backoff_max, 1.0)
+            self._to_spool(leftover)
+        elif leftover:
+            self._give_up(leftover)
+        elif spool is not None and (self._spooled or time.monotonic() >= self._next_spool_scan):
+            self._replay()
+
+    def _spooling(self) -> bool:
+        return self._sink.outage_seconds() > 0 and self._spooled > 0
+
+    def _should_divert(self) -> bool:
+        """After a failed attempt: stop retrying and spool? Only with a spool, and when the
+        outage has lasted `spool_after`, the queue is half full, or the writer is closing."""
+        if self._spool is None:
+            return False
+        return (
+            self._closed
+            or self._sink.outage_seconds() >= self.spool_after
+            or len(self._buffer) >= self.max_queue // 2
+        )
+
+    def _to_spool(self, items: list[Item]) -> None:
+        """Move in-flight rows to the spool (or, when it is full, to the dead letters)."""
+        assert self._spool is not None
+        try:
+            self._spool.append([item[DATA] for item in items])
+        except (SpoolFull, OSError) as exc:
+            self.dead(items, f"not written: database unavailable and spool refused it ({exc})")
+            return
+        with self._lock:
+            if not self._abandoned_report():
+                self._inflight -= len(items)
+                self._spooled += len(items)
+            self._resolved_cond.notify_all()
+
+    def _give_up(self, items: list[Item]) -> None:
+        """Rows close() could not get written in time: spool them if possible, else dead."""
+        if not items:
+            return
+        if self._spool is not None:
+            self._to_spool(items)
+            return
+        self.dead(
+            items,
+            "not written before close() timed out"
+            + (f" (last error: {self._last_error})" if self._last_error else ""),
+        )
+
+    def _replay(self, deadline: float | None = None) -> bool:
+        """Write spooled segments (this writer's and orphans), oldest first. False if it
+        stopped early (the database failed again, or the deadline passed)."""
+        spool = self._spool
+        assert spool is not None
+        self._next_spool_scan = time.monotonic() + 30.0
+        for path, own in spool.claim():
+            ledger: Ledger = _OwnSpoolLedger(self) if own else _OrphanSpoolLedger(self)
+            start = self._replay_offsets.get(str(path), 0)
+            for record in spool.records(path, start):
+                if deadline is not None and time.monotonic() >= deadline:
+                    spool.release(path) if not own else None
+                    return False
+                items: list[Item] = [
+                    (data, int.from_bytes(data[6:22], "big"), None) for data in record.rows
+                ]
+                leftover, _ = self._sink.deliver(
+                    items, mode="replay", divert=lambda: True, ledger=ledger
+                )
                 if leftover:
-                    self.dead(leftover, "not written before close() timed out")
+                    if not own:
+                        spool.release(path)
+                    return False
+                self._replay_offsets[str(path)] = record.end
+            self._replay_offsets.pop(str(path), None)
+            spool.done(path)
+            logger.info("replayed spool segment %s", path.name)
+        return True
+
+    def replay_spool(self, timeout: float | None = None) -> bool:
+        """Replay every spooled segment now, in the calling thread (`auditq spool replay`).
+        True when nothing is left to replay."""
+        if self._spool is None:
+            raise ValueError("this writer has no spool_dir")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        self._sink.deadline = deadline
+        try:
+            return self._replay(deadline)
+        finally:
+            self._sink.deadline = None
 
     def _report(self) -> None:
         """Rate-limited warnings for drops, rejections and dead letters (writer side)."""
@@ -573,6 +740,8 @@ class AuditWriter:
     def _release_resources(self) -> None:
         self._watchdog.close()
         self._source.close()
+        if self._spool is not None:
+            self._spool.close()
 
     def _scrub(self, text: str) -> str:
         return self._dsn.scrub(text) if self._dsn is not None else text
@@ -586,10 +755,62 @@ class AuditWriter:
         """
         if self._pid == _getpid():
             return
+        ids.reseed()  # uWSGI forks without the hooks: the id stream must still differ
         self._source.forget_after_fork()
+        if self._spool is not None:
+            self._spool.forget_after_fork()
         closed = self._closed
         self._init_state()
         self._closed = closed
+
+
+def _entry_view(item: Item) -> Row | dict[str, Any]:
+    row = item[ROW]
+    return binary.decode_row(item[DATA]) if row is None else row
+
+
+class _OwnSpoolLedger:
+    """Replaying this writer's own spool: rows move from spooled to written/dead."""
+
+    def __init__(self, writer: AuditWriter) -> None:
+        self._writer = writer
+
+    def committed(self, count: int) -> None:
+        w = self._writer
+        with w._lock:
+            w._spooled -= count
+            w._written += count
+            w._batches += 1
+            w._last_write_at = datetime.now(UTC)
+
+    def dead(self, items: Sequence[Item], reason: str) -> None:
+        w = self._writer
+        with w._lock:
+            w._spooled -= len(items)
+            w._dead += len(items)
+            w._unreported_dead += len(items)
+            w._last_dead_reason = reason
+        w._publish_dead_letters([(_entry_view(item), reason) for item in items])
+
+    def retrying(self, error: str) -> None:
+        self._writer.retrying(error)
+
+
+class _OrphanSpoolLedger(_OwnSpoolLedger):
+    """Replaying a spool left by another process: counted apart, as `replayed`."""
+
+    def committed(self, count: int) -> None:
+        w = self._writer
+        with w._lock:
+            w._replayed += count
+            w._batches += 1
+            w._last_write_at = datetime.now(UTC)
+
+    def dead(self, items: Sequence[Item], reason: str) -> None:
+        w = self._writer
+        with w._lock:
+            w._replay_dead += len(items)
+        w._publish_dead_letters([(_entry_view(item), reason) for item in items])
 
 
 def _positive(name: str, value: float) -> None:

@@ -109,9 +109,9 @@ class Attempts:
         self.merges: list[tuple[int, int]] = []  # (batch size, rows newly inserted) per replay
         deliver, attempt, merge = sink.deliver, sink._attempt, sink._merge_rows
 
-        def counted_deliver(items: list[Item]) -> list[Item]:
+        def counted_deliver(items: list[Item], **options: Any) -> Any:
             self.deliveries.append(list(items))
-            return deliver(items)
+            return deliver(items, **options)
 
         def counted_attempt(batch: list[Item], mode: Any) -> Any:
             self.attempts += 1

@@ -1,0 +1,269 @@
+"""PostgreSQL binary COPY rows, encoded and checked in one pass on the writer thread.
+
+psycopg's `write_row` needs a Python object per typed field (a `uuid.UUID`, a `datetime`, an
+`ipaddress` object) and building those costs more than encoding the row itself (measured on
+this project's machine: ~7 µs/row with object building against ~2 µs/row here). So the
+writer encodes the binary tuple itself, from the caller's primitives, and streams the bytes
+into `COPY ... FROM STDIN (FORMAT BINARY)`.
+
+Text fields repeat heavily in audit traffic (tenants, actor types, actions, user agents), so
+each checked-and-encoded text is cached: a cache hit is both the check and the encoding. The
+caches are bounded; when one fills it is emptied and refills with what is hot now.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import struct
+import uuid
+from datetime import UTC, datetime, timedelta
+from enum import Enum
+from typing import Any, Final
+
+from .entry import COLUMNS, MAX_NAME_CHARS, MAX_USER_AGENT_CHARS, OUTCOMES, Row
+from .ids import uuid7_int
+
+#: The binary COPY stream's header (signature, flags, header extension length) and trailer.
+HEADER: Final = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
+TRAILER: Final = b"\xff\xff"
+NULL: Final = b"\xff\xff\xff\xff"
+FIELD_COUNT: Final = 13
+
+_PG_EPOCH_US: Final = 946_684_800_000_000  # 2000-01-01T00:00:00Z in Unix microseconds
+_UNIX_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_ONE_US: Final = timedelta(microseconds=1)
+_M64: Final = (1 << 64) - 1
+# field count, uuid length, uuid high/low halves, timestamptz length, timestamptz value
+_HEAD: Final = struct.Struct(">hiQQiq").pack
+_I32: Final = struct.Struct(">i").pack
+#: Entries each text cache holds before it is emptied.
+CACHE_ENTRIES: Final = 16_384
+
+
+class EncodeError(ValueError):
+    """Why a row cannot be written; the message names the field."""
+
+
+def _check_text(value: str, name: str, limit: int) -> bytes:
+    """The length-prefixed UTF-8 field for `value`, or `EncodeError` naming the field."""
+    if len(value) > limit:
+        raise EncodeError(f"{name}: {len(value)} characters; the limit is {limit}")
+    if "\x00" in value:
+        raise EncodeError(f"{name}: contains NUL (\\x00), which PostgreSQL text cannot store")
+    try:
+        data = value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise EncodeError(f"{name}: not encodable as UTF-8 ({exc.reason})") from None
+    return _I32(len(data)) + data
+
+
+def _coerce_text(value: Any, name: str) -> str:
+    # Ids are often ints or UUIDs in the caller's code; their text form is unambiguous.
+    if isinstance(value, Enum) and isinstance(value.value, str):
+        return value.value
+    if isinstance(value, str):
+        return str.__str__(value)
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise EncodeError(f"{name}: expected text, got {type(value).__name__}")
+
+
+class _TextCache(dict[str, bytes]):
+    """str -> checked, encoded field, for one length limit."""
+
+    __slots__ = ("limit",)
+
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def field(self, value: Any, name: str) -> bytes:
+        if value is None:
+            return NULL
+        if type(value) is str:
+            hit = self.get(value)
+            if hit is not None:
+                return hit
+            encoded = _check_text(value, name, self.limit)
+            if len(self) >= CACHE_ENTRIES:
+                self.clear()
+            self[value] = encoded
+            return encoded
+        return _check_text(_coerce_text(value, name), name, self.limit)
+
+
+_names = _TextCache(MAX_NAME_CHARS)
+_agents = _TextCache(MAX_USER_AGENT_CHARS)
+_OUTCOME_FIELDS: Final = {o: _I32(len(o)) + o.encode() for o in OUTCOMES}
+
+
+def _unique_text(value: Any, name: str) -> bytes:
+    # Request ids are unique per request: caching them would only evict useful entries.
+    if value is None:
+        return NULL
+    if type(value) is not str:
+        value = _coerce_text(value, name)
+    return _check_text(value, name, MAX_NAME_CHARS)
+
+
+@functools.lru_cache(maxsize=4096)
+def _inet_text(text: str) -> bytes:
+    address = ipaddress.ip_address(text)
+    return _inet(address)
+
+
+def _inet(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
+    # inet binary: family (2 = v4, 3 = v6), prefix bits, is_cidr, address length, address.
+    if isinstance(address, ipaddress.IPv4Address):
+        return b"\x00\x00\x00\x08\x02\x20\x00\x04" + address.packed
+    if address.scope_id:
+        raise ValueError("scoped IPv6 addresses (with %zone) cannot be stored in inet")
+    return b"\x00\x00\x00\x14\x03\x80\x00\x10" + address.packed
+
+
+def _ip_field(value: Any) -> bytes:
+    if value is None:
+        return NULL
+    try:
+        if type(value) is str:
+            return _inet_text(value)
+        if isinstance(value, (ipaddress.IPv4Address, ipaddress.IPv6Address)):
+            return _inet(value)
+    except ValueError as exc:
+        raise EncodeError(f"ip: {exc}") from None
+    raise EncodeError(f"ip: expected an address string, got {type(value).__name__}")
+
+
+def _occurred(value: Any) -> tuple[int, int]:
+    """(Unix ns for the id prefix, Unix µs for the column) from the caller's timestamp."""
+    if type(value) is int:
+        return value, value // 1000
+    if isinstance(value, datetime):
+        if value.tzinfo is None or value.utcoffset() is None:
+            raise EncodeError("occurred_at: must be timezone-aware")
+        micros = (value - _UNIX_EPOCH) // _ONE_US
+        return micros * 1000, micros
+    raise EncodeError(f"occurred_at: expected datetime, got {type(value).__name__}")
+
+
+def _ident(value: Any, unix_ns: int) -> int:
+    if value is None:
+        return uuid7_int(unix_ns)
+    if isinstance(value, uuid.UUID):
+        return value.int
+    try:
+        return uuid.UUID(str(value)).int
+    except ValueError:
+        raise EncodeError("id: not a UUID") from None
+
+
+def encode_row(row: Row) -> tuple[bytes, int]:
+    """The binary COPY tuple for `row` and its id (as an int); raises `EncodeError`."""
+    if len(row) != FIELD_COUNT:
+        raise EncodeError(f"malformed entry: {len(row)} fields")
+    unix_ns, micros = _occurred(row[1])
+    ident = _ident(row[0], unix_ns)
+    names = _names.field
+    action = row[2]
+    if not action:
+        raise EncodeError("action: must be a non-empty string")
+    outcome = row[8]
+    if outcome is None:
+        outcome_field = NULL
+    else:
+        if isinstance(outcome, Enum):
+            outcome = outcome.value
+        found = _OUTCOME_FIELDS.get(outcome) if type(outcome) is str else None
+        if found is None:
+            raise EncodeError(f"outcome: {outcome!r:.40} is not one of {sorted(OUTCOMES)}")
+        outcome_field = found
+    metadata = row[12]
+    if metadata is None:
+        meta_field = NULL
+    elif type(metadata) is bytes:
+        meta_field = _I32(len(metadata) + 1) + b"\x01" + metadata
+    else:
+        raise EncodeError("metadata: expected serialised JSON bytes")
+    data = b"".join(
+        (
+            _HEAD(FIELD_COUNT, 16, ident >> 64, ident & _M64, 8, micros - _PG_EPOCH_US),
+            names(action, "action"),
+            names(row[3], "tenant_id"),
+            names(row[4], "actor_id"),
+            names(row[5], "actor_type"),
+            names(row[6], "resource_type"),
+            names(row[7], "resource_id"),
+            outcome_field,
+            _ip_field(row[9]),
+            _agents.field(row[10], "user_agent"),
+            _unique_text(row[11], "request_id"),
+            meta_field,
+        )
+    )
+    return data, ident
+
+
+# -- decoding, for dead letters and `auditq spool inspect` --------------------------------
+
+
+def decode_row(data: bytes) -> dict[str, Any]:
+    """A binary tuple made by `encode_row` as a JSON-friendly dict."""
+    (count,) = struct.unpack_from(">h", data, 0)
+    offset = 2
+    out: dict[str, Any] = {}
+    for index in range(count):
+        (length,) = struct.unpack_from(">i", data, offset)
+        offset += 4
+        name = COLUMNS[index] if index < len(COLUMNS) else f"field{index}"
+        if length < 0:
+            out[name] = None
+            continue
+        raw = data[offset : offset + length]
+        offset += length
+        if index == 0:
+            out[name] = str(uuid.UUID(bytes=raw))
+        elif index == 1:
+            (micros,) = struct.unpack(">q", raw)
+            out[name] = (_UNIX_EPOCH + timedelta(microseconds=micros + _PG_EPOCH_US)).isoformat()
+        elif index == 9:
+            out[name] = str(ipaddress.ip_address(raw[4:]))
+        elif index == 12:
+            out[name] = raw[1:].decode("utf-8", "replace")
+        else:
+            out[name] = raw.decode("utf-8", "replace")
+    return out
+
+
+def describe_row(row: Row) -> dict[str, Any]:
+    """A JSON-friendly view of a queued row (which may hold anything the caller passed)."""
+    view: dict[str, Any] = {}
+    for name, value in zip(COLUMNS, row, strict=False):
+        if name == "occurred_at" and type(value) is int:
+            value = (_UNIX_EPOCH + timedelta(microseconds=value // 1000)).isoformat()
+        elif name == "metadata" and isinstance(value, bytes):
+            value = value.decode("utf-8", "replace")
+        elif isinstance(value, str):
+            value = value.encode("utf-8", "backslashreplace").decode("utf-8")
+        elif value is not None and not isinstance(value, (int, float, bool)):
+            value = repr(value) if not isinstance(value, (uuid.UUID, datetime)) else str(value)
+        view[name] = value
+    return view
+
+
+def split_rows(data: bytes) -> list[bytes]:
+    """Cut a concatenation of binary tuples back into one bytes object per tuple."""
+    rows: list[bytes] = []
+    offset = 0
+    end = len(data)
+    while offset < end:
+        start = offset
+        (count,) = struct.unpack_from(">h", data, offset)
+        offset += 2
+        for _ in range(count):
+            (length,) = struct.unpack_from(">i", data, offset)
+            offset += 4 + max(length, 0)
+        rows.append(data[start:offset])
+    return rows
