@@ -56,6 +56,52 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-metadata", action="store_true", help="log entries without metadata")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--quiet", action="store_true", help="no progress display")
+    compare = bench.add_argument_group(
+        "--compare",
+        "auditq against the binary COPY ceiling, naive INSERTs and executemany, in one run "
+        "(cases interleaved over rounds, medians), plus caller latency, overload and idle CPU; "
+        "the writer runs with its default settings (-n, -t, --rate, --batch-size, --max-queue "
+        "and --flush-interval apply to the single bench only)",
+    )
+    compare.add_argument(
+        "--compare", action="store_true", help="run the comparison instead of a single bench"
+    )
+    compare.add_argument("--rounds", type=int, default=3, help="rounds of every case (3)")
+    compare.add_argument(
+        "--compare-entries",
+        type=int,
+        default=200_000,
+        help="rows per round for the ceiling and each auditq case (200000)",
+    )
+    compare.add_argument("--naive-entries", type=int, default=5_000, help="naive rows (5000)")
+    compare.add_argument(
+        "--executemany-entries", type=int, default=50_000, help="executemany rows (50000)"
+    )
+    compare.add_argument(
+        "--freeze-seconds", type=float, default=3.0, help="server SIGSTOP duration (3)"
+    )
+    compare.add_argument(
+        "--overload-seconds", type=float, default=10.0, help="overload duration (10)"
+    )
+    compare.add_argument("--idle-seconds", type=float, default=10.0, help="idle duration (10)")
+    compare.add_argument(
+        "--chart", metavar="PATH", help="also draw a PNG chart (needs auditq[bench])"
+    )
+
+    spool = commands.add_parser("spool", help="look into or replay a disk spool")
+    spool_commands = spool.add_subparsers(dest="spool_command", required=True)
+    for name, text in (
+        ("status", "segments, rows and bytes waiting, and dead letters"),
+        ("inspect", "list each segment; --rows N prints its first N rows"),
+        ("replay", "write every unlocked segment to the database now, then exit"),
+    ):
+        sub = spool_commands.add_parser(name, help=text)
+        sub.add_argument("spool_dir", help="the writer's spool_dir")
+        if name == "inspect":
+            sub.add_argument("--rows", type=int, default=0, help="rows to print per segment")
+        if name == "replay":
+            _add_target(sub)
+            sub.add_argument("--timeout", type=float, default=300.0, help="give up after (300s)")
     return parser
 
 
@@ -89,6 +135,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _init_db(args.dsn, schema, args.table or env.get("table") or DEFAULT_TABLE)
         if args.command == "bench":
             return _bench(args, env, schema)
+        if args.command == "spool":
+            return _spool(args, env, schema)
     except KeyboardInterrupt:
         return 130
     return 2
@@ -97,7 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _init_db(dsn: str | None, schema: str, table: str) -> int:
     with _target(dsn, embedded_ok=False) as found:
         if not found:
-            print("auditq: no database: pass --dsn or set AUDITQ_DSN / DATABASE_URL", file=sys.stderr)
+            print(
+                "auditq: no database: pass --dsn or set AUDITQ_DSN / DATABASE_URL",
+                file=sys.stderr,
+            )
             return 2
         safe = Dsn(found)
         try:
@@ -110,6 +161,8 @@ def _init_db(dsn: str | None, schema: str, table: str) -> int:
 
 
 def _bench(args: argparse.Namespace, env: dict[str, object], schema: str) -> int:
+    if args.compare:
+        return _bench_compare(args, schema)
     from .bench.run import BenchConfig, format_result, run_bench, write_json
     from .embedded import EmbeddedUnavailable
 
@@ -134,13 +187,122 @@ def _bench(args: argparse.Namespace, env: dict[str, object], schema: str) -> int
             except psycopg.Error as exc:
                 print(f"auditq: bench failed: {safe.scrub(str(exc))}", file=sys.stderr)
                 return 1
-            print(format_result(result, str(safe) if args.dsn or dsn_from_env() else "embedded PostgreSQL"))
+            where = str(safe) if args.dsn or dsn_from_env() else "embedded PostgreSQL"
+            print(format_result(result, where))
             if args.json:
                 write_json(result, args.json, safe)
     except EmbeddedUnavailable as exc:
         print(f"auditq: {exc}", file=sys.stderr)
         return 2
     return 0 if result.consistent else 1
+
+
+def _bench_compare(args: argparse.Namespace, schema: str) -> int:
+    from .bench.compare import CompareConfig, run_compare
+    from .bench.report import format_report, write_chart, write_json
+    from .embedded import EmbeddedUnavailable
+
+    cfg = CompareConfig(
+        rounds=max(1, args.rounds),
+        entries=args.compare_entries,
+        naive_entries=args.naive_entries,
+        executemany_entries=args.executemany_entries,
+        freeze_seconds=args.freeze_seconds,
+        overload_seconds=args.overload_seconds,
+        idle_seconds=args.idle_seconds,
+        table=args.table or "auditq_bench",
+        schema=schema,
+        progress=not args.quiet,
+    )
+    given = args.dsn or dsn_from_env()
+    try:
+        # Only a server the harness started may be frozen (SIGSTOP) for the latency case.
+        with _target(args.dsn, embedded_ok=True) as found:
+            assert found is not None
+            safe = Dsn(found)
+            target = str(safe) if given else "embedded PostgreSQL"
+            try:
+                result = run_compare(found, cfg, server_owned=not given)
+            except psycopg.Error as exc:
+                print(f"auditq: bench failed: {safe.scrub(str(exc))}", file=sys.stderr)
+                return 1
+    except EmbeddedUnavailable as exc:
+        print(f"auditq: {exc}", file=sys.stderr)
+        return 2
+    print(format_report(result, target))
+    if args.json:
+        write_json(result, args.json, target)
+    if args.chart:
+        try:
+            write_chart(result, args.chart)
+        except RuntimeError as exc:
+            print(f"auditq: {exc}", file=sys.stderr)
+            return 2
+    return 0 if result.consistent else 1
+
+
+def _spool(args: argparse.Namespace, env: dict[str, object], schema: str) -> int:
+    import json
+    from pathlib import Path
+
+    from .binary import decode_row
+    from .spool import DEAD_LETTER_FILE, Spool, inspect_segments
+
+    directory = Path(args.spool_dir)
+    if not directory.is_dir():
+        print(f"auditq: no spool at {directory}", file=sys.stderr)
+        return 2
+    if args.spool_command in {"status", "inspect"}:
+        segments = inspect_segments(directory)
+        dead_file = directory / DEAD_LETTER_FILE
+        dead = sum(1 for _ in dead_file.open("rb")) if dead_file.exists() else 0
+        if args.spool_command == "status":
+            print(
+                json.dumps(
+                    {
+                        "spool_dir": str(directory),
+                        "segments": len(segments),
+                        "rows": sum(s["rows"] for s in segments),
+                        "bytes": sum(s["bytes"] for s in segments),
+                        "owned_by_live_writers": sum(s["owned_by_live_writer"] for s in segments),
+                        "dead_letters": dead,
+                    },
+                    indent=2,
+                )
+            )
+            return 0
+        reader = Spool.__new__(Spool)
+        for segment in segments:
+            print(json.dumps(segment))
+            if args.rows:
+                shown = 0
+                for record in Spool.records(reader, directory / segment["segment"]):
+                    for row in record.rows[: args.rows - shown]:
+                        print("  " + json.dumps(decode_row(row), ensure_ascii=False))
+                        shown += 1
+                    if shown >= args.rows:
+                        break
+        return 0
+    from .writer import AuditWriter
+
+    with _target(args.dsn, embedded_ok=False) as found:
+        if not found:
+            print(
+                "auditq: no database: pass --dsn or set AUDITQ_DSN / DATABASE_URL",
+                file=sys.stderr,
+            )
+            return 2
+        writer = AuditWriter(
+            found,
+            schema=schema,
+            table=args.table or str(env.get("table") or DEFAULT_TABLE),
+            spool_dir=str(directory),
+        )
+        done = writer.replay_spool(timeout=args.timeout)
+        writer.close(timeout=10)
+        stats = writer.stats()
+        print(json.dumps({"replayed": stats.replayed, "complete": done}))
+        return 0 if done else 1
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ logger = logging.getLogger("auditq")
 _writer: AuditWriter | None = None
 _lock = threading.Lock()
 _warned_unconfigured = False
+# Set when the environment failed to configure a writer, so log() does not retry per call.
+_env_failed = False
 
 
 def configure(dsn_or_pool: str | ConnectionPool[Any] | None = None, **options: Any) -> AuditWriter:
@@ -44,19 +46,22 @@ def configure(dsn_or_pool: str | ConnectionPool[Any] | None = None, **options: A
 
 def get_writer() -> AuditWriter | None:
     """The default writer, configured from the environment on first use if possible."""
-    global _writer, _warned_unconfigured
+    global _writer, _warned_unconfigured, _env_failed
     writer = _writer
     if writer is not None:
         return writer
     with _lock:
-        if _writer is None and dsn_from_env():
-            _writer = AuditWriter(dsn_from_env(), **options_from_env())
+        problem = "not configured (call auditq.configure() or set AUDITQ_DSN)"
+        if _writer is None and not _env_failed and dsn_from_env():
+            try:
+                _writer = AuditWriter(dsn_from_env(), **options_from_env())
+            except ValueError as exc:  # ConfigError naming the variable, or a bad option
+                # log() must not raise; configure() is where a bad environment raises.
+                problem = f"not configured: {exc}"
+                _env_failed = True
         if _writer is None and not _warned_unconfigured:
             _warned_unconfigured = True
-            logger.warning(
-                "not configured (call auditq.configure() or set AUDITQ_DSN); "
-                "audit entries are being discarded"
-            )
+            logger.warning("%s; audit entries are being discarded", problem)
         return _writer
 
 

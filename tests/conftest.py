@@ -1,7 +1,8 @@
-"""Fixtures: a real PostgreSQL (AUDITQ_TEST_DSN, else an embedded one) and a fresh table per test."""
+"""Fixtures: a real PostgreSQL (AUDITQ_TEST_DSN, else an embedded one), a fresh table per test."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import uuid
 from collections.abc import Callable, Iterator
@@ -67,10 +68,8 @@ def _make_table(dsn: str) -> Table:
 
 
 def _drop(table: Table) -> None:
-    try:
+    with contextlib.suppress(psycopg.Error):
         table.execute("DROP TABLE IF EXISTS {table}")
-    except psycopg.Error:
-        pass
 
 
 @pytest.fixture

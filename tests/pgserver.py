@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import tempfile
@@ -27,11 +28,13 @@ class EmbeddedServer:
     def freeze(self) -> None:
         """SIGSTOP every server process: the socket stays open, nothing answers."""
         for proc in self.processes():
-            os.kill(proc.pid, signal.SIGSTOP)
+            with contextlib.suppress(ProcessLookupError):  # a backend that just exited
+                os.kill(proc.pid, signal.SIGSTOP)
 
     def thaw(self) -> None:
         for proc in self.processes():
-            os.kill(proc.pid, signal.SIGCONT)
+            with contextlib.suppress(ProcessLookupError):  # a backend that just exited
+                os.kill(proc.pid, signal.SIGCONT)
 
 
 @contextmanager
@@ -44,8 +47,6 @@ def embedded_server() -> Iterator[EmbeddedServer]:
         try:
             yield server
         finally:
-            try:
+            with contextlib.suppress(Exception):  # best effort before stopping
                 server.thaw()
-            except Exception:  # noqa: S110 - best effort before stopping
-                pass
             handle.cleanup()

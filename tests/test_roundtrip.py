@@ -29,7 +29,9 @@ def rows_by(table: Table, where: str = "true", *params: Any) -> list[dict[str, A
 def test_every_field_round_trips_via_log(table: Table, make_writer: WriterFactory) -> None:
     writer = make_writer(flush_interval=60)
     ident = auditq.uuid7()
-    occurred = datetime(2024, 2, 29, 23, 59, 58, 123457, tzinfo=timezone(timedelta(hours=5, minutes=30)))
+    occurred = datetime(
+        2024, 2, 29, 23, 59, 58, 123457, tzinfo=timezone(timedelta(hours=5, minutes=30))
+    )
     metadata = {
         "nested": {"list": [1, 2.5, {"deep": "日本語テキスト"}], "empty": {}, "none": None},
         "amount": Decimal("1234.5678"),
@@ -79,7 +81,9 @@ def test_every_field_round_trips_via_log(table: Table, make_writer: WriterFactor
     }
     # Microseconds survive exactly, in any time zone.
     assert row["occurred_at"].microsecond == 123457
-    assert row["occurred_at"].astimezone(UTC) == datetime(2024, 2, 29, 18, 29, 58, 123457, tzinfo=UTC)
+    assert row["occurred_at"].astimezone(UTC) == datetime(
+        2024, 2, 29, 18, 29, 58, 123457, tzinfo=UTC
+    )
 
 
 def test_defaults_id_and_time_made_at_the_call(table: Table, make_writer: WriterFactory) -> None:
@@ -126,7 +130,11 @@ def test_ids_coerced_to_text(table: Table, make_writer: WriterFactory) -> None:
     assert writer.log("coerce", actor_id=42, resource_id=some_uuid, outcome=Outcome.FAILURE)
     assert writer.flush(timeout=30)
     (row,) = rows_by(table)
-    assert (row["actor_id"], row["resource_id"], row["outcome"]) == ("42", str(some_uuid), "failure")
+    assert (row["actor_id"], row["resource_id"], row["outcome"]) == (
+        "42",
+        str(some_uuid),
+        "failure",
+    )
 
 
 def test_text_at_the_limit_round_trips(table: Table, make_writer: WriterFactory) -> None:
@@ -147,7 +155,7 @@ def test_metadata_is_snapshotted_at_the_call(table: Table, make_writer: WriterFa
     metadata: dict[str, Any] = {"items": [1, 2], "state": "before"}
     assert writer.log("snapshot", metadata=metadata)
     metadata["state"] = "after"
-    metadata["items"].append(3)  # type: ignore[attr-defined]
+    metadata["items"].append(3)
     assert writer.flush(timeout=30)
     assert table.query("SELECT metadata FROM {table}") == [({"items": [1, 2], "state": "before"},)]
 
