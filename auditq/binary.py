@@ -21,8 +21,8 @@ from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Any, Final
 
+from . import ids
 from .entry import COLUMNS, MAX_NAME_CHARS, MAX_USER_AGENT_CHARS, OUTCOMES, Row
-from .ids import uuid7_int
 
 #: The binary COPY stream's header (signature, flags, header extension length) and trailer.
 HEADER: Final = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x00"
@@ -125,8 +125,6 @@ def _inet(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
 
 
 def _ip_field(value: Any) -> bytes:
-    if value is None:
-        return NULL
     try:
         if type(value) is str:
             return _inet_text(value)
@@ -149,9 +147,7 @@ def _occurred(value: Any) -> tuple[int, int]:
     raise EncodeError(f"occurred_at: expected datetime, got {type(value).__name__}")
 
 
-def _ident(value: Any, unix_ns: int) -> int:
-    if value is None:
-        return uuid7_int(unix_ns)
+def _ident(value: Any) -> int:
     if isinstance(value, uuid.UUID):
         return value.int
     try:
@@ -160,50 +156,132 @@ def _ident(value: Any, unix_ns: int) -> int:
         raise EncodeError("id: not a UUID") from None
 
 
-def encode_row(row: Row) -> tuple[bytes, int]:
-    """The binary COPY tuple for `row` and its id (as an int); raises `EncodeError`."""
-    if len(row) != FIELD_COUNT:
-        raise EncodeError(f"malformed entry: {len(row)} fields")
-    unix_ns, micros = _occurred(row[1])
-    ident = _ident(row[0], unix_ns)
-    names = _names.field
+def _outcome_field(value: Any) -> bytes:
+    if value is None:
+        return NULL
+    if isinstance(value, Enum):
+        value = value.value
+    found = _OUTCOME_FIELDS.get(value) if type(value) is str else None
+    if found is None:
+        raise EncodeError(f"outcome: {value!r:.40} is not one of {sorted(OUTCOMES)}")
+    return found
+
+
+#: The order COPY sends the columns in (any order works; this one puts the fields that
+#: repeat across rows next to each other, so one cache hit encodes all six of them).
+COPY_COLUMNS: Final = (
+    "id",
+    "occurred_at",
+    "action",
+    "tenant_id",
+    "actor_type",
+    "resource_type",
+    "outcome",
+    "user_agent",
+    "actor_id",
+    "resource_id",
+    "ip",
+    "request_id",
+    "metadata",
+)
+#: Positions in a queued `Row` (which follows `entry.COLUMNS`) of the cached group.
+_GROUP_FIELDS: Final = ((2, "action"), (3, "tenant_id"), (5, "actor_type"), (6, "resource_type"))
+
+# (action, tenant_id, actor_type, resource_type, outcome, user_agent) -> their six fields
+_groups: dict[tuple[Any, ...], bytes] = {}
+_VERSION_BITS: Final = 0x7000  # in the high half: version 7
+_VARIANT_BITS: Final = 0x8000_0000_0000_0000  # in the low half: RFC 9562 variant
+_LOW_RANDOM: Final = (1 << 62) - 1
+_rand = ids.random_bits  # bound method: ids.reseed() reseeds the same generator
+
+
+def _group_slow(key: tuple[Any, ...], row: Row) -> bytes:
+    """Check and encode the six repeating fields; cache them when all are plain text."""
     action = row[2]
     if not action:
         raise EncodeError("action: must be a non-empty string")
-    outcome = row[8]
-    if outcome is None:
-        outcome_field = NULL
+    parts = [_names.field(row[index], name) for index, name in _GROUP_FIELDS]
+    parts.append(_outcome_field(row[8]))
+    parts.append(_agents.field(row[10], "user_agent"))
+    encoded = b"".join(parts)
+    try:
+        if len(_groups) >= CACHE_ENTRIES:
+            _groups.clear()
+        _groups[key] = encoded
+    except TypeError:
+        pass  # an unhashable value slipped through a coercion: just do not cache it
+    return encoded
+
+
+def encode_row(row: Row) -> tuple[bytes, int]:
+    """The binary COPY tuple for `row` (columns in `COPY_COLUMNS` order) and its id as an
+    int; raises `EncodeError` naming the field.
+
+    Written for speed: it runs once per row on the writer thread, holding the GIL the
+    callers need. The common case is two dict hits, one struct pack and one join; anything
+    unusual (a cache miss, a non-str value, a datetime, an explicit id) takes a slow helper.
+    """
+    if len(row) != FIELD_COUNT:
+        raise EncodeError(f"malformed entry: {len(row)} fields")
+    stamp = row[1]
+    if type(stamp) is int:
+        micros = stamp // 1000
     else:
-        if isinstance(outcome, Enum):
-            outcome = outcome.value
-        found = _OUTCOME_FIELDS.get(outcome) if type(outcome) is str else None
-        if found is None:
-            raise EncodeError(f"outcome: {outcome!r:.40} is not one of {sorted(OUTCOMES)}")
-        outcome_field = found
-    metadata = row[12]
-    if metadata is None:
-        meta_field = NULL
-    elif type(metadata) is bytes:
-        meta_field = _I32(len(metadata) + 1) + b"\x01" + metadata
+        stamp, micros = _occurred(stamp)
+    if row[0] is None:
+        rand = _rand(74)
+        high = ((stamp // 1_000_000) << 16) | _VERSION_BITS | (rand >> 62)
+        low = _VARIANT_BITS | (rand & _LOW_RANDOM)
+    else:
+        ident = _ident(row[0])
+        high = ident >> 64
+        low = ident & _M64
+    key = (row[2], row[3], row[5], row[6], row[8], row[10])
+    try:
+        group = _groups.get(key) or _group_slow(key, row)
+    except TypeError:  # unhashable value: the slow path names the field
+        group = _group_slow(key, row)
+    get = _names.get
+    # A cache hit is the check; anything else (a miss, None, an int id, something
+    # unhashable) goes through the checked path, which names the field.
+    value = row[4]
+    actor_f = get(value) if type(value) is str else None
+    if actor_f is None:
+        actor_f = _names.field(value, "actor_id")
+    value = row[7]
+    rid_f = get(value) if type(value) is str else None
+    if rid_f is None:
+        rid_f = _names.field(value, "resource_id")
+    value = row[9]
+    ip_f = NULL if value is None else _ip_field(value)
+    value = row[11]
+    request_f = NULL if value is None else _unique_text(value, "request_id")
+    meta = row[12]
+    if meta is None:
+        meta_len = NULL
+        meta = b""
+        version = b""
+    elif type(meta) is bytes:
+        meta_len = _I32(len(meta) + 1)
+        version = b"\x01"
     else:
         raise EncodeError("metadata: expected serialised JSON bytes")
-    data = b"".join(
-        (
-            _HEAD(FIELD_COUNT, 16, ident >> 64, ident & _M64, 8, micros - _PG_EPOCH_US),
-            names(action, "action"),
-            names(row[3], "tenant_id"),
-            names(row[4], "actor_id"),
-            names(row[5], "actor_type"),
-            names(row[6], "resource_type"),
-            names(row[7], "resource_id"),
-            outcome_field,
-            _ip_field(row[9]),
-            _agents.field(row[10], "user_agent"),
-            _unique_text(row[11], "request_id"),
-            meta_field,
-        )
+    return (
+        b"".join(
+            (
+                _HEAD(FIELD_COUNT, 16, high, low, 8, micros - _PG_EPOCH_US),
+                group,
+                actor_f,
+                rid_f,
+                ip_f,
+                request_f,
+                meta_len,
+                version,
+                meta,
+            )
+        ),
+        (high << 64) | low,
     )
-    return data, ident
 
 
 # -- decoding, for dead letters and `auditq spool inspect` --------------------------------
@@ -217,7 +295,7 @@ def decode_row(data: bytes) -> dict[str, Any]:
     for index in range(count):
         (length,) = struct.unpack_from(">i", data, offset)
         offset += 4
-        name = COLUMNS[index] if index < len(COLUMNS) else f"field{index}"
+        name = COPY_COLUMNS[index] if index < len(COPY_COLUMNS) else f"field{index}"
         if length < 0:
             out[name] = None
             continue
@@ -228,9 +306,9 @@ def decode_row(data: bytes) -> dict[str, Any]:
         elif index == 1:
             (micros,) = struct.unpack(">q", raw)
             out[name] = (_UNIX_EPOCH + timedelta(microseconds=micros + _PG_EPOCH_US)).isoformat()
-        elif index == 9:
+        elif name == "ip":
             out[name] = str(ipaddress.ip_address(raw[4:]))
-        elif index == 12:
+        elif name == "metadata":
             out[name] = raw[1:].decode("utf-8", "replace")
         else:
             out[name] = raw.decode("utf-8", "replace")

@@ -21,12 +21,12 @@ from .entry import Row
 class Buffer:
     """A FIFO of `Row`s with a soft bound and a wake-up signal for the writer."""
 
-    __slots__ = ("_batch_size", "_items", "_max_entries", "_wake")
+    __slots__ = ("_batch_size", "_max_entries", "_wake", "items")
 
     def __init__(self, max_entries: int, batch_size: int, wake: Callable[[], None]) -> None:
         # The entries themselves; unbounded deque so that overflow drops the newest entry
         # (the caller learns of it) instead of silently evicting the oldest (`maxlen`).
-        self._items: deque[Row] = deque()
+        self.items: deque[Row] = deque()
         self._max_entries = max_entries
         # Appends that bring the queue to a full batch wake the writer before its interval.
         self._batch_size = batch_size
@@ -34,7 +34,7 @@ class Buffer:
 
     def offer(self, row: Row) -> bool:
         """Append `row` unless the queue is full; never blocks."""
-        items = self._items
+        items = self.items
         size = len(items)
         if size >= self._max_entries:
             return False
@@ -45,14 +45,14 @@ class Buffer:
 
     def take(self, limit: int) -> list[Row]:
         """Remove and return up to `limit` entries, oldest first (writer thread only)."""
-        items = self._items
+        items = self.items
         n = min(limit, len(items))
         popleft = items.popleft
         return [popleft() for _ in range(n)]
 
     def take_all(self) -> list[Row]:
         """Remove and return everything queued (writer or shutdown path)."""
-        return self.take(len(self._items))
+        return self.take(len(self.items))
 
     def __len__(self) -> int:
-        return len(self._items)
+        return len(self.items)

@@ -16,6 +16,10 @@ import uuid
 _rng = random.Random()
 
 
+#: `random_bits(n)`: n random bits from the private generator.
+random_bits = _rng.getrandbits
+
+
 def reseed() -> None:
     """Give this process its own id stream (after a fork, with or without fork hooks)."""
     _rng.seed(os.urandom(32))

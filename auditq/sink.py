@@ -28,10 +28,10 @@ import psycopg
 from psycopg import sql
 
 from .backoff import Backoff
-from .binary import HEADER, TRAILER
+from .binary import COPY_COLUMNS, HEADER, TRAILER, encode_row
 from .connection import Connection, ConnectionSource
 from .dsn import Dsn
-from .entry import COLUMNS, Row
+from .entry import Row
 from .schema import qualified
 from .watchdog import Watchdog
 
@@ -69,6 +69,12 @@ class Ledger(Protocol):
     def retrying(self, error: str) -> None: ...
 
 
+class WriterLedger(Ledger, Protocol):
+    """The writer's own ledger also takes rows that failed their checks before COPY."""
+
+    def rejected_rows(self, rows: Sequence[tuple[Row, str]]) -> None: ...
+
+
 #: Why `deliver()` handed rows back: the writer is closing past its deadline, or it asked
 #: for them (to spool them during an outage).
 Handback = Literal["", "abort", "divert"]
@@ -83,7 +89,7 @@ class Sink:
         *,
         schema: str,
         table: str,
-        ledger: Ledger,
+        ledger: WriterLedger,
         abort: threading.Event,
         watchdog: Watchdog,
         dsn: Dsn | None,
@@ -107,7 +113,7 @@ class Sink:
         # True once COMMIT may be in flight: a failure after it leaves the outcome unknown.
         self._committing = False
         target = qualified(schema, table)
-        columns = sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
+        columns = sql.SQL(", ").join(map(sql.Identifier, COPY_COLUMNS))
         self._copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(target, columns)
         staging = sql.Identifier(f"auditq_staging_{zlib.crc32(f'{schema}.{table}'.encode()):08x}")
         self._create_staging = sql.SQL(
@@ -127,12 +133,22 @@ class Sink:
         mode: Mode = "copy",
         divert: Callable[[], bool] | None = None,
         ledger: Ledger | None = None,
+        failed: Exception | None = None,
     ) -> tuple[list[Item], Handback]:
         """Write `items`, reporting to `ledger` (default: the writer's). Returns the rows
         handed back unresolved, and why: the writer is aborting, or `divert()` said so
-        after a failed attempt (the writer then spools them)."""
+        after a failed attempt (the writer then spools them). `failed` is the error of a
+        first attempt already made (by `deliver_rows`)."""
         report = ledger or self._ledger
-        work: list[tuple[list[Item], Mode, int]] = [(items, mode, 0)]
+        work: list[tuple[list[Item], Mode, int]] = []
+        if failed is None:
+            work.append((items, mode, 0))
+        else:
+            kind = self._classify(failed, 0)
+            if self._on_failure(items, mode, 0, kind, failed, work, report):
+                if divert is not None and divert():
+                    return [item for chunk, _, _ in work for item in chunk], "divert"
+                self._pause()
         while work:
             batch, mode, attempts = work.pop()
             if self._stopping():
@@ -156,6 +172,67 @@ class Sink:
                 if duplicates:
                     report.dead(duplicates, "duplicate id: a row with this id is already stored")
         return [], ""
+
+    def deliver_rows(
+        self, rows: list[Row], *, divert: Callable[[], bool] | None = None
+    ) -> tuple[list[Item], Handback]:
+        """Encode and write queued rows. The first attempt encodes chunk by chunk inside
+        the COPY, so the server ingests one chunk while the next is encoded; rows that fail
+        their checks are dead-lettered; retries reuse what was encoded."""
+        items: list[Item] = []
+        bad: list[tuple[Row, str]] = []
+        consumed = [0]  # rows the first attempt has encoded so far
+        error: Exception | None = None
+        attempted = not self._stopping()
+        if attempted:
+            try:
+                self._attempt_rows(rows, items, bad, consumed)
+            except Exception as exc:
+                error = exc
+        if consumed[0] < len(rows):
+            more, more_bad = make_items(rows[consumed[0] :], encode_row)
+            items += more
+            bad += more_bad
+        if bad:
+            self._ledger.rejected_rows(bad)
+        if attempted and error is None:
+            self._recovered()
+            if items:
+                self._ledger.committed(len(items))
+            return [], ""
+        # Not attempted (closing past the deadline): deliver() hands everything back.
+        return self.deliver(items, divert=divert, failed=error)
+
+    def _attempt_rows(
+        self, rows: list[Row], items: list[Item], bad: list[tuple[Row, str]], consumed: list[int]
+    ) -> None:
+        self._committing = False
+        conn = self._source.acquire()
+        broken = False
+        try:
+            self._watchdog.arm(conn.pgconn.socket, self._write_timeout)
+            try:
+                with conn.transaction():
+                    with conn.cursor() as cur, cur.copy(self._copy) as copy:
+                        write = copy.write
+                        write(HEADER)
+                        for start in range(0, len(rows), CHUNK_ROWS):
+                            chunk = rows[start : start + CHUNK_ROWS]
+                            good, rejected = make_items(chunk, encode_row)
+                            items += good
+                            bad += rejected
+                            consumed[0] = start + len(chunk)
+                            if good:
+                                write(b"".join([item[DATA] for item in good]))
+                        write(TRAILER)
+                    self._committing = True
+            finally:
+                self._watchdog.disarm()
+        except BaseException:
+            broken = conn.closed or conn.broken
+            raise
+        finally:
+            self._source.release(conn, broken=broken)
 
     def probe(self) -> bool:
         """One cheap round trip: is the database answering again?"""

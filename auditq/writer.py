@@ -177,6 +177,8 @@ class AuditWriter:
         # Wakes the writer thread early: a full batch, flush(), close().
         self._wake = threading.Event()
         self._buffer = Buffer(self.max_queue, self.batch_size, self._wake.set)
+        # The deque itself, for log()'s inlined append.
+        self._items = self._buffer.items
         # Guards every counter below and the move of rows out of the buffer; never held
         # across I/O, so callers that touch it (drops, rejections) never wait on the server.
         self._lock = threading.Lock()
@@ -308,7 +310,12 @@ class AuditWriter:
                 metadata = dump_metadata(metadata)  # type: ignore[assignment]
             except ValueError as exc:
                 return self._reject(str(exc))
-        return self._offer(
+        # Buffer.offer, inlined: on this path each saved call is ~5% of the cost.
+        items = self._items
+        size = len(items)
+        if size >= self.max_queue or self._closed:
+            return self._refuse()
+        items.append(
             (
                 id,
                 _time_ns() if occurred_at is None else occurred_at,
@@ -325,6 +332,11 @@ class AuditWriter:
                 metadata,
             )
         )
+        if not (size + 1) % self.batch_size:
+            self._wake.set()
+        if self._thread is None:
+            self._start()
+        return True
 
     def write(self, entry: AuditEntry | Mapping[str, Any]) -> bool:
         """Queue an `AuditEntry` (already validated) or a mapping of its fields."""
@@ -357,12 +369,16 @@ class AuditWriter:
         return self._offer(entry.to_row())
 
     def _offer(self, row: Row) -> bool:
+        if self._closed or not self._buffer.offer(row):
+            return self._refuse()
+        if self._thread is None:
+            self._start()
+        return True
+
+    def _refuse(self) -> bool:
+        """Count a call the queue could not take: closed (rejected) or full (dropped)."""
         if self._closed:
             return self._reject("the writer is closed", invalid=False)
-        if self._buffer.offer(row):
-            if self._thread is None:
-                self._start()
-            return True
         with self._lock:
             self._dropped += 1
             self._unreported_drops += 1
@@ -551,6 +567,10 @@ class AuditWriter:
                 except Exception:
                     logger.exception("on_dead_letter callback failed")
 
+    def rejected_rows(self, rows: Sequence[tuple[Row, str]]) -> None:
+        """Rows that failed their checks on the writer side: dead letters, with reasons."""
+        self.dead_rows(rows)
+
     def retrying(self, error: str) -> None:
         with self._lock:
             self._retries += 1
@@ -603,20 +623,19 @@ class AuditWriter:
                     return
                 self._taken += len(rows)
                 self._inflight += len(rows)
-            items, bad = make_items(rows, binary.encode_row)
-            self.dead_rows(bad)
-            if items:
-                self._deliver(items)
+            self._deliver(rows)
 
     # -- delivery, spooling and replay (writer thread) ----------------------------------
 
-    def _deliver(self, items: list[Item]) -> None:
+    def _deliver(self, rows: list[Row]) -> None:
         """Write one batch; in a long outage (with a spool) put it on disk instead."""
         spool = self._spool
         if spool is not None and self._spooling() and time.monotonic() < self._next_probe:
+            items, bad = make_items(rows, binary.encode_row)
+            self.dead_rows(bad)
             self._to_spool(items)  # still down a moment ago: do not wait on it again
             return
-        leftover, why = self._sink.deliver(items, divert=self._should_divert)
+        leftover, why = self._sink.deliver_rows(rows, divert=self._should_divert)
         if why == "divert":
             self._next_probe = time.monotonic() + min(self.retry_backoff_max, 1.0)
             self._to_spool(leftover)

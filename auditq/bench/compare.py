@@ -34,7 +34,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from ..binary import HEADER, TRAILER, encode_row
+from ..binary import COPY_COLUMNS, HEADER, TRAILER, encode_row
 from ..entry import COLUMNS
 from ..schema import qualified
 from ..writer import AuditWriter
@@ -203,8 +203,10 @@ class Harness:
         self.stream = stream
         self.target = qualified(cfg.schema, cfg.table)
         columns = sql.SQL(", ").join(map(sql.Identifier, COLUMNS))
+        # encode_row sends the columns in its own order.
+        copy_columns = sql.SQL(", ").join(map(sql.Identifier, COPY_COLUMNS))
         self.copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
-            self.target, columns
+            self.target, copy_columns
         )
         self.insert_sql = sql.SQL("INSERT INTO {} ({}) VALUES ({})").format(
             self.target, columns, sql.SQL(", ").join(sql.Placeholder() * len(COLUMNS))
