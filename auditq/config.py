@@ -82,6 +82,13 @@ def _networks(text: str) -> tuple[str, ...]:
     return items
 
 
+def _fsync_policy(text: str) -> str:
+    value = text.strip().lower()
+    if value not in {"always", "interval", "never"}:
+        raise ValueError("expected always, interval or never")
+    return value
+
+
 def _header(text: str) -> str:
     value = text.strip()
     if not value or not all(c.isalnum() or c in "-_" for c in value) or not value.isascii():
@@ -104,6 +111,10 @@ OPTIONS: Final[dict[str, Callable[[str], Any]]] = {
     "retry_backoff_max": _seconds(allow_zero=False),
     "warn_interval": _seconds(allow_zero=True),
     "strict": _bool,
+    "spool_dir": _name,
+    "spool_after": _seconds(allow_zero=True),
+    "spool_max_bytes": _positive_int,
+    "spool_fsync": _fsync_policy,
 }
 
 #: The web middleware's options (`auditq.middleware`), also from `AUDITQ_<NAME>`.

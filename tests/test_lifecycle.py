@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import ctypes
 import os
+import signal
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -301,24 +302,20 @@ def _child_body(writer: AuditWriter) -> int:
     return 0
 
 
-def _fork_and_check(table: Table, make_writer: WriterFactory, fork: Any) -> None:
-    writer = make_writer(batch_size=10_000, flush_interval=60)
-    # Connected and with a running thread before the fork: the dangerous case.
-    assert writer.log("fork.warmup")
-    assert writer.flush(timeout=30)
-    for i in range(PARENT_N):
-        assert writer.log("fork.parent", resource_id=str(i))
-    pid = fork()
-    if pid == 0:  # pragma: no cover - the child
-        code = 1
-        try:
-            code = _child_body(writer)
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
-    assert writer.flush(timeout=30)
-    assert writer.close(timeout=30)
+def _wait_child(pid: int, timeout: float = 60.0) -> int:
+    """The child's exit code; a child that hangs is killed and fails the test."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.05)
+    os.kill(pid, signal.SIGKILL)
+    os.waitpid(pid, 0)
+    pytest.fail(f"the forked child did not finish within {timeout}s")
+
+
+def _check_fork_rows(table: Table) -> None:
     counts = dict(table.query("SELECT action, count(*) FROM {table} GROUP BY action"))
     assert counts == {"fork.warmup": 1, "fork.parent": PARENT_N, "fork.child": CHILD_M}
     assert table.distinct_ids() == table.count() == 1 + PARENT_N + CHILD_M
@@ -326,27 +323,87 @@ def _fork_and_check(table: Table, make_writer: WriterFactory, fork: Any) -> None
         "SELECT count(DISTINCT resource_id) FROM {table} WHERE action = 'fork.child'"
     )[0]
     assert child_rows == CHILD_M
-    stats = writer.stats()
-    assert (stats.written, stats.pending) == (1 + PARENT_N, 0)
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")
 def test_fork_child_writes_once_parent_not_duplicated(
     table: Table, make_writer: WriterFactory
 ) -> None:
-    _fork_and_check(table, make_writer, os.fork)
+    writer = make_writer(batch_size=10_000, flush_interval=60)
+    # Connected and with a running thread before the fork: the dangerous case.
+    assert writer.log("fork.warmup")
+    assert writer.flush(timeout=30)
+    for i in range(PARENT_N):
+        assert writer.log("fork.parent", resource_id=str(i))
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 1
+        try:
+            code = _child_body(writer)
+        finally:
+            os._exit(code)
+    assert _wait_child(pid) == 0
+    assert writer.flush(timeout=30)
+    assert writer.close(timeout=30)
+    _check_fork_rows(table)
+    stats = writer.stats()
+    assert (stats.written, stats.pending) == (1 + PARENT_N, 0)
 
 
-@pytest.mark.filterwarnings("ignore::DeprecationWarning")
-def test_fork_without_python_hooks_uses_pid_check(table: Table, make_writer: WriterFactory) -> None:
-    # libc's fork() called directly (as uWSGI does): Python's at-fork hooks do not run, so
+def test_fork_without_python_hooks_uses_pid_check(table: Table) -> None:
+    # libc's fork() called directly (as uWSGI may): Python's at-fork hooks do not run, so
     # only the pid check on the caller's path can give the child a fresh writer. PyDLL keeps
-    # the GIL across the call, so the child resumes Python code safely; the parent's writer
-    # thread is idle (asleep on its event) so it holds none of the locks the child needs.
-    libc_fork = ctypes.PyDLL(None).fork
-    libc_fork.restype = ctypes.c_int
-    libc_fork.argtypes = []
-    _fork_and_check(table, make_writer, libc_fork)
+    # the GIL across the call, so the child resumes Python code.
+    #
+    # CPython does not reinitialise its own runtime either (the GIL's condition variable
+    # included): a thread that was waiting for the GIL at the instant of the fork leaves
+    # state behind that can deadlock the child once it runs two threads. So this runs in a
+    # fresh interpreter whose only other threads are the writer's, and forks only after they
+    # have been idle (parked on their own events, not on the GIL) for a moment.
+    script = f"""
+import ctypes, os, sys, time
+sys.path.insert(0, {str(Path(__file__).resolve().parent.parent)!r})
+from tests.test_lifecycle import PARENT_N, _child_body
+from auditq import AuditWriter
+
+writer = AuditWriter({table.dsn!r}, schema={table.schema!r}, table={table.name!r},
+                     batch_size=10_000, flush_interval=60)
+assert writer.log("fork.warmup")
+assert writer.flush(timeout=30)
+for i in range(PARENT_N):
+    assert writer.log("fork.parent", resource_id=str(i))
+time.sleep(0.5)
+libc_fork = ctypes.PyDLL(None).fork
+libc_fork.restype = ctypes.c_int
+libc_fork.argtypes = []
+pid = libc_fork()
+if pid == 0:
+    code = 1
+    try:
+        code = _child_body(writer)
+    finally:
+        os._exit(code)
+deadline = time.monotonic() + 40
+while time.monotonic() < deadline:
+    done, status = os.waitpid(pid, os.WNOHANG)
+    if done:
+        break
+    time.sleep(0.05)
+else:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+    sys.exit("child hung")
+code = os.waitstatus_to_exitcode(status)
+if code:
+    sys.exit(f"child exited with {{code}}")
+assert writer.flush(timeout=30)
+assert writer.close(timeout=30)
+stats = writer.stats()
+assert (stats.written, stats.pending) == (1 + PARENT_N, 0), stats
+"""
+    result = run_python(script, timeout=90)
+    assert result.returncode == 0, result.stderr
+    _check_fork_rows(table)
 
 
 def test_writer_in_child_after_close_in_parent_is_still_closed(make_writer: WriterFactory) -> None:
@@ -355,8 +412,7 @@ def test_writer_in_child_after_close_in_parent_is_still_closed(make_writer: Writ
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         os._exit(0 if writer.log("child") is False and writer.closed else 1)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 0
+    assert _wait_child(pid) == 0
 
 
 def test_dead_letter_callback_may_call_flush(table: Table, make_writer: WriterFactory) -> None:

@@ -26,6 +26,10 @@ VALID = {
     "retry_backoff_max": "2",
     "warn_interval": "30",
     "strict": "yes",
+    "spool_dir": "/tmp/auditq-test-env-spool",
+    "spool_after": "2.5",
+    "spool_max_bytes": "1048576",
+    "spool_fsync": "Always",
 }
 EXPECTED = {
     "table": "audit_x",
@@ -40,6 +44,10 @@ EXPECTED = {
     "retry_backoff_max": 2.0,
     "warn_interval": 30.0,
     "strict": True,
+    "spool_dir": "/tmp/auditq-test-env-spool",
+    "spool_after": 2.5,
+    "spool_max_bytes": 1048576,
+    "spool_fsync": "always",
 }
 INVALID = {
     "table": ["x" * 64],
@@ -53,6 +61,9 @@ INVALID = {
     "retry_backoff_max": ["0"],
     "warn_interval": ["-0.5"],
     "strict": ["maybe", "2"],
+    "spool_after": ["-1"],
+    "spool_max_bytes": ["1e9", "0"],
+    "spool_fsync": ["sometimes"],
     "request_id_header": ["X Request", "é"],
     "trusted_proxies": ["10.0.0.0/8, nonsense", "300.1.1.1"],
     "log_requests": ["sometimes"],
