@@ -102,6 +102,8 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "replay":
             _add_target(sub)
             sub.add_argument("--timeout", type=float, default=300.0, help="give up after (300s)")
+        else:
+            sub.set_defaults(dsn=None, schema=None, table=None)  # main() reads them
     return parser
 
 
@@ -246,7 +248,7 @@ def _spool(args: argparse.Namespace, env: dict[str, object], schema: str) -> int
     from pathlib import Path
 
     from .binary import decode_row
-    from .spool import DEAD_LETTER_FILE, Spool, inspect_segments
+    from .spool import DEAD_LETTER_FILE, inspect_segments, read_records
 
     directory = Path(args.spool_dir)
     if not directory.is_dir():
@@ -265,18 +267,22 @@ def _spool(args: argparse.Namespace, env: dict[str, object], schema: str) -> int
                         "rows": sum(s["rows"] for s in segments),
                         "bytes": sum(s["bytes"] for s in segments),
                         "owned_by_live_writers": sum(s["owned_by_live_writer"] for s in segments),
+                        "damaged_bytes": sum(s["damaged_bytes"] for s in segments),
                         "dead_letters": dead,
                     },
                     indent=2,
                 )
             )
             return 0
-        reader = Spool.__new__(Spool)
         for segment in segments:
             print(json.dumps(segment))
-            if args.rows:
+            if args.rows > 0:
                 shown = 0
-                for record in Spool.records(reader, directory / segment["segment"]):
+                try:
+                    records = list(read_records(directory / segment["segment"], 0, _quiet))
+                except FileNotFoundError:
+                    continue  # replayed since it was listed
+                for record in records:
                     for row in record.rows[: args.rows - shown]:
                         print("  " + json.dumps(decode_row(row), ensure_ascii=False))
                         shown += 1
@@ -298,11 +304,29 @@ def _spool(args: argparse.Namespace, env: dict[str, object], schema: str) -> int
             table=args.table or str(env.get("table") or DEFAULT_TABLE),
             spool_dir=str(directory),
         )
-        done = writer.replay_spool(timeout=args.timeout)
-        writer.close(timeout=10)
+        try:
+            done = writer.replay_spool(timeout=args.timeout)
+        finally:
+            writer.close(timeout=10)
         stats = writer.stats()
-        print(json.dumps({"replayed": stats.replayed, "complete": done}))
+        left = inspect_segments(directory)
+        print(
+            json.dumps(
+                {
+                    "replayed": stats.replayed,
+                    "dead_lettered": stats.replay_dead_lettered,
+                    "complete": done,
+                    "segments_left": len(left),
+                    "rows_left": sum(s["rows"] for s in left),
+                    "last_error": stats.last_error,
+                }
+            )
+        )
         return 0 if done else 1
+
+
+def _quiet(_damage: object) -> None:
+    """`inspect` already reports damaged bytes per segment: no warning per record."""
 
 
 if __name__ == "__main__":

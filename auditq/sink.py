@@ -59,6 +59,8 @@ ROW: Final = 2
 #: Rows joined into one `write()` of a COPY: the server starts on them while the next
 #: chunk is joined, instead of waiting for the whole batch.
 CHUNK_ROWS: Final = 1000
+#: How often a backoff wait asks the writer whether to spool instead (seconds).
+_DIVERT_POLL: Final = 0.05
 
 
 class Ledger(Protocol):
@@ -145,10 +147,10 @@ class Sink:
             work.append((items, mode, 0))
         else:
             kind = self._classify(failed, 0)
-            if self._on_failure(items, mode, 0, kind, failed, work, report):
-                if divert is not None and divert():
-                    return [item for chunk, _, _ in work for item in chunk], "divert"
-                self._pause()
+            if self._on_failure(items, mode, 0, kind, failed, work, report) and (
+                self._pause(divert)
+            ):
+                return [item for chunk, _, _ in work for item in chunk], "divert"
         while work:
             batch, mode, attempts = work.pop()
             if self._stopping():
@@ -157,10 +159,10 @@ class Sink:
                 inserted = self._attempt(batch, mode)
             except Exception as exc:
                 kind = self._classify(exc, attempts)
-                if self._on_failure(batch, mode, attempts, kind, exc, work, report):
-                    if divert is not None and divert():
-                        return [item for chunk, _, _ in work for item in chunk], "divert"
-                    self._pause()
+                if self._on_failure(batch, mode, attempts, kind, exc, work, report) and (
+                    self._pause(divert)
+                ):
+                    return [item for chunk, _, _ in work for item in chunk], "divert"
                 continue
             self._recovered()
             if inserted is None or mode == "replay":
@@ -352,12 +354,26 @@ class Sink:
         work.append((batch, next_mode, attempts + 1))
         return True
 
-    def _pause(self) -> None:
-        """Back off before a retry; close() cuts the wait short."""
+    def _pause(self, divert: Callable[[], bool] | None = None) -> bool:
+        """Back off before a retry; close() cuts the wait short. True (at once, or as soon
+        as it turns so during the wait) when `divert()` asks to hand the rows back instead:
+        the queue may fill up while the writer waits, and that must not wait for the
+        backoff to end."""
+        if divert is not None and divert():
+            return True
         delay = self._backoff.next_delay()
         if self.deadline is not None:
             delay = max(0.0, min(delay, self.deadline - time.monotonic()))
-        self._abort.wait(delay)
+        if divert is None:
+            self._abort.wait(delay)
+            return False
+        end = time.monotonic() + delay
+        while (remaining := end - time.monotonic()) > 0:
+            if self._abort.wait(min(remaining, _DIVERT_POLL)):
+                return False
+            if divert():
+                return True
+        return False
 
     def _stopping(self) -> bool:
         return self._abort.is_set() or (

@@ -17,7 +17,8 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Final
+from pathlib import Path
+from typing import Any, Final, Literal
 
 from psycopg_pool import ConnectionPool
 from pydantic import ValidationError
@@ -31,7 +32,7 @@ from .dsn import Dsn
 from .entry import AuditEntry, InvalidEntry, Row, dump_metadata
 from .schema import DEFAULT_SCHEMA, DEFAULT_TABLE
 from .sink import DATA, ROW, Item, Ledger, Sink, make_items
-from .spool import FsyncPolicy, Spool, SpoolFull
+from .spool import Damage, FsyncPolicy, Spool, SpoolFull
 from .stats import WriterStats
 from .watchdog import Watchdog
 
@@ -39,6 +40,17 @@ logger = logging.getLogger("auditq")
 
 _getpid: Final = os.getpid
 _time_ns: Final = time.time_ns
+
+#: How often a writer looks for segments left by writers that are gone (seconds); the first
+#: look is at its thread's first wake-up.
+ORPHAN_SCAN_SECONDS: Final = 30.0
+#: While its own spool is not empty and the database was failing, how often the writer tries
+#: it again (seconds; capped by retry_backoff_max).
+PROBE_SECONDS: Final = 1.0
+
+#: How a replay ended: nothing left to take, the database failed again, or it stopped early
+#: (a deadline, or the queue needs the writer thread) and goes on later from where it was.
+ReplayOutcome = Literal["done", "failed", "paused"]
 
 #: Mapping keys accepted by `write()` besides the field names: the original TypeScript
 #: service's camelCase spelling, so `write_audit_log({...})` payloads keep working.
@@ -228,8 +240,14 @@ class AuditWriter:
             if self.spool_dir is None
             else Spool(self.spool_dir, max_bytes=self.spool_max_bytes, fsync=self.spool_fsync)
         )
-        # Replay progress of this writer's own segments: path -> byte offset done so far.
-        self._replay_offsets: dict[str, int] = {}
+        # Replay progress of segments begun but not finished: path -> (byte offset done,
+        # rows resolved), and rows of a record the database failed on midway, so a replay
+        # cut short resumes without counting (or writing) anything twice.
+        self._replay_progress: dict[Path, tuple[int, int]] = {}
+        self._replay_carry: dict[Path, list[Item]] = {}
+        # True while segments this writer may replay are left (after a failed or paused
+        # replay): they are retried at the next probe, not only at the next orphan scan.
+        self._spool_backlog = False
         # When the writer may next look for spooled segments to replay, and next probe the
         # database while it is spooling through an outage (monotonic seconds).
         self._next_spool_scan = 0.0
@@ -405,6 +423,8 @@ class AuditWriter:
         if threading.current_thread() is self._thread:
             return False  # called from a dead-letter callback: waiting would deadlock
         deadline = None if timeout is None else time.monotonic() + timeout
+        if self._thread is None and self._spool is not None and not self._closed:
+            self._start()  # its first wake-up replays what earlier processes left spooled
         with self._lock:
             target = self._taken + len(self._buffer)
             if self._resolved() >= target:
@@ -608,6 +628,7 @@ class AuditWriter:
             drain_all = self._drain_all or not woken or self._closed
             self._drain_all = False
         self._drain(drain_all)
+        self._spool_upkeep()
         self._report()
         with self._lock:
             return not (self._closed and len(self._buffer) == 0) and not self._abort.is_set()
@@ -628,28 +649,55 @@ class AuditWriter:
     # -- delivery, spooling and replay (writer thread) ----------------------------------
 
     def _deliver(self, rows: list[Row]) -> None:
-        """Write one batch; in a long outage (with a spool) put it on disk instead."""
+        """Write one batch. With a spool: a write that keeps failing for `spool_after` (or
+        while the queue fills up, or at close) is diverted to disk; while this writer's own
+        spool is not empty and the database was failing a moment ago, batches go straight to
+        disk without waiting on it again; once it may be back, the spool is replayed before
+        this batch is written (yielding to the queue only when that fills up)."""
         spool = self._spool
-        if spool is not None and self._spooling() and time.monotonic() < self._next_probe:
+        if (
+            spool is not None
+            and self._spooled
+            and self._sink.outage_seconds() > 0
+            and (self._closed or time.monotonic() < self._next_probe or self._replay() == "failed")
+        ):
             items, bad = make_items(rows, binary.encode_row)
             self.dead_rows(bad)
-            self._to_spool(items)  # still down a moment ago: do not wait on it again
+            self._to_spool(items)
             return
         leftover, why = self._sink.deliver_rows(rows, divert=self._should_divert)
         if why == "divert":
-            self._next_probe = time.monotonic() + min(self.retry_backoff_max, 1.0)
+            self._probe_later()
             self._to_spool(leftover)
         elif leftover:
             self._give_up(leftover)
-        elif spool is not None and (self._spooled or time.monotonic() >= self._next_spool_scan):
-            self._replay()
 
-    def _spooling(self) -> bool:
-        return self._sink.outage_seconds() > 0 and self._spooled > 0
+    def _probe_later(self) -> None:
+        self._next_probe = time.monotonic() + min(self.retry_backoff_max, PROBE_SECONDS)
+
+    def _spool_upkeep(self) -> None:
+        """At each wake-up of the writer thread: replay spooled segments once the database
+        may be back (own or unfinished ones at each probe, orphans every
+        ORPHAN_SCAN_SECONDS), and fsync what the "interval" policy left unsynced. A closing
+        writer replays nothing: what it spooled stays for the next writer."""
+        spool = self._spool
+        if spool is None:
+            return
+        now = time.monotonic()
+        if not self._closed and (
+            ((self._spooled or self._spool_backlog) and now >= self._next_probe)
+            or now >= self._next_spool_scan
+        ):
+            self._replay()
+        try:
+            spool.sync(due_only=True)
+        except OSError:
+            logger.exception("could not fsync the spool")
 
     def _should_divert(self) -> bool:
-        """After a failed attempt: stop retrying and spool? Only with a spool, and when the
-        outage has lasted `spool_after`, the queue is half full, or the writer is closing."""
+        """After a failed attempt (and during its backoff): stop retrying and spool? Only
+        with a spool, and when the outage has lasted `spool_after`, the queue is half
+        full, or the writer is closing."""
         if self._spool is None:
             return False
         return (
@@ -661,15 +709,22 @@ class AuditWriter:
     def _to_spool(self, items: list[Item]) -> None:
         """Move in-flight rows to the spool (or, when it is full, to the dead letters)."""
         assert self._spool is not None
+        if not items:
+            return
         try:
             self._spool.append([item[DATA] for item in items])
         except (SpoolFull, OSError) as exc:
-            self.dead(items, f"not written: database unavailable and spool refused it ({exc})")
+            self.dead(
+                items,
+                f"not written: the database is unavailable and the spool refused them ({exc})",
+            )
             return
         with self._lock:
-            if not self._abandoned_report():
+            if self._abandoned_report():
+                self._dead -= len(items)  # close() wrote these off, but they are on disk
+            else:
                 self._inflight -= len(items)
-                self._spooled += len(items)
+            self._spooled += len(items)
             self._resolved_cond.notify_all()
 
     def _give_up(self, items: list[Item]) -> None:
@@ -685,44 +740,107 @@ class AuditWriter:
             + (f" (last error: {self._last_error})" if self._last_error else ""),
         )
 
-    def _replay(self, deadline: float | None = None) -> bool:
-        """Write spooled segments (this writer's and orphans), oldest first. False if it
-        stopped early (the database failed again, or the deadline passed)."""
+    def _replay(self, deadline: float | None = None, *, retry: bool = False) -> ReplayOutcome:
+        """Write spooled segments (this writer's and orphans), oldest first, each through
+        the sink's idempotent path. On the writer thread a failure hands the rows back at
+        once (they stay on disk, and the next try waits for the next probe); with `retry`
+        (`replay_spool`) the sink retries with backoff until `deadline`."""
         spool = self._spool
         assert spool is not None
-        self._next_spool_scan = time.monotonic() + 30.0
+        self._next_spool_scan = time.monotonic() + ORPHAN_SCAN_SECONDS
+        if not retry and self._sink.outage_seconds() > 0 and not self._sink.probe():
+            # Still down: claim nothing (claiming seals this writer's open segment, and
+            # would hold orphans another writer might be able to replay).
+            self._probe_later()
+            return "failed"
+        self._spool_backlog = True
+        divert = None if retry else _always
         for path, own in spool.claim():
             ledger: Ledger = _OwnSpoolLedger(self) if own else _OrphanSpoolLedger(self)
-            start = self._replay_offsets.get(str(path), 0)
-            for record in spool.records(path, start):
-                if deadline is not None and time.monotonic() >= deadline:
-                    spool.release(path) if not own else None
-                    return False
-                items: list[Item] = [
-                    (data, int.from_bytes(data[6:22], "big"), None) for data in record.rows
-                ]
-                leftover, _ = self._sink.deliver(
-                    items, mode="replay", divert=lambda: True, ledger=ledger
+            offset, resolved = self._replay_progress.get(path, (0, 0))
+            carry = self._replay_carry.pop(path, [])
+            for items, end in self._spooled_batches(path, offset, carry):
+                leftover, why = self._sink.deliver(
+                    items, mode="replay", divert=divert, ledger=ledger
                 )
+                resolved += len(items) - len(leftover)
+                self._replay_progress[path] = (end, resolved)
                 if leftover:
-                    if not own:
-                        spool.release(path)
-                    return False
-                self._replay_offsets[str(path)] = record.end
-            self._replay_offsets.pop(str(path), None)
+                    self._probe_later()
+                    if own or why == "abort":
+                        self._replay_carry[path] = leftover
+                        return "paused" if why == "abort" else "failed"
+                    # Let another writer (whose database may answer) have the orphan.
+                    self._replay_progress.pop(path, None)
+                    spool.release(path)
+                    return "failed"
+                if self._replay_should_pause(deadline):
+                    return "paused"
+            if own:
+                lost = spool.segment_rows(path) - resolved
+                if lost > 0:
+                    self._spooled_rows_lost(lost, path.name)
+            self._replay_progress.pop(path, None)
             spool.done(path)
-            logger.info("replayed spool segment %s", path.name)
-        return True
+            logger.info("replayed spool segment %s (%d rows)", path.name, resolved)
+        self._spool_backlog = False
+        return "done"
+
+    def _spooled_batches(
+        self, path: Path, offset: int, carry: list[Item]
+    ) -> Iterable[tuple[list[Item], int]]:
+        """The rows of a segment from `offset`, one record at a time (after the rows the
+        database failed on last time, if any), each with the offset where it ends."""
+        assert self._spool is not None
+        if carry:
+            yield carry, offset
+        for record in self._spool.records(path, offset, self._spool_damage):
+            items: list[Item] = [
+                (data, int.from_bytes(data[6:22], "big"), None) for data in record.rows
+            ]
+            yield items, record.end
+
+    def _replay_should_pause(self, deadline: float | None) -> bool:
+        if self._abort.is_set() or (deadline is not None and time.monotonic() >= deadline):
+            return True
+        # The queue needs the thread: it must not drop entries while the spool drains.
+        return threading.current_thread() is self._thread and len(self._buffer) >= max(
+            1, self.max_queue // 2
+        )
+
+    def _spool_damage(self, damage: Damage) -> None:
+        """Bytes of a segment that hold no readable record: a dead letter that says so."""
+        reason = (
+            f"spool {damage.what}: {damage.length} bytes at offset {damage.offset} of "
+            f"{damage.segment} are unreadable; the entries they held are lost"
+        )
+        logger.error("%s", reason)
+        note = {"segment": damage.segment, "offset": damage.offset, "bytes": damage.length}
+        self._publish_dead_letters([(note, reason)])
+
+    def _spooled_rows_lost(self, lost: int, segment: str) -> None:
+        """Own rows a damaged segment no longer holds: counted as dead letters."""
+        reason = f"{lost} spooled entries were lost to damage in spool segment {segment}"
+        with self._lock:
+            self._spooled -= lost
+            self._dead += lost
+            self._unreported_dead += lost
+            self._last_dead_reason = reason
 
     def replay_spool(self, timeout: float | None = None) -> bool:
-        """Replay every spooled segment now, in the calling thread (`auditq spool replay`).
-        True when nothing is left to replay."""
+        """Replay every spooled segment no live writer holds, now, in the calling thread,
+        retrying a failing database with backoff until `timeout` (`auditq spool replay`).
+        For a writer whose thread is not running (a running one replays by itself). True
+        when nothing is left that this writer could take."""
         if self._spool is None:
             raise ValueError("this writer has no spool_dir")
+        thread = self._thread
+        if thread is not None and thread.is_alive():
+            raise RuntimeError("the writer thread is running: it replays the spool itself")
         deadline = None if timeout is None else time.monotonic() + timeout
         self._sink.deadline = deadline
         try:
-            return self._replay(deadline)
+            return self._replay(deadline, retry=True) == "done"
         finally:
             self._sink.deadline = None
 
@@ -830,6 +948,10 @@ class _OrphanSpoolLedger(_OwnSpoolLedger):
         with w._lock:
             w._replay_dead += len(items)
         w._publish_dead_letters([(_entry_view(item), reason) for item in items])
+
+
+def _always() -> bool:
+    return True
 
 
 def _positive(name: str, value: float) -> None:
