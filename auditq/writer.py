@@ -111,7 +111,7 @@ class AuditWriter:
         table: str = DEFAULT_TABLE,
         schema: str = DEFAULT_SCHEMA,
         max_queue: int = 100_000,
-        batch_size: int = 5_000,
+        batch_size: int = 20_000,
         flush_interval: float = 1.0,
         shutdown_timeout: float = 10.0,
         write_timeout: float = 15.0,

@@ -32,7 +32,7 @@ class BenchConfig:
     entries: int = 200_000
     threads: int = 1
     rate: float = 0.0  # entries/s over all threads; 0 = as fast as possible
-    batch_size: int = 5_000
+    batch_size: int = 20_000
     max_queue: int = 100_000
     flush_interval: float = 1.0
     table: str = "auditq_bench"

@@ -26,7 +26,7 @@ VALID = {
     "retry_backoff_max": "2",
     "warn_interval": "30",
     "strict": "yes",
-    "spool_dir": "/tmp/auditq-test-env-spool",
+    "spool_dir": "/tmp/auditq-test-env-spool",  # noqa: S108
     "spool_after": "2.5",
     "spool_max_bytes": "1048576",
     "spool_fsync": "Always",
@@ -44,7 +44,7 @@ EXPECTED = {
     "retry_backoff_max": 2.0,
     "warn_interval": 30.0,
     "strict": True,
-    "spool_dir": "/tmp/auditq-test-env-spool",
+    "spool_dir": "/tmp/auditq-test-env-spool",  # noqa: S108
     "spool_after": 2.5,
     "spool_max_bytes": 1048576,
     "spool_fsync": "always",
