@@ -28,7 +28,8 @@ class Buffer:
         # (the caller learns of it) instead of silently evicting the oldest (`maxlen`).
         self.items: deque[Row] = deque()
         self._max_entries = max_entries
-        # Appends that bring the queue to a full batch wake the writer before its interval.
+        # Every `batch_size`-th append wakes the writer before its interval (the writer
+        # passes min(batch_size, max_queue // 2)).
         self._batch_size = batch_size
         self._wake = wake
 

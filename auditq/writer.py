@@ -188,7 +188,10 @@ class AuditWriter:
         self._pid = _getpid()
         # Wakes the writer thread early: a full batch, flush(), close().
         self._wake = threading.Event()
-        self._buffer = Buffer(self.max_queue, self.batch_size, self._wake.set)
+        # Callers wake the writer every this many entries: a full batch, or half the queue
+        # when the queue is smaller than a batch (else it would wait out flush_interval).
+        self._wake_every = min(self.batch_size, max(1, self.max_queue // 2))
+        self._buffer = Buffer(self.max_queue, self._wake_every, self._wake.set)
         # The deque itself, for log()'s inlined append.
         self._items = self._buffer.items
         # Guards every counter below and the move of rows out of the buffer; never held
@@ -350,7 +353,7 @@ class AuditWriter:
                 metadata,
             )
         )
-        if not (size + 1) % self.batch_size:
+        if not (size + 1) % self._wake_every:
             self._wake.set()
         if self._thread is None:
             self._start()
@@ -637,7 +640,7 @@ class AuditWriter:
         """Write batches until the queue is empty (or below a full batch)."""
         while not self._abort.is_set():
             with self._lock:
-                if not drain_all and len(self._buffer) < self.batch_size:
+                if not drain_all and len(self._buffer) < self._wake_every:
                     return
                 rows = self._buffer.take(self.batch_size)
                 if not rows:
