@@ -29,7 +29,7 @@ from .buffer import Buffer
 from .connection import ConnectionSource, DsnSource, PoolSource
 from .context import current as _current_context
 from .dsn import Dsn
-from .entry import AuditEntry, InvalidEntry, Row, dump_metadata
+from .entry import COLUMNS, AuditEntry, InvalidEntry, Row, dump_metadata
 from .schema import DEFAULT_SCHEMA, DEFAULT_TABLE
 from .sink import DATA, ROW, Item, Ledger, Sink, make_items
 from .spool import Damage, FsyncPolicy, Spool, SpoolFull
@@ -65,23 +65,7 @@ _ALIASES: Final = {
     "occurredAt": "occurred_at",
     "ipAddress": "ip",
 }
-_FIELDS: Final = frozenset(
-    {
-        "id",
-        "occurred_at",
-        "action",
-        "tenant_id",
-        "actor_id",
-        "actor_type",
-        "resource_type",
-        "resource_id",
-        "outcome",
-        "ip",
-        "user_agent",
-        "request_id",
-        "metadata",
-    }
-)
+_FIELDS: Final = frozenset(COLUMNS)
 
 
 @dataclass(frozen=True, slots=True)
