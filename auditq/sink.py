@@ -21,7 +21,8 @@ import logging
 import threading
 import time
 import zlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any, Final, Literal, Protocol
 
 import psycopg
@@ -208,53 +209,28 @@ class Sink:
     def _attempt_rows(
         self, rows: list[Row], items: list[Item], bad: list[tuple[Row, str]], consumed: list[int]
     ) -> None:
+        def encoded_chunks() -> Iterator[bytes]:
+            for start in range(0, len(rows), CHUNK_ROWS):
+                chunk = rows[start : start + CHUNK_ROWS]
+                good, rejected = make_items(chunk, encode_row)
+                items.extend(good)
+                bad.extend(rejected)
+                consumed[0] = start + len(chunk)
+                if good:
+                    yield b"".join([item[DATA] for item in good])
+
         self._committing = False
-        conn = self._source.acquire()
-        broken = False
-        try:
-            self._watchdog.arm(conn.pgconn.socket, self._write_timeout)
-            try:
-                with conn.transaction():
-                    with conn.cursor() as cur, cur.copy(self._copy) as copy:
-                        write = copy.write
-                        write(HEADER)
-                        for start in range(0, len(rows), CHUNK_ROWS):
-                            chunk = rows[start : start + CHUNK_ROWS]
-                            good, rejected = make_items(chunk, encode_row)
-                            items += good
-                            bad += rejected
-                            consumed[0] = start + len(chunk)
-                            if good:
-                                write(b"".join([item[DATA] for item in good]))
-                        write(TRAILER)
-                    self._committing = True
-            finally:
-                self._watchdog.disarm()
-        except BaseException:
-            broken = conn.closed or conn.broken
-            raise
-        finally:
-            self._source.release(conn, broken=broken)
+        with self._connection() as conn:
+            self._copy_chunks(conn, encoded_chunks())
 
     def probe(self) -> bool:
         """One cheap round trip: is the database answering again?"""
         try:
-            conn = self._source.acquire()
-        except Exception:
-            return False
-        broken = False
-        try:
-            self._watchdog.arm(conn.pgconn.socket, self._write_timeout)
-            try:
+            with self._connection() as conn:
                 conn.execute("SELECT 1")
                 conn.rollback()
-            finally:
-                self._watchdog.disarm()
         except Exception:
-            broken = conn.closed or conn.broken
             return False
-        finally:
-            self._source.release(conn, broken=broken)
         return True
 
     def outage_seconds(self) -> float:
@@ -264,17 +240,15 @@ class Sink:
 
     # -- one attempt ---------------------------------------------------------------------
 
-    def _attempt(self, batch: list[Item], mode: Mode) -> set[Any] | None:
-        self._committing = False
+    @contextmanager
+    def _connection(self) -> Iterator[Connection]:
+        """A connection for one operation, bounded by the watchdog; given back broken or not."""
         conn = self._source.acquire()
         broken = False
         try:
             self._watchdog.arm(conn.pgconn.socket, self._write_timeout)
             try:
-                if mode == "copy":
-                    self._copy_rows(conn, batch)
-                    return None
-                return self._merge_rows(conn, batch)
+                yield conn
             finally:
                 self._watchdog.disarm()
         except BaseException:
@@ -283,9 +257,17 @@ class Sink:
         finally:
             self._source.release(conn, broken=broken)
 
-    def _copy_rows(self, conn: Connection, batch: list[Item]) -> None:
+    def _attempt(self, batch: list[Item], mode: Mode) -> set[Any] | None:
+        self._committing = False
+        with self._connection() as conn:
+            if mode == "copy":
+                self._copy_chunks(conn, _chunks(batch))
+                return None
+            return self._merge_rows(conn, batch)
+
+    def _copy_chunks(self, conn: Connection, chunks: Iterable[bytes]) -> None:
         with conn.transaction():
-            self._stream(conn, self._copy, batch)
+            self._stream(conn, self._copy, chunks)
             # From here the transaction's exit sends COMMIT: a lost connection now leaves
             # the outcome unknown, and the retry must not write these rows twice.
             self._committing = True
@@ -293,19 +275,19 @@ class Sink:
     def _merge_rows(self, conn: Connection, batch: list[Item]) -> set[Any]:
         with conn.transaction():
             conn.execute(self._create_staging)
-            self._stream(conn, self._copy_staging, batch)
+            self._stream(conn, self._copy_staging, _chunks(batch))
             with conn.cursor() as cur:
                 cur.execute(self._merge)
                 inserted = {row[0].int for row in cur.fetchall()}
             self._committing = True
         return inserted
 
-    def _stream(self, conn: Connection, statement: sql.Composed, batch: list[Item]) -> None:
+    def _stream(self, conn: Connection, statement: sql.Composed, chunks: Iterable[bytes]) -> None:
         with conn.cursor() as cur, cur.copy(statement) as copy:
             write = copy.write
             write(HEADER)
-            for start in range(0, len(batch), CHUNK_ROWS):
-                write(b"".join([item[DATA] for item in batch[start : start + CHUNK_ROWS]]))
+            for chunk in chunks:
+                write(chunk)
             write(TRAILER)
 
     # -- failures ------------------------------------------------------------------------
@@ -416,6 +398,12 @@ class Sink:
             self._outage_since = None
             self._outage_retries = 0
             self._config_error_logged = False
+
+
+def _chunks(batch: list[Item]) -> Iterator[bytes]:
+    """Already encoded rows, joined CHUNK_ROWS at a time."""
+    for start in range(0, len(batch), CHUNK_ROWS):
+        yield b"".join([item[DATA] for item in batch[start : start + CHUNK_ROWS]])
 
 
 def make_items(

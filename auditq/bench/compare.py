@@ -38,7 +38,15 @@ from ..binary import COPY_COLUMNS, HEADER, TRAILER, encode_row
 from ..entry import COLUMNS
 from ..schema import qualified
 from ..writer import AuditWriter
-from .run import _USER_AGENT, machine_info, percentiles, prepare_table, timer_overhead_ns
+from .run import (
+    _USER_AGENT,
+    machine_info,
+    metadata_for,
+    percentiles,
+    prepare_table,
+    timed_log,
+    timer_overhead_ns,
+)
 from .system import ServerFreezer, rss_bytes
 
 THROUGHPUT_CASES = ("ceiling", "auditq-1t", "auditq-4t", "naive", "executemany")
@@ -118,26 +126,6 @@ class CompareResult:
 # -- the rows every case writes -------------------------------------------------------------
 
 
-def _metadata(n: int) -> dict[str, Any]:
-    return {"seq": n, "path": "/api/documents"}
-
-
-def _log_one(log: Callable[..., bool], n: int) -> bool:
-    return log(
-        "document.read",
-        tenant_id="tenant-42",
-        actor_id="user-1234",
-        actor_type="user",
-        resource_type="document",
-        resource_id="doc-9",
-        outcome="success",
-        ip="203.0.113.7",
-        user_agent=_USER_AGENT,
-        request_id="req-0001",
-        metadata=_metadata(n),
-    )
-
-
 def _insert_params(n: int) -> tuple[Any, ...]:
     """What a naive service binds per call: a fresh uuid, a datetime, a JSON-dumped dict."""
     return (
@@ -153,7 +141,7 @@ def _insert_params(n: int) -> tuple[Any, ...]:
         "203.0.113.7",
         _USER_AGENT,
         "req-0001",
-        Jsonb(_metadata(n)),
+        Jsonb(metadata_for(n)),
     )
 
 
@@ -177,7 +165,7 @@ def encode_ceiling(cfg: CompareConfig) -> list[list[bytes]]:
             "203.0.113.7",
             _USER_AGENT,
             "req-0001",
-            orjson.dumps(_metadata(n)),
+            orjson.dumps(metadata_for(n)),
         )
         data, _ = encode_row(row)
         pending.append(data)
@@ -501,7 +489,7 @@ class Harness:
     def idle(self) -> dict[str, Any]:
         """Process CPU time of a connected, idle writer while the main thread sleeps."""
         writer = self.writer()
-        _log_one(writer.log, 0)
+        timed_log(writer.log, metadata_for(0))
         flushed = writer.flush(timeout=30)
         gc.collect()
         cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -526,26 +514,9 @@ FLAT_TOLERANCE = 8 * MiB
 def _produce(
     log: Callable[..., bool], count: int, offset: int, out: array[int], gate: threading.Event
 ) -> None:
-    clock = time.perf_counter_ns
     gate.wait()
     for i in range(count):
-        n = offset + i
-        meta = _metadata(n)
-        t0 = clock()
-        log(
-            "document.read",
-            tenant_id="tenant-42",
-            actor_id="user-1234",
-            actor_type="user",
-            resource_type="document",
-            resource_id="doc-9",
-            outcome="success",
-            ip="203.0.113.7",
-            user_agent=_USER_AGENT,
-            request_id="req-0001",
-            metadata=meta,
-        )
-        out[i] = clock() - t0
+        out[i] = timed_log(log, metadata_for(offset + i))
 
 
 def _produce_paced(
@@ -564,23 +535,10 @@ def _produce_paced(
     n = 0
     while not stop.is_set() and n < capacity:
         for _ in range(64):
-            meta = _metadata(n)
             t0 = clock()
-            log(
-                "document.read",
-                tenant_id="tenant-42",
-                actor_id="user-1234",
-                actor_type="user",
-                resource_type="document",
-                resource_id="doc-9",
-                outcome="success",
-                ip="203.0.113.7",
-                user_agent=_USER_AGENT,
-                request_id="req-0001",
-                metadata=meta,
-            )
+            cost = timed_log(log, metadata_for(n))
             if costs is not None and starts is not None:
-                costs[n] = clock() - t0
+                costs[n] = cost
                 starts[n] = t0
             n += 1
             if n >= capacity:
