@@ -261,11 +261,12 @@ def encode_row(row: Row) -> tuple[bytes, int]:
         meta_len = NULL
         meta = b""
         version = b""
-    elif type(meta) is bytes:
+    elif type(meta) is str:
+        meta = meta.encode()
         meta_len = _I32(len(meta) + 1)
         version = b"\x01"
     else:
-        raise EncodeError("metadata: expected serialised JSON bytes")
+        raise EncodeError("metadata: expected serialised JSON text")
     return (
         b"".join(
             (

@@ -7,6 +7,8 @@ Throughput cases (each starts on an emptied table, after a CHECKPOINT when allow
   auditq-1t    1 producer thread calling `writer.log()` as fast as it can, default settings;
                timed from the first call until `flush()` returned (then `count(*)` must agree)
   auditq-4t    the same with 4 producer threads
+  auditq-drain the writer alone: a queue filled while it sleeps, then flush() timed (no
+               caller competes for the GIL: what the writer itself can do)
   naive        one INSERT per call, autocommit (the original service's design)
   executemany  INSERTs batched 1,000 per `executemany` + commit
 Then, once each: the caller's `log()` latency with the server frozen (SIGSTOP, only for a server
@@ -29,13 +31,12 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TextIO
 
-import orjson
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from ..binary import COPY_COLUMNS, HEADER, TRAILER, encode_row
-from ..entry import COLUMNS
+from ..entry import COLUMNS, dump_metadata
 from ..schema import qualified
 from ..writer import AuditWriter
 from .run import (
@@ -49,7 +50,7 @@ from .run import (
 )
 from .system import ServerFreezer, rss_bytes
 
-THROUGHPUT_CASES = ("ceiling", "auditq-1t", "auditq-4t", "naive", "executemany")
+THROUGHPUT_CASES = ("ceiling", "auditq-1t", "auditq-4t", "auditq-drain", "naive", "executemany")
 LATENCY_MARKS = (50, 99, 99.9)
 MiB = 1 << 20
 
@@ -165,7 +166,7 @@ def encode_ceiling(cfg: CompareConfig) -> list[list[bytes]]:
             "203.0.113.7",
             _USER_AGENT,
             "req-0001",
-            orjson.dumps(metadata_for(n)),
+            dump_metadata(metadata_for(n)),
         )
         data, _ = encode_row(row)
         pending.append(data)
@@ -317,6 +318,50 @@ class Harness:
                 "flushed": flushed,
             },
             latency_ns=percentiles(merged, LATENCY_MARKS),
+        )
+
+    def drain(self, round_: int) -> CaseRun:
+        total = self.cfg.entries
+        writer = AuditWriter(
+            self.dsn,
+            table=self.cfg.table,
+            schema=self.cfg.schema,
+            max_queue=total + 1,
+            flush_interval=3600,
+        )
+        # Bench-only reach into the writer: no early wake-up while the queue fills.
+        writer._wake_every = writer._buffer._batch_size = total + 1
+        samples = array("q", bytes(8 * total))
+        for n in range(total):
+            samples[n] = timed_log(writer.log, metadata_for(n))
+        started = time.perf_counter()
+        flushed = writer.flush(timeout=600)
+        seconds = time.perf_counter() - started
+        writer.close(timeout=30)
+        stats = writer.stats()
+        in_table, distinct = self.count(distinct=True)
+        consistent = flushed and in_table == stats.written == distinct == stats.calls == total
+        return CaseRun(
+            "auditq-drain",
+            round_,
+            total,
+            seconds,
+            stats.written / seconds,
+            in_table,
+            consistent,
+            stats={
+                "calls": stats.calls,
+                "accepted": stats.accepted,
+                "written": stats.written,
+                "dropped_overflow": stats.dropped_overflow,
+                "rejected": stats.rejected,
+                "dead_lettered": stats.dead_lettered,
+                "batches": stats.batches,
+                "distinct_ids": distinct,
+                "flushed": flushed,
+            },
+            # The callers' cost with the writer asleep: the baseline for the saturated case.
+            latency_ns=percentiles(samples, LATENCY_MARKS),
         )
 
     def naive(self, round_: int) -> CaseRun:
@@ -574,13 +619,15 @@ def run_compare(
         "ceiling": lambda r: harness.ceiling(r, chunks),
         "auditq-1t": lambda r: harness.auditq(r, 1),
         "auditq-4t": lambda r: harness.auditq(r, 4),
+        "auditq-drain": harness.drain,
         "naive": harness.naive,
         "executemany": harness.executemany,
     }
     runs: list[CaseRun] = []
     for round_ in range(cfg.rounds):
         # Rotate the order each round so no case always runs first (or after the same one).
-        order = THROUGHPUT_CASES[round_ % 5 :] + THROUGHPUT_CASES[: round_ % 5]
+        shift = round_ % len(THROUGHPUT_CASES)
+        order = THROUGHPUT_CASES[shift:] + THROUGHPUT_CASES[:shift]
         for case in order:
             harness.reset()
             run = steps[case](round_ + 1)
@@ -605,6 +652,7 @@ def run_compare(
     latency = {
         "saturating-1t": _median_latency([r for r in runs if r.case == "auditq-1t"]),
         "saturating-4t": _median_latency([r for r in runs if r.case == "auditq-4t"]),
+        "writer-asleep": _median_latency([r for r in runs if r.case == "auditq-drain"]),
     }
 
     harness.reset()

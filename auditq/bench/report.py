@@ -185,7 +185,7 @@ def format_report(result: CompareResult, target: str) -> str:
         "dropped = queue-full refusals, summed over rounds)"
     )
     lines += ["", f"  {'log() latency':<28}{'p50':>10}{'p99':>10}{'p99.9':>10}{'max':>12}"]
-    for name in ("saturating-1t", "saturating-4t", "frozen"):
+    for name in ("saturating-1t", "saturating-4t", "writer-asleep", "frozen"):
         lat = result.latency_ns.get(name)
         if lat is None:
             reason = result.frozen.get("skipped", "n/a")
