@@ -13,10 +13,11 @@ caches are bounded; when one fills it is emptied and refills with what is hot no
 
 from __future__ import annotations
 
-import functools
 import ipaddress
+import os
 import struct
 import uuid
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Any, Final
@@ -29,6 +30,8 @@ HEADER: Final = b"PGCOPY\n\xff\r\n\x00" + b"\x00\x00\x00\x00" + b"\x00\x00\x00\x
 TRAILER: Final = b"\xff\xff"
 NULL: Final = b"\xff\xff\xff\xff"
 FIELD_COUNT: Final = 13
+#: Where the id's 16 bytes start in a tuple: after the field count and the id's length.
+_ID_AT: Final = 6
 
 _PG_EPOCH_US: Final = 946_684_800_000_000  # 2000-01-01T00:00:00Z in Unix microseconds
 _UNIX_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
@@ -109,10 +112,18 @@ def _unique_text(value: Any, name: str) -> bytes:
     return _check_text(value, name, MAX_NAME_CHARS)
 
 
-@functools.lru_cache(maxsize=4096)
+# address text -> inet field; a dict (not an lru_cache) so the C encoder reads it too.
+_ips: dict[str, bytes] = {}
+
+
 def _inet_text(text: str) -> bytes:
-    address = ipaddress.ip_address(text)
-    return _inet(address)
+    hit = _ips.get(text)
+    if hit is None:
+        hit = _inet(ipaddress.ip_address(text))
+        if len(_ips) >= CACHE_ENTRIES:
+            _ips.clear()
+        _ips[text] = hit
+    return hit
 
 
 def _inet(address: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bytes:
@@ -196,7 +207,10 @@ _rand = ids.random_bits  # bound method: ids.reseed() reseeds the same generator
 
 
 def _group_slow(key: tuple[Any, ...], row: Row) -> bytes:
-    """Check and encode the six repeating fields; cache them when all are plain text."""
+    """Check and encode the six repeating fields; cache them when all are plain text.
+
+    Only exact str (or None) keys are cached: `1 == True == 1.0` would otherwise let a
+    value of the wrong type hit the entry of another, and both encoders trust a hit."""
     action = row[2]
     if not action:
         raise EncodeError("action: must be a non-empty string")
@@ -204,12 +218,10 @@ def _group_slow(key: tuple[Any, ...], row: Row) -> bytes:
     parts.append(_outcome_field(row[8]))
     parts.append(_agents.field(row[10], "user_agent"))
     encoded = b"".join(parts)
-    try:
+    if all(value is None or type(value) is str for value in key):
         if len(_groups) >= CACHE_ENTRIES:
             _groups.clear()
         _groups[key] = encoded
-    except TypeError:
-        pass  # an unhashable value slipped through a coercion: just do not cache it
     return encoded
 
 
@@ -229,6 +241,8 @@ def encode_row(row: Row) -> tuple[bytes, int]:
     else:
         stamp, micros = _occurred(stamp)
     if row[0] is None:
+        if stamp < 0:
+            raise EncodeError("occurred_at: before 1970, too early for a UUIDv7 id; pass an id")
         rand = _rand(74)
         high = ((stamp // 1_000_000) << 16) | _VERSION_BITS | (rand >> 62)
         low = _VARIANT_BITS | (rand & _LOW_RANDOM)
@@ -283,6 +297,58 @@ def encode_row(row: Row) -> tuple[bytes, int]:
         ),
         (high << 64) | low,
     )
+
+
+#: A row on its way to the table: (its binary COPY tuple, the queued Row, or None when it
+#: came back from the spool).
+Item = tuple[bytes, Row | None]
+
+
+def item_id(item: Item) -> int:
+    """The id of an encoded row, read back from its tuple (needed only to tell which rows
+    a replay inserted, so it is not kept beside every row)."""
+    return int.from_bytes(item[0][_ID_AT : _ID_AT + 16], "big")
+
+
+def _encode_chunk_python(
+    rows: Sequence[Row], items: list[Item], bad: list[tuple[Row, str]]
+) -> bytes:
+    """`encode_chunk` in Python: the reference the C encoder is tested against."""
+    start = len(items)
+    append = items.append
+    for row in rows:
+        try:
+            data = encode_row(row)[0]
+        except Exception as exc:  # EncodeError, or a caller-supplied value's __str__ failing
+            bad.append((row, str(exc) or type(exc).__name__))
+            continue
+        append((data, row))
+    return b"".join([item[0] for item in items[start:]])
+
+
+def _load_speedups() -> Callable[[Sequence[Row], list[Item], list[tuple[Row, str]]], bytes] | None:
+    """The C encoder, unless it was not built (no compiler at install) or is switched off
+    with AUDITQ_NO_SPEEDUPS=1 (to compare, or to rule it out)."""
+    if os.environ.get("AUDITQ_NO_SPEEDUPS", "") not in ("", "0"):
+        return None
+    try:
+        from . import _speedups
+    except ImportError:
+        return None
+    _speedups.configure(_groups, _ips, encode_row, os.urandom)
+    return _speedups.encode_chunk
+
+
+_accelerated = _load_speedups()
+#: True when rows are encoded by the C extension (`auditq._speedups`).
+ACCELERATED: Final = _accelerated is not None
+
+#: `encode_chunk(rows, items, bad) -> bytes`: encode `rows`; append `(tuple, row)` to
+#: `items` for each good row and `(row, reason)` to `bad` for each rejected one; return the
+#: good rows' tuples joined, ready for one COPY write. The C encoder takes the common row
+#: and hands anything else to `encode_row`, so both produce the same bytes and errors
+#: (ids aside: each draws its own random bits).
+encode_chunk = _accelerated or _encode_chunk_python
 
 
 # -- decoding, for dead letters and `auditq spool inspect` --------------------------------

@@ -29,7 +29,7 @@ import psycopg
 from psycopg import sql
 
 from .backoff import Backoff
-from .binary import COPY_COLUMNS, HEADER, TRAILER, encode_row
+from .binary import COPY_COLUMNS, HEADER, TRAILER, Item, encode_chunk, item_id
 from .connection import Connection, ConnectionSource
 from .dsn import Dsn
 from .entry import Row
@@ -49,14 +49,12 @@ _CONFIG_STATES: Final = frozenset({"42P01", "42703", "42501", "3F000", "0A000", 
 MAX_UNKNOWN_ATTEMPTS: Final = 3
 
 
-#: A row on its way: (binary COPY tuple, id as an int, the queued Row or None when it came
-#: back from the spool). A plain tuple, not a class: tuples of untracked values drop out of
-#: the garbage collector's sight, and batches of them would otherwise lengthen full
-#: collections, which stop the callers too.
-Item = tuple[bytes, int, Row | None]
+#: `Item`, a row on its way: (binary COPY tuple, the queued Row or None when it came back
+#: from the spool). A plain tuple, not a class: the C encoder makes it and takes it out of
+#: the garbage collector's sight, so batches of them do not lengthen collections, which
+#: stop the callers too.
 DATA: Final = 0
-IDENT: Final = 1
-ROW: Final = 2
+ROW: Final = 1
 #: Rows joined into one `write()` of a COPY: the server starts on them while the next
 #: chunk is joined, instead of waiting for the whole batch.
 CHUNK_ROWS: Final = 1000
@@ -169,8 +167,8 @@ class Sink:
             if inserted is None or mode == "replay":
                 report.committed(len(batch))
             else:
-                written = [item for item in batch if item[IDENT] in inserted]
-                duplicates = [item for item in batch if item[IDENT] not in inserted]
+                written = [item for item in batch if item_id(item) in inserted]
+                duplicates = [item for item in batch if item_id(item) not in inserted]
                 report.committed(len(written))
                 if duplicates:
                     report.dead(duplicates, "duplicate id: a row with this id is already stored")
@@ -193,9 +191,7 @@ class Sink:
             except Exception as exc:
                 error = exc
         if consumed[0] < len(rows):
-            more, more_bad = make_items(rows[consumed[0] :], encode_row)
-            items += more
-            bad += more_bad
+            encode_chunk(rows[consumed[0] :], items, bad)
         if bad:
             self._ledger.rejected_rows(bad)
         if attempted and error is None:
@@ -212,12 +208,10 @@ class Sink:
         def encoded_chunks() -> Iterator[bytes]:
             for start in range(0, len(rows), CHUNK_ROWS):
                 chunk = rows[start : start + CHUNK_ROWS]
-                good, rejected = make_items(chunk, encode_row)
-                items.extend(good)
-                bad.extend(rejected)
+                data = encode_chunk(chunk, items, bad)
                 consumed[0] = start + len(chunk)
-                if good:
-                    yield b"".join([item[DATA] for item in good])
+                if data:
+                    yield data
 
         self._committing = False
         with self._connection() as conn:
@@ -406,18 +400,9 @@ def _chunks(batch: list[Item]) -> Iterator[bytes]:
         yield b"".join([item[DATA] for item in batch[start : start + CHUNK_ROWS]])
 
 
-def make_items(
-    rows: Sequence[Row], encode: Callable[[Row], tuple[bytes, int]]
-) -> tuple[list[Item], list[tuple[Row, str]]]:
+def make_items(rows: Sequence[Row]) -> tuple[list[Item], list[tuple[Row, str]]]:
     """Encode `rows`, splitting off those that fail their checks, with the reason."""
     items: list[Item] = []
     bad: list[tuple[Row, str]] = []
-    append = items.append
-    for row in rows:
-        try:
-            data, ident = encode(row)
-        except Exception as exc:  # EncodeError, or a caller-supplied value's __str__ failing
-            bad.append((row, str(exc) or type(exc).__name__))
-            continue
-        append((data, ident, row))
+    encode_chunk(rows, items, bad)
     return items, bad

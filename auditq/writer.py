@@ -25,13 +25,14 @@ from pydantic import ValidationError
 
 from . import binary, ids
 from . import otel as _otel
+from .binary import Item
 from .buffer import Buffer
 from .connection import ConnectionSource, DsnSource, PoolSource
 from .context import current as _current_context
 from .dsn import Dsn
 from .entry import COLUMNS, AuditEntry, InvalidEntry, Row, dump_metadata
 from .schema import DEFAULT_SCHEMA, DEFAULT_TABLE
-from .sink import DATA, ROW, Item, Ledger, Sink, make_items
+from .sink import DATA, ROW, Ledger, Sink, make_items
 from .spool import Damage, FsyncPolicy, Spool, SpoolFull
 from .stats import WriterStats
 from .watchdog import Watchdog
@@ -473,7 +474,7 @@ class AuditWriter:
             self._taken += len(leftovers)
             self._inflight += len(leftovers)
         if leftovers:
-            items, bad = make_items(leftovers, binary.encode_row)
+            items, bad = make_items(leftovers)
             self.dead_rows(bad)
             self._give_up(items)
         if thread is None or not thread.is_alive():
@@ -649,7 +650,7 @@ class AuditWriter:
             and self._sink.outage_seconds() > 0
             and (self._closed or time.monotonic() < self._next_probe or self._replay() == "failed")
         ):
-            items, bad = make_items(rows, binary.encode_row)
+            items, bad = make_items(rows)
             self.dead_rows(bad)
             self._to_spool(items)
             return
@@ -783,9 +784,7 @@ class AuditWriter:
         if carry:
             yield carry, offset
         for record in self._spool.records(path, offset, self._spool_damage):
-            items: list[Item] = [
-                (data, int.from_bytes(data[6:22], "big"), None) for data in record.rows
-            ]
+            items: list[Item] = [(data, None) for data in record.rows]
             yield items, record.end
 
     def _replay_should_pause(self, deadline: float | None) -> bool:

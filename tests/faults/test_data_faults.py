@@ -49,7 +49,7 @@ def test_poison_rows_are_isolated_in_few_round_trips(
     # trips: on each level, a failed half holding a bad row and its two halves below.
     bound = 0
     for batch in attempts.deliveries:
-        k = sum(item[2] is not None and item[2][7] == POISON for item in batch)
+        k = sum(item[1] is not None and item[1][7] == POISON for item in batch)
         bound += 1 + 2 * k * math.ceil(math.log2(len(batch))) if k else 1
     print(
         f"\n[poison] {attempts.attempts} round trips for {len(attempts.deliveries)} batches"

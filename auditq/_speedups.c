@@ -1,0 +1,499 @@
+/*
+ * auditq._speedups: the writer's row encoder, in C.
+ *
+ * Why C: the writer encodes every row while holding the GIL that callers need, on a
+ * machine whose other core is busy being PostgreSQL. The pure-Python encoder in
+ * binary.py costs ~4 us per row; this one does the common row in a fraction of that and
+ * so leaves the GIL and the CPU to the callers and the server.
+ *
+ * Why it stays small: it only takes the fast path. A row is encoded here when it is the
+ * shape `AuditWriter.log()` queues (a 13-tuple, no explicit id, an int timestamp, texts
+ * as exact str) and its repeating fields and address are already in binary.py's caches. Anything
+ * else (a cache miss on the group or the address, a datetime, an explicit id, a value of
+ * another type) goes to binary.encode_row, the one place that knows every rule and
+ * writes every error message. The caches are binary.py's own dicts, so both paths agree
+ * on what a cached field is.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+#include <unistd.h>
+
+#define FIELD_COUNT 13
+#define MAX_NAME_CHARS 256
+#define CACHE_ENTRIES 16384
+/* 2000-01-01T00:00:00Z in Unix microseconds: PostgreSQL's timestamp epoch. */
+#define PG_EPOCH_US INT64_C(946684800000000)
+
+/* Set by configure(): binary.py's caches and its complete (slow) encoder. */
+static PyObject *groups_cache = NULL; /* (action, tenant, actor_type, resource_type, outcome, ua) -> fields */
+static PyObject *ips_cache = NULL;    /* str -> inet field */
+static PyObject *fallback = NULL;     /* binary.encode_row(row) -> (bytes, int) */
+static PyObject *urandom = NULL;      /* os.urandom, to seed the id generator */
+static PyObject *scratch_key = NULL;  /* the group lookup key, refilled per row */
+
+/* -- ids: xoshiro256** seeded from the OS, reseeded when the process id changes -------- */
+
+/* Ids need uniqueness, not secrecy (see ids.py). The generator is reseeded whenever the
+ * pid differs from the one it was seeded in, so a child forked by any means (fork hooks
+ * or not, as uWSGI does) never repeats its parent's stream. The pid is read once per
+ * chunk, not per row. */
+static uint64_t rng[4];
+static pid_t seeded_pid = -1;
+
+static inline uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
+
+static inline uint64_t next_random(void) {
+    uint64_t result = rotl(rng[1] * 5, 7) * 9;
+    uint64_t t = rng[1] << 17;
+    rng[2] ^= rng[0];
+    rng[3] ^= rng[1];
+    rng[1] ^= rng[2];
+    rng[0] ^= rng[3];
+    rng[2] ^= t;
+    rng[3] = rotl(rng[3], 45);
+    return result;
+}
+
+static int reseed_if_forked(void) {
+    pid_t pid = getpid();
+    if (pid == seeded_pid) {
+        return 0;
+    }
+    PyObject *seed = PyObject_CallFunction(urandom, "n", (Py_ssize_t)sizeof(rng));
+    if (seed == NULL) {
+        return -1;
+    }
+    if (!PyBytes_Check(seed) || PyBytes_GET_SIZE(seed) != (Py_ssize_t)sizeof(rng)) {
+        Py_DECREF(seed);
+        PyErr_SetString(PyExc_RuntimeError, "os.urandom returned an unexpected value");
+        return -1;
+    }
+    memcpy(rng, PyBytes_AS_STRING(seed), sizeof(rng));
+    Py_DECREF(seed);
+    if ((rng[0] | rng[1] | rng[2] | rng[3]) == 0) {
+        rng[0] = 1; /* the one state xoshiro cannot leave */
+    }
+    seeded_pid = pid;
+    return 0;
+}
+
+/* -- output buffer ------------------------------------------------------------------------ */
+
+static inline char *put_i16(char *p, int16_t v) {
+    p[0] = (char)((v >> 8) & 0xff);
+    p[1] = (char)(v & 0xff);
+    return p + 2;
+}
+
+static inline char *put_u32(char *p, uint32_t v) {
+    p[0] = (char)(v >> 24);
+    p[1] = (char)(v >> 16);
+    p[2] = (char)(v >> 8);
+    p[3] = (char)v;
+    return p + 4;
+}
+
+static inline char *put_u64(char *p, uint64_t v) {
+    p = put_u32(p, (uint32_t)(v >> 32));
+    return put_u32(p, (uint32_t)v);
+}
+
+static const char NULL_FIELD[4] = {'\xff', '\xff', '\xff', '\xff'};
+
+/* One variable field of a row: either a borrowed cached bytes object (already length
+ * prefixed), NULL (SQL null), or raw text that still needs its length prefix. */
+typedef struct {
+    const char *data;
+    Py_ssize_t size;
+    int prefixed; /* 1: data includes its length prefix (or is NULL_FIELD) */
+} Field;
+
+/* Outcome of trying the fast path on one value. */
+enum { FAST_OK = 0, FAST_NO = 1, FAST_ERROR = -1 };
+
+/* A text field (actor_id, resource_id, request_id), checked here: for an exact str the
+ * check is a length test and a NUL scan of its UTF-8 form, which CPython keeps with an
+ * ASCII string, so a dict lookup would cost as much. Too long, NUL, or not encodable:
+ * FAST_NO, and binary.encode_row says why. */
+static int checked_text(PyObject *value, Field *out) {
+    if (value == Py_None) {
+        out->data = NULL_FIELD;
+        out->size = 4;
+        out->prefixed = 1;
+        return FAST_OK;
+    }
+    if (!PyUnicode_CheckExact(value) || PyUnicode_GET_LENGTH(value) > MAX_NAME_CHARS) {
+        return FAST_NO;
+    }
+    Py_ssize_t size;
+    const char *data = PyUnicode_AsUTF8AndSize(value, &size);
+    if (data == NULL) {
+        PyErr_Clear(); /* lone surrogates: the slow path names the field */
+        return FAST_NO;
+    }
+    if (memchr(data, 0, (size_t)size) != NULL) {
+        return FAST_NO;
+    }
+    out->data = data;
+    out->size = size;
+    out->prefixed = 0;
+    return FAST_OK;
+}
+
+static inline Py_ssize_t field_size(const Field *f) { return f->prefixed ? f->size : 4 + f->size; }
+
+static inline char *put_field(char *p, const Field *f) {
+    if (!f->prefixed) {
+        p = put_u32(p, (uint32_t)f->size);
+    }
+    memcpy(p, f->data, (size_t)f->size);
+    return p + f->size;
+}
+
+/* An Item, (bytes, row), out of the garbage collector's sight: it holds no container but
+ * the row, and nothing can point back at it, so it can never be part of a cycle; tracked,
+ * each chunk's thousand items would trigger and lengthen collections. */
+static PyObject *new_item(PyObject *data, PyObject *row) {
+    PyObject *item = PyTuple_Pack(2, data, row);
+    if (item != NULL) {
+        PyObject_GC_UnTrack(item);
+    }
+    return item;
+}
+
+/*
+ * Encode one row on the fast path, appending its tuple to *chunk at *used and building
+ * the per-row bytes. Returns FAST_OK with *item set (a new (bytes, row) tuple),
+ * FAST_NO when the row needs binary.encode_row, FAST_ERROR on a Python error.
+ */
+static int encode_fast(PyObject *row, PyObject **item, PyObject **chunk, Py_ssize_t *used) {
+    if (!PyTuple_CheckExact(row) || PyTuple_GET_SIZE(row) != FIELD_COUNT) {
+        return FAST_NO;
+    }
+    PyObject **f = &PyTuple_GET_ITEM(row, 0);
+    if (f[0] != Py_None || !PyLong_CheckExact(f[1])) {
+        return FAST_NO;
+    }
+    int overflow = 0;
+    long long ns = PyLong_AsLongLongAndOverflow(f[1], &overflow);
+    if (overflow || ns < 0) {
+        if (ns == -1 && PyErr_Occurred()) {
+            PyErr_Clear();
+        }
+        return FAST_NO;
+    }
+
+    /* The six repeating fields, one cache hit (binary.py caches only all-text keys). The
+     * key is a scratch tuple owned here: a lookup keeps no reference to it, and tuples do
+     * not cache their hash, so refilling it saves an allocation per row. */
+    static const int group_fields[6] = {2, 3, 5, 6, 8, 10};
+    for (int i = 0; i < 6; i++) {
+        /* Exact str or None only: hashing and comparing them runs no Python code, so no
+         * other thread can run (and reuse the scratch key) during the lookup. */
+        PyObject *value = f[group_fields[i]];
+        if (value != Py_None && !PyUnicode_CheckExact(value)) {
+            return FAST_NO;
+        }
+    }
+    for (int i = 0; i < 6; i++) {
+        PyObject *old = PyTuple_GET_ITEM(scratch_key, i);
+        PyTuple_SET_ITEM(scratch_key, i, Py_NewRef(f[group_fields[i]]));
+        Py_DECREF(old);
+    }
+    PyObject *group = PyDict_GetItemWithError(groups_cache, scratch_key);
+    if (group == NULL) {
+        if (PyErr_Occurred()) {
+            if (!PyErr_ExceptionMatches(PyExc_TypeError)) {
+                return FAST_ERROR;
+            }
+            PyErr_Clear(); /* unhashable: the slow path names the field */
+        }
+        return FAST_NO;
+    }
+    if (!PyBytes_Check(group)) {
+        return FAST_NO;
+    }
+
+    Field actor, resource, ip, request, meta;
+    int rc;
+    if ((rc = checked_text(f[4], &actor)) != FAST_OK) {
+        return rc;
+    }
+    if ((rc = checked_text(f[7], &resource)) != FAST_OK) {
+        return rc;
+    }
+    if (f[9] == Py_None) {
+        ip.data = NULL_FIELD;
+        ip.size = 4;
+        ip.prefixed = 1;
+    } else {
+        if (!PyUnicode_CheckExact(f[9])) {
+            return FAST_NO;
+        }
+        PyObject *hit = PyDict_GetItemWithError(ips_cache, f[9]);
+        if (hit == NULL) {
+            return PyErr_Occurred() ? FAST_ERROR : FAST_NO;
+        }
+        if (!PyBytes_Check(hit)) {
+            return FAST_NO;
+        }
+        ip.data = PyBytes_AS_STRING(hit);
+        ip.size = PyBytes_GET_SIZE(hit);
+        ip.prefixed = 1;
+    }
+    if ((rc = checked_text(f[11], &request)) != FAST_OK) {
+        return rc;
+    }
+    Py_ssize_t meta_size;
+    if (f[12] == Py_None) {
+        meta_size = 4;
+        meta.data = NULL;
+        meta.size = 0;
+    } else {
+        if (!PyUnicode_CheckExact(f[12])) {
+            return FAST_NO;
+        }
+        meta.data = PyUnicode_AsUTF8AndSize(f[12], &meta.size);
+        if (meta.data == NULL) {
+            PyErr_Clear();
+            return FAST_NO;
+        }
+        if (meta.size >= INT32_MAX) {
+            return FAST_NO;
+        }
+        meta_size = 4 + 1 + meta.size; /* length, jsonb version byte, text */
+    }
+
+    /* UUIDv7: 48 bits of Unix ms, version 7, 12 random bits | variant, 62 random bits. */
+    uint64_t ms = (uint64_t)ns / 1000000u;
+    uint64_t high = (ms << 16) | 0x7000u | (next_random() >> 52);
+    uint64_t low = UINT64_C(0x8000000000000000) | (next_random() >> 2);
+    int64_t micros = (int64_t)(ns / 1000) - PG_EPOCH_US;
+
+    Py_ssize_t group_size = PyBytes_GET_SIZE(group);
+    Py_ssize_t size = 2 + 4 + 16 + 4 + 8 + group_size + field_size(&actor) +
+                      field_size(&resource) + field_size(&ip) + field_size(&request) + meta_size;
+
+    PyObject *data = PyBytes_FromStringAndSize(NULL, size);
+    if (data == NULL) {
+        return FAST_ERROR;
+    }
+    char *start = PyBytes_AS_STRING(data);
+    char *p = start;
+    p = put_i16(p, FIELD_COUNT);
+    p = put_u32(p, 16);
+    p = put_u64(p, high);
+    p = put_u64(p, low);
+    p = put_u32(p, 8);
+    p = put_u64(p, (uint64_t)micros);
+    memcpy(p, PyBytes_AS_STRING(group), (size_t)group_size);
+    p += group_size;
+    p = put_field(p, &actor);
+    p = put_field(p, &resource);
+    p = put_field(p, &ip);
+    p = put_field(p, &request);
+    if (meta.data == NULL) {
+        memcpy(p, NULL_FIELD, 4);
+        p += 4;
+    } else {
+        p = put_u32(p, (uint32_t)(meta.size + 1));
+        *p++ = 1;
+        memcpy(p, meta.data, (size_t)meta.size);
+        p += meta.size;
+    }
+    assert(p - start == size);
+
+    *item = new_item(data, row);
+    if (*item == NULL) {
+        Py_DECREF(data);
+        return FAST_ERROR;
+    }
+    /* Also append to the chunk the COPY will send. */
+    Py_ssize_t need = *used + size;
+    Py_ssize_t have = PyBytes_GET_SIZE(*chunk);
+    if (need > have) {
+        Py_ssize_t grown = have * 2 > need ? have * 2 : need;
+        if (_PyBytes_Resize(chunk, grown) < 0) {
+            Py_DECREF(data);
+            Py_CLEAR(*item);
+            return FAST_ERROR;
+        }
+    }
+    memcpy(PyBytes_AS_STRING(*chunk) + *used, start, (size_t)size);
+    *used = need;
+    Py_DECREF(data);
+    return FAST_OK;
+}
+
+/* Why a row failed binary.encode_row, as text: str(exc), or its type's name if empty. */
+static PyObject *reason_of(PyObject *exc) {
+    PyObject *text = PyObject_Str(exc);
+    if (text != NULL && PyUnicode_GET_LENGTH(text) > 0) {
+        return text;
+    }
+    Py_XDECREF(text);
+    PyErr_Clear();
+    return PyUnicode_FromString(Py_TYPE(exc)->tp_name);
+}
+
+/* A row off the fast path: binary.encode_row, whose errors make the row a reject. */
+static int encode_slow(PyObject *row, PyObject *items, PyObject *bad, PyObject **chunk,
+                       Py_ssize_t *used) {
+    PyObject *result = PyObject_CallOneArg(fallback, row);
+    if (result == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_Exception)) {
+            return -1; /* KeyboardInterrupt, SystemExit: not the row's fault */
+        }
+        PyObject *type, *exc, *tb;
+        PyErr_Fetch(&type, &exc, &tb);
+        PyErr_NormalizeException(&type, &exc, &tb);
+        PyObject *reason = exc != NULL ? reason_of(exc) : PyUnicode_FromString("error");
+        Py_XDECREF(type);
+        Py_XDECREF(exc);
+        Py_XDECREF(tb);
+        if (reason == NULL) {
+            return -1;
+        }
+        PyObject *reject = PyTuple_Pack(2, row, reason);
+        Py_DECREF(reason);
+        if (reject == NULL) {
+            return -1;
+        }
+        int rc = PyList_Append(bad, reject);
+        Py_DECREF(reject);
+        return rc;
+    }
+    if (!PyTuple_Check(result) || PyTuple_GET_SIZE(result) != 2 ||
+        !PyBytes_Check(PyTuple_GET_ITEM(result, 0))) {
+        Py_DECREF(result);
+        PyErr_SetString(PyExc_TypeError, "encode_row must return (bytes, int)");
+        return -1;
+    }
+    PyObject *data = PyTuple_GET_ITEM(result, 0);
+    PyObject *item = new_item(data, row);
+    if (item == NULL) {
+        Py_DECREF(result);
+        return -1;
+    }
+    Py_ssize_t size = PyBytes_GET_SIZE(data);
+    Py_ssize_t need = *used + size;
+    Py_ssize_t have = PyBytes_GET_SIZE(*chunk);
+    if (need > have) {
+        Py_ssize_t grown = have * 2 > need ? have * 2 : need;
+        if (_PyBytes_Resize(chunk, grown) < 0) {
+            Py_DECREF(item);
+            Py_DECREF(result);
+            return -1;
+        }
+    }
+    memcpy(PyBytes_AS_STRING(*chunk) + *used, PyBytes_AS_STRING(data), (size_t)size);
+    *used = need;
+    Py_DECREF(result);
+    int rc = PyList_Append(items, item);
+    Py_DECREF(item);
+    return rc;
+}
+
+PyDoc_STRVAR(encode_chunk_doc,
+             "encode_chunk(rows, items, bad) -> bytes\n\n"
+             "Encode `rows`, append an Item (bytes, id, row) to `items` for each good row and\n"
+             "(row, reason) to `bad` for each rejected one; return the good rows' tuples\n"
+             "joined, ready for one COPY write.");
+
+static PyObject *encode_chunk(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyList_CheckExact(args[1]) || !PyList_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "encode_chunk(rows, items: list, bad: list)");
+        return NULL;
+    }
+    if (fallback == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "auditq._speedups is not configured");
+        return NULL;
+    }
+    PyObject *rows = PySequence_Fast(args[0], "rows must be a sequence");
+    if (rows == NULL) {
+        return NULL;
+    }
+    PyObject *items = args[1], *bad = args[2];
+    if (reseed_if_forked() < 0) {
+        Py_DECREF(rows);
+        return NULL;
+    }
+    Py_ssize_t count = PySequence_Fast_GET_SIZE(rows);
+    PyObject *chunk = PyBytes_FromStringAndSize(NULL, count > 0 ? count * 512 : 1);
+    if (chunk == NULL) {
+        Py_DECREF(rows);
+        return NULL;
+    }
+    Py_ssize_t used = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *row = PySequence_Fast_GET_ITEM(rows, i);
+        PyObject *item = NULL;
+        int rc = encode_fast(row, &item, &chunk, &used);
+        if (rc == FAST_OK) {
+            rc = PyList_Append(items, item);
+            Py_DECREF(item);
+        } else if (rc == FAST_NO) {
+            rc = encode_slow(row, items, bad, &chunk, &used);
+        }
+        if (rc < 0) {
+            Py_XDECREF(chunk);
+            Py_DECREF(rows);
+            return NULL;
+        }
+    }
+    Py_DECREF(rows);
+    if (_PyBytes_Resize(&chunk, used) < 0) {
+        return NULL;
+    }
+    return chunk;
+}
+
+PyDoc_STRVAR(configure_doc,
+             "configure(groups, ips, fallback, urandom) -> None\n\n"
+             "binary.py's caches (dicts it owns and fills), its complete encoder, and the\n"
+             "OS random source used to seed ids.");
+
+static PyObject *configure(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 4 || !PyDict_CheckExact(args[0]) || !PyDict_CheckExact(args[1]) ||
+        !PyCallable_Check(args[2]) || !PyCallable_Check(args[3])) {
+        PyErr_SetString(PyExc_TypeError, "configure(groups: dict, ips: dict, fallback, urandom)");
+        return NULL;
+    }
+    Py_XSETREF(groups_cache, Py_NewRef(args[0]));
+    Py_XSETREF(ips_cache, Py_NewRef(args[1]));
+    Py_XSETREF(fallback, Py_NewRef(args[2]));
+    Py_XSETREF(urandom, Py_NewRef(args[3]));
+    seeded_pid = -1;
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef methods[] = {
+    {"encode_chunk", (PyCFunction)(void (*)(void))encode_chunk, METH_FASTCALL, encode_chunk_doc},
+    {"configure", (PyCFunction)(void (*)(void))configure, METH_FASTCALL, configure_doc},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT,
+    "auditq._speedups",
+    "The writer's row encoder for the common row (see binary.py for the rules).",
+    -1,
+    methods,
+    NULL,
+    NULL,
+    NULL,
+    NULL,
+};
+
+PyMODINIT_FUNC PyInit__speedups(void) {
+    if (scratch_key == NULL) {
+        scratch_key = PyTuple_Pack(6, Py_None, Py_None, Py_None, Py_None, Py_None, Py_None);
+        if (scratch_key == NULL) {
+            return NULL;
+        }
+        PyObject_GC_UnTrack(scratch_key); /* only ever holds the current row's values */
+    }
+    return PyModule_Create(&module);
+}

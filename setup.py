@@ -1,0 +1,15 @@
+"""The C row encoder, built when a compiler is there; without one auditq installs and runs
+in pure Python (`optional=True` turns a failed build into a warning)."""
+
+from setuptools import Extension, setup
+
+setup(
+    ext_modules=[
+        Extension(
+            "auditq._speedups",
+            sources=["auditq/_speedups.c"],
+            optional=True,
+            extra_compile_args=["-O2"],
+        )
+    ]
+)
