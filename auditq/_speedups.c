@@ -18,6 +18,7 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <pthread.h>
 #include <unistd.h>
 
 #define FIELD_COUNT 13
@@ -35,12 +36,15 @@ static PyObject *scratch_key = NULL;  /* the group lookup key, refilled per row 
 
 /* -- ids: xoshiro256** seeded from the OS, reseeded when the process id changes -------- */
 
-/* Ids need uniqueness, not secrecy (see ids.py). The generator is reseeded whenever the
- * pid differs from the one it was seeded in, so a child forked by any means (fork hooks
- * or not, as uWSGI does) never repeats its parent's stream. The pid is read once per
- * chunk, not per row. */
+/* Ids need uniqueness, not secrecy (see ids.py). A forked child must never repeat its
+ * parent's stream, however it was forked: a pthread_atfork handler (which libc runs for
+ * every fork(), with or without Python's fork hooks, as under uWSGI) asks for a reseed
+ * before the next id, and the pid is compared once per chunk as well. */
 static uint64_t rng[4];
 static pid_t seeded_pid = -1;
+static volatile int need_reseed = 1;
+
+static void forked_child(void) { need_reseed = 1; }
 
 static inline uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
 
@@ -56,11 +60,7 @@ static inline uint64_t next_random(void) {
     return result;
 }
 
-static int reseed_if_forked(void) {
-    pid_t pid = getpid();
-    if (pid == seeded_pid) {
-        return 0;
-    }
+static int reseed(void) {
     PyObject *seed = PyObject_CallFunction(urandom, "n", (Py_ssize_t)sizeof(rng));
     if (seed == NULL) {
         return -1;
@@ -75,7 +75,8 @@ static int reseed_if_forked(void) {
     if ((rng[0] | rng[1] | rng[2] | rng[3]) == 0) {
         rng[0] = 1; /* the one state xoshiro cannot leave */
     }
-    seeded_pid = pid;
+    seeded_pid = getpid();
+    need_reseed = 0;
     return 0;
 }
 
@@ -102,42 +103,66 @@ static inline char *put_u64(char *p, uint64_t v) {
 
 static const char NULL_FIELD[4] = {'\xff', '\xff', '\xff', '\xff'};
 
-/* One variable field of a row: either a borrowed cached bytes object (already length
- * prefixed), NULL (SQL null), or raw text that still needs its length prefix. */
+/* One variable field of a row: either borrowed bytes already length prefixed (a cached
+ * field, or NULL_FIELD for SQL null), or raw text that still needs its length prefix. */
 typedef struct {
     const char *data;
     Py_ssize_t size;
-    int prefixed; /* 1: data includes its length prefix (or is NULL_FIELD) */
+    int prefixed;    /* 1: data includes its length prefix (or is NULL_FIELD) */
+    PyObject *owner; /* a temporary UTF-8 copy to release once written, or NULL */
 } Field;
 
 /* Outcome of trying the fast path on one value. */
 enum { FAST_OK = 0, FAST_NO = 1, FAST_ERROR = -1 };
 
-/* A text field (actor_id, resource_id, request_id), checked here: for an exact str the
- * check is a length test and a NUL scan of its UTF-8 form, which CPython keeps with an
- * ASCII string, so a dict lookup would cost as much. Too long, NUL, or not encodable:
- * FAST_NO, and binary.encode_row says why. */
+static inline void set_null(Field *out) {
+    out->data = NULL_FIELD;
+    out->size = 4;
+    out->prefixed = 1;
+}
+
+/* The UTF-8 form of an exact str. An ASCII str is its own UTF-8 and is read in place;
+ * any other is encoded into a temporary (`owner`), not with PyUnicode_AsUTF8AndSize,
+ * which would keep a UTF-8 copy inside the str for as long as the queued row lives.
+ * FAST_NO for a str UTF-8 cannot encode (lone surrogates): the slow path names it. */
+static int utf8_of(PyObject *value, Field *out) {
+    if (PyUnicode_IS_ASCII(value)) {
+        out->data = (const char *)PyUnicode_DATA(value);
+        out->size = PyUnicode_GET_LENGTH(value);
+        return FAST_OK;
+    }
+    PyObject *encoded = PyUnicode_AsUTF8String(value);
+    if (encoded == NULL) {
+        if (!PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) {
+            return FAST_ERROR;
+        }
+        PyErr_Clear();
+        return FAST_NO;
+    }
+    out->owner = encoded;
+    out->data = PyBytes_AS_STRING(encoded);
+    out->size = PyBytes_GET_SIZE(encoded);
+    return FAST_OK;
+}
+
+/* A text field (actor_id, resource_id, request_id), checked here: a length test and a NUL
+ * scan of its UTF-8 form cost no more than a cache lookup would. Too long, NUL, or not
+ * encodable: FAST_NO, and binary.encode_row says why. */
 static int checked_text(PyObject *value, Field *out) {
     if (value == Py_None) {
-        out->data = NULL_FIELD;
-        out->size = 4;
-        out->prefixed = 1;
+        set_null(out);
         return FAST_OK;
     }
     if (!PyUnicode_CheckExact(value) || PyUnicode_GET_LENGTH(value) > MAX_NAME_CHARS) {
         return FAST_NO;
     }
-    Py_ssize_t size;
-    const char *data = PyUnicode_AsUTF8AndSize(value, &size);
-    if (data == NULL) {
-        PyErr_Clear(); /* lone surrogates: the slow path names the field */
+    int rc = utf8_of(value, out);
+    if (rc != FAST_OK) {
+        return rc;
+    }
+    if (memchr(out->data, 0, (size_t)out->size) != NULL) {
         return FAST_NO;
     }
-    if (memchr(data, 0, (size_t)size) != NULL) {
-        return FAST_NO;
-    }
-    out->data = data;
-    out->size = size;
     out->prefixed = 0;
     return FAST_OK;
 }
@@ -152,15 +177,69 @@ static inline char *put_field(char *p, const Field *f) {
     return p + f->size;
 }
 
-/* An Item, (bytes, row), out of the garbage collector's sight: it holds no container but
- * the row, and nothing can point back at it, so it can never be part of a cycle; tracked,
- * each chunk's thousand items would trigger and lengthen collections. */
-static PyObject *new_item(PyObject *data, PyObject *row) {
+/* An Item, (bytes, row). `untrack`: take it out of the garbage collector's sight, which
+ * is safe when the row holds only str, int and None (no cycle can pass through it) and
+ * spares each chunk's thousand items from triggering and lengthening collections. */
+static PyObject *new_item(PyObject *data, PyObject *row, int untrack) {
     PyObject *item = PyTuple_Pack(2, data, row);
-    if (item != NULL) {
+    if (item != NULL && untrack) {
         PyObject_GC_UnTrack(item);
     }
     return item;
+}
+
+/* Append `size` bytes to the chunk the COPY will send, growing it as needed. */
+static int append_chunk(PyObject **chunk, Py_ssize_t *used, const char *data, Py_ssize_t size) {
+    Py_ssize_t need = *used + size;
+    Py_ssize_t have = PyBytes_GET_SIZE(*chunk);
+    if (need > have) {
+        Py_ssize_t grown = have * 2 > need ? have * 2 : need;
+        if (_PyBytes_Resize(chunk, grown) < 0) {
+            return -1;
+        }
+    }
+    memcpy(PyBytes_AS_STRING(*chunk) + *used, data, (size_t)size);
+    *used = need;
+    return 0;
+}
+
+/* The repeating fields' cached encoding, or NULL with FAST_NO/FAST_ERROR in *rc. Only
+ * exact str or None are looked up: hashing and comparing them runs no Python code, so no
+ * other thread can run during the lookup (and reuse the scratch key). */
+static PyObject *cached_group(PyObject **f, int *rc) {
+    static const int group_fields[6] = {2, 3, 5, 6, 8, 10};
+    for (int i = 0; i < 6; i++) {
+        PyObject *value = f[group_fields[i]];
+        if (value != Py_None && !PyUnicode_CheckExact(value)) {
+            *rc = FAST_NO;
+            return NULL;
+        }
+    }
+#if PY_VERSION_HEX >= 0x030E0000
+    /* 3.14 caches a tuple's hash in the tuple: a refilled scratch key would keep its
+     * first hash, so build the key per row. */
+    PyObject *key = PyTuple_Pack(6, f[2], f[3], f[5], f[6], f[8], f[10]);
+    if (key == NULL) {
+        *rc = FAST_ERROR;
+        return NULL;
+    }
+    PyObject *group = PyDict_GetItemWithError(groups_cache, key);
+    Py_DECREF(key);
+#else
+    /* Earlier versions hash a tuple afresh each time, so one scratch key, refilled per
+     * row, saves an allocation (a lookup keeps no reference to its key). */
+    for (int i = 0; i < 6; i++) {
+        PyObject *old = PyTuple_GET_ITEM(scratch_key, i);
+        PyTuple_SET_ITEM(scratch_key, i, Py_NewRef(f[group_fields[i]]));
+        Py_DECREF(old);
+    }
+    PyObject *group = PyDict_GetItemWithError(groups_cache, scratch_key);
+#endif
+    if (group == NULL || !PyBytes_Check(group)) {
+        *rc = PyErr_Occurred() ? FAST_ERROR : FAST_NO;
+        return NULL;
+    }
+    return group;
 }
 
 /*
@@ -184,88 +263,50 @@ static int encode_fast(PyObject *row, PyObject **item, PyObject **chunk, Py_ssiz
         }
         return FAST_NO;
     }
-
-    /* The six repeating fields, one cache hit (binary.py caches only all-text keys). The
-     * key is a scratch tuple owned here: a lookup keeps no reference to it, and tuples do
-     * not cache their hash, so refilling it saves an allocation per row. */
-    static const int group_fields[6] = {2, 3, 5, 6, 8, 10};
-    for (int i = 0; i < 6; i++) {
-        /* Exact str or None only: hashing and comparing them runs no Python code, so no
-         * other thread can run (and reuse the scratch key) during the lookup. */
-        PyObject *value = f[group_fields[i]];
-        if (value != Py_None && !PyUnicode_CheckExact(value)) {
-            return FAST_NO;
-        }
-    }
-    for (int i = 0; i < 6; i++) {
-        PyObject *old = PyTuple_GET_ITEM(scratch_key, i);
-        PyTuple_SET_ITEM(scratch_key, i, Py_NewRef(f[group_fields[i]]));
-        Py_DECREF(old);
-    }
-    PyObject *group = PyDict_GetItemWithError(groups_cache, scratch_key);
+    int rc = FAST_OK;
+    PyObject *group = cached_group(f, &rc);
     if (group == NULL) {
-        if (PyErr_Occurred()) {
-            if (!PyErr_ExceptionMatches(PyExc_TypeError)) {
-                return FAST_ERROR;
-            }
-            PyErr_Clear(); /* unhashable: the slow path names the field */
-        }
-        return FAST_NO;
-    }
-    if (!PyBytes_Check(group)) {
-        return FAST_NO;
+        return rc;
     }
 
-    Field actor, resource, ip, request, meta;
-    int rc;
-    if ((rc = checked_text(f[4], &actor)) != FAST_OK) {
-        return rc;
-    }
-    if ((rc = checked_text(f[7], &resource)) != FAST_OK) {
-        return rc;
+    Field actor = {0}, resource = {0}, ip = {0}, request = {0}, meta = {0};
+    if ((rc = checked_text(f[4], &actor)) != FAST_OK ||
+        (rc = checked_text(f[7], &resource)) != FAST_OK ||
+        (rc = checked_text(f[11], &request)) != FAST_OK) {
+        goto done;
     }
     if (f[9] == Py_None) {
-        ip.data = NULL_FIELD;
-        ip.size = 4;
-        ip.prefixed = 1;
+        set_null(&ip);
     } else {
-        if (!PyUnicode_CheckExact(f[9])) {
-            return FAST_NO;
-        }
-        PyObject *hit = PyDict_GetItemWithError(ips_cache, f[9]);
-        if (hit == NULL) {
-            return PyErr_Occurred() ? FAST_ERROR : FAST_NO;
-        }
-        if (!PyBytes_Check(hit)) {
-            return FAST_NO;
+        PyObject *hit = PyUnicode_CheckExact(f[9]) ? PyDict_GetItemWithError(ips_cache, f[9]) : NULL;
+        if (hit == NULL || !PyBytes_Check(hit)) {
+            rc = PyErr_Occurred() ? FAST_ERROR : FAST_NO; /* a miss: the slow path parses it */
+            goto done;
         }
         ip.data = PyBytes_AS_STRING(hit);
         ip.size = PyBytes_GET_SIZE(hit);
         ip.prefixed = 1;
     }
-    if ((rc = checked_text(f[11], &request)) != FAST_OK) {
-        return rc;
-    }
-    Py_ssize_t meta_size;
-    if (f[12] == Py_None) {
-        meta_size = 4;
-        meta.data = NULL;
-        meta.size = 0;
-    } else {
+    Py_ssize_t meta_size = 4; /* NULL */
+    if (f[12] != Py_None) {
         if (!PyUnicode_CheckExact(f[12])) {
-            return FAST_NO;
+            rc = FAST_NO;
+            goto done;
         }
-        meta.data = PyUnicode_AsUTF8AndSize(f[12], &meta.size);
-        if (meta.data == NULL) {
-            PyErr_Clear();
-            return FAST_NO;
+        if ((rc = utf8_of(f[12], &meta)) != FAST_OK) {
+            goto done;
         }
         if (meta.size >= INT32_MAX) {
-            return FAST_NO;
+            rc = FAST_NO;
+            goto done;
         }
         meta_size = 4 + 1 + meta.size; /* length, jsonb version byte, text */
     }
 
+    if (need_reseed && reseed() < 0) {
+        rc = FAST_ERROR;
+        goto done;
+    }
     /* UUIDv7: 48 bits of Unix ms, version 7, 12 random bits | variant, 62 random bits. */
     uint64_t ms = (uint64_t)ns / 1000000u;
     uint64_t high = (ms << 16) | 0x7000u | (next_random() >> 52);
@@ -275,10 +316,10 @@ static int encode_fast(PyObject *row, PyObject **item, PyObject **chunk, Py_ssiz
     Py_ssize_t group_size = PyBytes_GET_SIZE(group);
     Py_ssize_t size = 2 + 4 + 16 + 4 + 8 + group_size + field_size(&actor) +
                       field_size(&resource) + field_size(&ip) + field_size(&request) + meta_size;
-
     PyObject *data = PyBytes_FromStringAndSize(NULL, size);
     if (data == NULL) {
-        return FAST_ERROR;
+        rc = FAST_ERROR;
+        goto done;
     }
     char *start = PyBytes_AS_STRING(data);
     char *p = start;
@@ -305,26 +346,19 @@ static int encode_fast(PyObject *row, PyObject **item, PyObject **chunk, Py_ssiz
     }
     assert(p - start == size);
 
-    *item = new_item(data, row);
-    if (*item == NULL) {
-        Py_DECREF(data);
-        return FAST_ERROR;
+    /* The fast path admits only str, int and None in the row: safe to untrack. */
+    *item = new_item(data, row, 1);
+    if (*item == NULL || append_chunk(chunk, used, start, size) < 0) {
+        Py_CLEAR(*item);
+        rc = FAST_ERROR;
     }
-    /* Also append to the chunk the COPY will send. */
-    Py_ssize_t need = *used + size;
-    Py_ssize_t have = PyBytes_GET_SIZE(*chunk);
-    if (need > have) {
-        Py_ssize_t grown = have * 2 > need ? have * 2 : need;
-        if (_PyBytes_Resize(chunk, grown) < 0) {
-            Py_DECREF(data);
-            Py_CLEAR(*item);
-            return FAST_ERROR;
-        }
-    }
-    memcpy(PyBytes_AS_STRING(*chunk) + *used, start, (size_t)size);
-    *used = need;
     Py_DECREF(data);
-    return FAST_OK;
+done:
+    Py_XDECREF(actor.owner);
+    Py_XDECREF(resource.owner);
+    Py_XDECREF(request.owner);
+    Py_XDECREF(meta.owner);
+    return rc;
 }
 
 /* Why a row failed binary.encode_row, as text: str(exc), or its type's name if empty. */
@@ -335,7 +369,7 @@ static PyObject *reason_of(PyObject *exc) {
     }
     Py_XDECREF(text);
     PyErr_Clear();
-    return PyUnicode_FromString(Py_TYPE(exc)->tp_name);
+    return PyObject_GetAttrString((PyObject *)Py_TYPE(exc), "__name__");
 }
 
 /* A row off the fast path: binary.encode_row, whose errors make the row a reject. */
@@ -372,24 +406,15 @@ static int encode_slow(PyObject *row, PyObject *items, PyObject *bad, PyObject *
         return -1;
     }
     PyObject *data = PyTuple_GET_ITEM(result, 0);
-    PyObject *item = new_item(data, row);
-    if (item == NULL) {
+    /* The row may hold anything here (that is why it left the fast path): keep the item
+     * tracked, so a cycle through one of its values can still be collected. */
+    PyObject *item = new_item(data, row, 0);
+    if (item == NULL ||
+        append_chunk(chunk, used, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data)) < 0) {
+        Py_XDECREF(item);
         Py_DECREF(result);
         return -1;
     }
-    Py_ssize_t size = PyBytes_GET_SIZE(data);
-    Py_ssize_t need = *used + size;
-    Py_ssize_t have = PyBytes_GET_SIZE(*chunk);
-    if (need > have) {
-        Py_ssize_t grown = have * 2 > need ? have * 2 : need;
-        if (_PyBytes_Resize(chunk, grown) < 0) {
-            Py_DECREF(item);
-            Py_DECREF(result);
-            return -1;
-        }
-    }
-    memcpy(PyBytes_AS_STRING(*chunk) + *used, PyBytes_AS_STRING(data), (size_t)size);
-    *used = need;
     Py_DECREF(result);
     int rc = PyList_Append(items, item);
     Py_DECREF(item);
@@ -398,7 +423,7 @@ static int encode_slow(PyObject *row, PyObject *items, PyObject *bad, PyObject *
 
 PyDoc_STRVAR(encode_chunk_doc,
              "encode_chunk(rows, items, bad) -> bytes\n\n"
-             "Encode `rows`, append an Item (bytes, id, row) to `items` for each good row and\n"
+             "Encode `rows`, append an Item (bytes, row) to `items` for each good row and\n"
              "(row, reason) to `bad` for each rejected one; return the good rows' tuples\n"
              "joined, ready for one COPY write.");
 
@@ -411,24 +436,25 @@ static PyObject *encode_chunk(PyObject *self, PyObject *const *args, Py_ssize_t 
         PyErr_SetString(PyExc_RuntimeError, "auditq._speedups is not configured");
         return NULL;
     }
-    PyObject *rows = PySequence_Fast(args[0], "rows must be a sequence");
+    /* A tuple copy: the slow path runs Python code, which could shrink a list under us. */
+    PyObject *rows = PySequence_Tuple(args[0]);
     if (rows == NULL) {
         return NULL;
     }
     PyObject *items = args[1], *bad = args[2];
-    if (reseed_if_forked() < 0) {
-        Py_DECREF(rows);
-        return NULL;
+    if (seeded_pid != getpid()) {
+        need_reseed = 1;
     }
-    Py_ssize_t count = PySequence_Fast_GET_SIZE(rows);
-    PyObject *chunk = PyBytes_FromStringAndSize(NULL, count > 0 ? count * 512 : 1);
+    Py_ssize_t count = PyTuple_GET_SIZE(rows);
+    /* Room for a typical chunk; a larger one grows by doubling. */
+    PyObject *chunk = PyBytes_FromStringAndSize(NULL, (count < 1000 ? count : 1000) * 512 + 64);
     if (chunk == NULL) {
         Py_DECREF(rows);
         return NULL;
     }
     Py_ssize_t used = 0;
     for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *row = PySequence_Fast_GET_ITEM(rows, i);
+        PyObject *row = PyTuple_GET_ITEM(rows, i);
         PyObject *item = NULL;
         int rc = encode_fast(row, &item, &chunk, &used);
         if (rc == FAST_OK) {
@@ -465,7 +491,7 @@ static PyObject *configure(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_XSETREF(ips_cache, Py_NewRef(args[1]));
     Py_XSETREF(fallback, Py_NewRef(args[2]));
     Py_XSETREF(urandom, Py_NewRef(args[3]));
-    seeded_pid = -1;
+    need_reseed = 1;
     Py_RETURN_NONE;
 }
 
@@ -488,6 +514,14 @@ static struct PyModuleDef module = {
 };
 
 PyMODINIT_FUNC PyInit__speedups(void) {
+    static int atfork_registered = 0;
+    if (!atfork_registered) {
+        if (pthread_atfork(NULL, NULL, forked_child) != 0) {
+            PyErr_SetString(PyExc_OSError, "pthread_atfork failed");
+            return NULL;
+        }
+        atfork_registered = 1;
+    }
     if (scratch_key == NULL) {
         scratch_key = PyTuple_Pack(6, Py_None, Py_None, Py_None, Py_None, Py_None, Py_None);
         if (scratch_key == NULL) {

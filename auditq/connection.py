@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Protocol
+import os
+import socket
+from typing import Any, Final, Protocol
 
 import orjson
 import psycopg
@@ -29,9 +31,37 @@ def _dump_json(obj: Any) -> bytes:
     return orjson.dumps(obj)
 
 
+#: The kernel send buffer the writer asks for on its connection (capped by the kernel:
+#: `net.core.wmem_max` on Linux).
+SEND_BUFFER_BYTES: Final = 4 * 1024 * 1024
+
+
 def prepare(conn: Connection) -> None:
-    """Make `conn` accept pre-serialised JSON bytes for jsonb columns."""
+    """Make `conn` accept pre-serialised JSON bytes for jsonb columns, and let the kernel
+    take a whole COPY chunk at once.
+
+    Why the send buffer matters: psycopg hands COPY data to the socket from the writer
+    thread, which needs the GIL each time the socket has room again; when callers keep
+    the GIL busy it gets it back only every switch interval (5 ms). With the default
+    ~200 KiB buffer the server runs dry within each wait; with a few MiB it does not.
+    """
     set_json_dumps(_dump_json, conn)
+    widen_send_buffer(conn.pgconn.socket)
+
+
+def widen_send_buffer(fd: int, size: int = SEND_BUFFER_BYTES) -> None:
+    """Ask for a `size` send buffer on socket `fd` (best effort: any refusal is ignored)."""
+    try:
+        sock = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF) < size:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+    except OSError:
+        pass
+    finally:
+        sock.close()  # closes the duplicate only
 
 
 class ConnectionSource(Protocol):
@@ -54,7 +84,8 @@ class DsnSource:
         conn = self._conn
         if conn is None or conn.closed:
             try:
-                conn = psycopg.connect(self._dsn.secret_value, autocommit=False)
+                # Autocommit: each COPY is one transaction by itself (see Sink._copy_chunks).
+                conn = psycopg.connect(self._dsn.secret_value, autocommit=True)
             except psycopg.Error as exc:
                 # libpq quotes malformed conninfo strings verbatim: scrub before it travels.
                 raise type(exc)(self._dsn.scrub(str(exc))) from None

@@ -113,6 +113,8 @@ class Sink:
         self._config_error_logged = False
         # True once COMMIT may be in flight: a failure after it leaves the outcome unknown.
         self._committing = False
+        #: Of the rows the last "abort" handed back, those whose commit may have happened.
+        self.unconfirmed: list[Item] = []
         target = qualified(schema, table)
         columns = sql.SQL(", ").join(map(sql.Identifier, COPY_COLUMNS))
         self._copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(target, columns)
@@ -141,6 +143,7 @@ class Sink:
         after a failed attempt (the writer then spools them). `failed` is the error of a
         first attempt already made (by `deliver_rows`)."""
         report = ledger or self._ledger
+        self.unconfirmed = []
         work: list[tuple[list[Item], Mode, int]] = []
         if failed is None:
             work.append((items, mode, 0))
@@ -153,6 +156,14 @@ class Sink:
         while work:
             batch, mode, attempts = work.pop()
             if self._stopping():
+                # Rows waiting for an idempotent replay may have committed already (their
+                # commit was cut in flight): the writer accounts for them as such.
+                self.unconfirmed = [
+                    item
+                    for chunk, chunk_mode, _ in [(batch, mode, attempts), *work]
+                    if chunk_mode == "replay"
+                    for item in chunk
+                ]
                 return batch + [item for chunk, _, _ in work for item in chunk], "abort"
             try:
                 inserted = self._attempt(batch, mode)
@@ -260,7 +271,14 @@ class Sink:
             return self._merge_rows(conn, batch)
 
     def _copy_chunks(self, conn: Connection, chunks: Iterable[bytes]) -> None:
-        with conn.transaction():
+        if conn.autocommit:
+            # The writer's own connection: a lone COPY is its own transaction and commits
+            # when the server acknowledges the end of the data. That saves the BEGIN and
+            # COMMIT round trips, and each round trip costs the writer a wait for the GIL
+            # (up to the 5 ms switch interval) while callers keep it busy.
+            self._stream(conn, self._copy, chunks, ends_transaction=True)
+            return
+        with conn.transaction():  # a pooled connection, left in the mode its pool gave
             self._stream(conn, self._copy, chunks)
             # From here the transaction's exit sends COMMIT: a lost connection now leaves
             # the outcome unknown, and the retry must not write these rows twice.
@@ -276,13 +294,23 @@ class Sink:
             self._committing = True
         return inserted
 
-    def _stream(self, conn: Connection, statement: sql.Composed, chunks: Iterable[bytes]) -> None:
+    def _stream(
+        self,
+        conn: Connection,
+        statement: sql.Composed,
+        chunks: Iterable[bytes],
+        *,
+        ends_transaction: bool = False,
+    ) -> None:
         with conn.cursor() as cur, cur.copy(statement) as copy:
             write = copy.write
             write(HEADER)
             for chunk in chunks:
                 write(chunk)
             write(TRAILER)
+            # The block's exit sends the end of the data; in autocommit that commits, so
+            # a lost connection from here on leaves the outcome unknown.
+            self._committing = ends_transaction
 
     # -- failures ------------------------------------------------------------------------
 

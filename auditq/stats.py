@@ -43,6 +43,10 @@ class WriterStats:
     replayed: int = 0
     #: Rows from such spools that it dead-lettered.
     replay_dead_lettered: int = 0
+    #: Of `dead_lettered`: rows close() gave up on while their commit was in flight (no
+    #: spool to hand them to). The server may have committed any of them, so the table
+    #: holds between `written` and `written + unconfirmed` rows of this writer.
+    unconfirmed: int = 0
 
     @property
     def calls(self) -> int:

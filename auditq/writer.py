@@ -197,6 +197,7 @@ class AuditWriter:
         self._inflight = 0  # taken but not yet resolved
         self._written = 0
         self._dead = 0
+        self._unconfirmed = 0  # of those, rows whose commit was cut in flight at close()
         self._spooled = 0  # this writer's rows on disk, waiting for replay
         self._replayed = 0  # rows from other processes' spools that this writer wrote
         self._replay_dead = 0  # ... and those it dead-lettered
@@ -502,6 +503,7 @@ class AuditWriter:
                 last_write_at=self._last_write_at,
                 replayed=self._replayed,
                 replay_dead_lettered=self._replay_dead,
+                unconfirmed=self._unconfirmed,
             )
 
     @property
@@ -721,13 +723,26 @@ class AuditWriter:
         if not items:
             return
         if self._spool is not None:
-            self._to_spool(items)
+            self._to_spool(items)  # a replay dedupes, so rows that did commit stay single
             return
-        self.dead(
-            items,
-            "not written before close() timed out"
-            + (f" (last error: {self._last_error})" if self._last_error else ""),
-        )
+        unsure = {id(item) for item in self._sink.unconfirmed}
+        self._sink.unconfirmed = []
+        if unsure:
+            unconfirmed = [item for item in items if id(item) in unsure]
+            items = [item for item in items if id(item) not in unsure]
+            with self._lock:
+                self._unconfirmed += len(unconfirmed)
+            self.dead(
+                unconfirmed,
+                "close() timed out while the commit was in flight: the outcome is unknown,"
+                " so this row may also be in the table",
+            )
+        if items:
+            self.dead(
+                items,
+                "not written before close() timed out"
+                + (f" (last error: {self._last_error})" if self._last_error else ""),
+            )
 
     def _replay(self, deadline: float | None = None, *, retry: bool = False) -> ReplayOutcome:
         """Write spooled segments (this writer's and orphans), oldest first, each through

@@ -79,7 +79,9 @@ class Caller:
         assert self.slowest < MAX_CALL_SECONDS, f"a log() call took {self.slowest * 1000:.1f} ms"
 
 
-def assert_exact(writer: AuditWriter, table: Table, caller: Caller) -> None:
+def assert_exact(
+    writer: AuditWriter, table: Table, caller: Caller, *, unconfirmed_stored: int = 0
+) -> None:
     """The accounting of issue 3: nothing pending, every call accounted for, the table
     holds exactly what was counted as written, and no row twice."""
     stats = writer.stats()
@@ -90,7 +92,8 @@ def assert_exact(writer: AuditWriter, table: Table, caller: Caller) -> None:
     assert stats.written + stats.dead_lettered + stats.dropped_overflow == (
         caller.calls - stats.rejected
     ), stats
-    assert table.count() == stats.written, stats
+    assert table.count() == stats.written + unconfirmed_stored, stats
+    assert unconfirmed_stored <= stats.unconfirmed, stats
     assert table.distinct_ids() == table.count()
 
 

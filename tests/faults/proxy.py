@@ -28,6 +28,9 @@ from psycopg.conninfo import conninfo_to_dict, make_conninfo
 #: A simple-protocol Query message carrying exactly "COMMIT" (what psycopg sends at the end
 #: of a `with conn.transaction()` block).
 COMMIT_MESSAGE: Final = b"Q\x00\x00\x00\x0bCOMMIT\x00"
+#: The end of a binary COPY: the trailer's CopyData message, then CopyDone. The writer's own
+#: connection runs in autocommit, where this is the commit.
+COPY_DONE_MESSAGE: Final = b"d\x00\x00\x00\x06\xff\xffc\x00\x00\x00\x04"
 #: The signature that opens a binary COPY stream: seeing it means a COPY is under way.
 COPY_SIGNATURE: Final = b"PGCOPY\n\xff\r\n\x00"
 #: ReadyForQuery with its length: the end of the server's answer to a query.
