@@ -5,6 +5,9 @@ from typing import Any
 
 Row = tuple[Any, ...]
 
+#: The fork count (bytes of one native uint64, read-only), incremented in each forked child.
+FORKS: memoryview
+
 def configure(
     groups: dict[tuple[Any, ...], bytes],
     ips: dict[str, bytes],

@@ -340,6 +340,24 @@ def _load_speedups() -> Callable[[Sequence[Row], list[Item], list[tuple[Row, str
 
 
 _accelerated = _load_speedups()
+
+
+class _PidProbe:
+    """Stands in for `FORKS` without the C extension: item 0 is the pid, which changes in
+    a child however it was forked (a system call per read, ~190 ns)."""
+
+    def __getitem__(self, index: int) -> int:
+        return os.getpid()
+
+
+#: `FORKS[0]` changes in a forked child, whether or not Python's fork hooks ran (uWSGI
+#: forks without them): with the C extension a counter its pthread_atfork handler bumps,
+#: read without a system call; without it, the pid.
+FORKS: Sequence[int] | _PidProbe = _PidProbe()
+if _accelerated is not None:
+    from . import _speedups
+
+    FORKS = _speedups.FORKS.cast("Q")
 #: True when rows are encoded by the C extension (`auditq._speedups`).
 ACCELERATED: Final = _accelerated is not None
 

@@ -40,6 +40,7 @@ from .watchdog import Watchdog
 logger = logging.getLogger("auditq")
 
 _getpid: Final = os.getpid
+_FORKS: Final = binary.FORKS
 _time_ns: Final = time.time_ns
 
 #: How often a writer looks for segments left by writers that are gone (seconds); the first
@@ -171,6 +172,7 @@ class AuditWriter:
         # The process that owns this state; a mismatch on the caller's path means a fork
         # that skipped the at-fork hooks (uWSGI), and triggers the same reset.
         self._pid = _getpid()
+        self._forks = _FORKS[0]
         # Wakes the writer thread early: a full batch, flush(), close().
         self._wake = threading.Event()
         # Callers wake the writer every this many entries: a full batch, or half the queue
@@ -274,7 +276,7 @@ class AuditWriter:
         id: Any = None,
     ) -> bool:
         """Queue one entry; True if accepted. Never blocks, never raises (unless strict)."""
-        if self._pid != _getpid():
+        if self._forks != _FORKS[0]:  # a forked child: os.getpid() costs a system call
             self._after_fork()
         if type(action) is not str or not action:
             return self._reject(f"action must be a non-empty string, got {action!r:.80}")
@@ -892,6 +894,7 @@ class AuditWriter:
 
         The parent still owns (and will write) everything queued before the fork.
         """
+        self._forks = _FORKS[0]
         if self._pid == _getpid():
             return
         ids.reseed()  # uWSGI forks without the hooks: the id stream must still differ

@@ -24,7 +24,7 @@ from auditq.entry import COLUMNS, dump_metadata
 from .helpers import run_python
 
 needs_c = pytest.mark.skipif(
-    not binary.ACCELERATED, reason="auditq._speedups not built (no compiler at install)"
+    not binary.ACCELERATED, reason="C encoder not in use (not built, or AUDITQ_NO_SPEEDUPS=1)"
 )
 
 UA = "Mozilla/5.0 (X11; Linux x86_64)"
