@@ -88,7 +88,12 @@ def evaluate(result: CompareResult) -> list[Target]:
     else:
         lat = frozen.get("latency_ns", {})
         p99, worst = lat.get("p99"), lat.get("max")
-        calls = f"{frozen.get('calls_while_frozen', 0):,} calls while frozen"
+        waking = frozen.get("latency_after_sleep_ns", {})
+        calls = (
+            f"{frozen.get('calls_while_frozen', 0):,} calls while frozen; the"
+            f" {frozen.get('calls_after_sleep', 0):,} first after a pacing sleep apart:"
+            f" p99 {_us(waking.get('p99'))}"
+        )
         targets.append(
             Target(
                 "log() p99 frozen server",
