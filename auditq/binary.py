@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Any, Final
 
-from . import ids
+from . import ids, native
 from .entry import COLUMNS, MAX_NAME_CHARS, MAX_USER_AGENT_CHARS, OUTCOMES, Row
 
 #: The binary COPY stream's header (signature, flags, header extension length) and trailer.
@@ -326,47 +326,19 @@ def _encode_chunk_python(
     return b"".join([item[0] for item in items[start:]])
 
 
-def _load_speedups() -> Callable[[Sequence[Row], list[Item], list[tuple[Row, str]]], bytes] | None:
-    """The C encoder, unless it was not built (no compiler at install) or is switched off
-    with AUDITQ_NO_SPEEDUPS=1 (to compare, or to rule it out)."""
-    if os.environ.get("AUDITQ_NO_SPEEDUPS", "") not in ("", "0"):
-        return None
-    try:
-        from . import _speedups
-    except ImportError:
-        return None
-    _speedups.configure(_groups, _ips, encode_row, os.urandom)
-    return _speedups.encode_chunk
-
-
-_accelerated = _load_speedups()
-
-
-class _PidProbe:
-    """Stands in for `FORKS` without the C extension: item 0 is the pid, which changes in
-    a child however it was forked (a system call per read, ~190 ns)."""
-
-    def __getitem__(self, index: int) -> int:
-        return os.getpid()
-
-
-#: `FORKS[0]` changes in a forked child, whether or not Python's fork hooks ran (uWSGI
-#: forks without them): with the C extension a counter its pthread_atfork handler bumps,
-#: read without a system call; without it, the pid.
-FORKS: Sequence[int] | _PidProbe = _PidProbe()
-if _accelerated is not None:
-    from . import _speedups
-
-    FORKS = _speedups.FORKS.cast("Q")
+if native.speedups is not None:
+    native.speedups.configure(_groups, _ips, encode_row, os.urandom)
 #: True when rows are encoded by the C extension (`auditq._speedups`).
-ACCELERATED: Final = _accelerated is not None
+ACCELERATED: Final = native.speedups is not None
 
 #: `encode_chunk(rows, items, bad) -> bytes`: encode `rows`; append `(tuple, row)` to
 #: `items` for each good row and `(row, reason)` to `bad` for each rejected one; return the
 #: good rows' tuples joined, ready for one COPY write. The C encoder takes the common row
 #: and hands anything else to `encode_row`, so both produce the same bytes and errors
 #: (ids aside: each draws its own random bits).
-encode_chunk = _accelerated or _encode_chunk_python
+encode_chunk: Callable[[Sequence[Row], list[Item], list[tuple[Row, str]]], bytes] = (
+    _encode_chunk_python if native.speedups is None else native.speedups.encode_chunk
+)
 
 
 # -- decoding, for dead letters and `auditq spool inspect` --------------------------------

@@ -37,20 +37,19 @@ SEND_BUFFER_BYTES: Final = 4 * 1024 * 1024
 
 
 def prepare(conn: Connection) -> None:
-    """Make `conn` accept pre-serialised JSON bytes for jsonb columns, and let the kernel
-    take a whole COPY chunk at once.
-
-    Why the send buffer matters: psycopg hands COPY data to the socket from the writer
-    thread, which needs the GIL each time the socket has room again; when callers keep
-    the GIL busy it gets it back only every switch interval (5 ms). With the default
-    ~200 KiB buffer the server runs dry within each wait; with a few MiB it does not.
-    """
+    """Make `conn` accept pre-serialised JSON bytes for jsonb columns."""
     set_json_dumps(_dump_json, conn)
-    widen_send_buffer(conn.pgconn.socket)
 
 
 def widen_send_buffer(fd: int, size: int = SEND_BUFFER_BYTES) -> None:
-    """Ask for a `size` send buffer on socket `fd` (best effort: any refusal is ignored)."""
+    """Ask for a `size` send buffer on socket `fd` (best effort: any refusal is ignored).
+
+    Why: psycopg hands COPY data to the socket from the writer thread, which needs the GIL
+    each time the socket has room again; when callers keep the GIL busy it gets it back
+    only every switch interval (5 ms). With the default ~200 KiB buffer the server runs dry
+    within each wait; with a few MiB it does not. Done once per connection the writer
+    opens; a pool's connections are the application's and are left as they are.
+    """
     try:
         sock = socket.socket(fileno=os.dup(fd))
     except OSError:
@@ -90,6 +89,7 @@ class DsnSource:
                 # libpq quotes malformed conninfo strings verbatim: scrub before it travels.
                 raise type(exc)(self._dsn.scrub(str(exc))) from None
             prepare(conn)
+            widen_send_buffer(conn.pgconn.socket)
             self._conn = conn
         return conn
 

@@ -23,7 +23,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Final, Literal, Protocol
+from typing import Any, Final, Literal, NamedTuple, Protocol
 
 import psycopg
 from psycopg import sql
@@ -81,6 +81,19 @@ class WriterLedger(Ledger, Protocol):
 Handback = Literal["", "abort", "divert"]
 
 
+class Handed(NamedTuple):
+    """What `deliver()` could not resolve, and why (`why` is "" when `items` is empty)."""
+
+    items: list[Item]
+    why: Handback
+    #: How many of `items`, at the front, were waiting for an idempotent replay when the
+    #: writer aborted: their commit was cut in flight, so they may be in the table.
+    unconfirmed: int = 0
+
+
+_DONE: Final = Handed([], "")
+
+
 class Sink:
     """Writes batches to one table through a `ConnectionSource`."""
 
@@ -113,8 +126,6 @@ class Sink:
         self._config_error_logged = False
         # True once COMMIT may be in flight: a failure after it leaves the outcome unknown.
         self._committing = False
-        #: Of the rows the last "abort" handed back, those whose commit may have happened.
-        self.unconfirmed: list[Item] = []
         target = qualified(schema, table)
         columns = sql.SQL(", ").join(map(sql.Identifier, COPY_COLUMNS))
         self._copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(target, columns)
@@ -137,13 +148,12 @@ class Sink:
         divert: Callable[[], bool] | None = None,
         ledger: Ledger | None = None,
         failed: Exception | None = None,
-    ) -> tuple[list[Item], Handback]:
+    ) -> Handed:
         """Write `items`, reporting to `ledger` (default: the writer's). Returns the rows
         handed back unresolved, and why: the writer is aborting, or `divert()` said so
         after a failed attempt (the writer then spools them). `failed` is the error of a
         first attempt already made (by `deliver_rows`)."""
         report = ledger or self._ledger
-        self.unconfirmed = []
         work: list[tuple[list[Item], Mode, int]] = []
         if failed is None:
             work.append((items, mode, 0))
@@ -152,19 +162,16 @@ class Sink:
             if self._on_failure(items, mode, 0, kind, failed, work, report) and (
                 self._pause(divert)
             ):
-                return [item for chunk, _, _ in work for item in chunk], "divert"
+                return Handed([item for chunk, _, _ in work for item in chunk], "divert")
         while work:
             batch, mode, attempts = work.pop()
             if self._stopping():
                 # Rows waiting for an idempotent replay may have committed already (their
-                # commit was cut in flight): the writer accounts for them as such.
-                self.unconfirmed = [
-                    item
-                    for chunk, chunk_mode, _ in [(batch, mode, attempts), *work]
-                    if chunk_mode == "replay"
-                    for item in chunk
-                ]
-                return batch + [item for chunk, _, _ in work for item in chunk], "abort"
+                # commit was cut in flight): they go first, counted apart.
+                pending = [(batch, mode), *((chunk, m) for chunk, m, _ in work)]
+                unsure = [item for chunk, m in pending if m == "replay" for item in chunk]
+                sure = [item for chunk, m in pending if m != "replay" for item in chunk]
+                return Handed(unsure + sure, "abort", len(unsure))
             try:
                 inserted = self._attempt(batch, mode)
             except Exception as exc:
@@ -172,7 +179,7 @@ class Sink:
                 if self._on_failure(batch, mode, attempts, kind, exc, work, report) and (
                     self._pause(divert)
                 ):
-                    return [item for chunk, _, _ in work for item in chunk], "divert"
+                    return Handed([item for chunk, _, _ in work for item in chunk], "divert")
                 continue
             self._recovered()
             if inserted is None or mode == "replay":
@@ -183,11 +190,9 @@ class Sink:
                 report.committed(len(written))
                 if duplicates:
                     report.dead(duplicates, "duplicate id: a row with this id is already stored")
-        return [], ""
+        return _DONE
 
-    def deliver_rows(
-        self, rows: list[Row], *, divert: Callable[[], bool] | None = None
-    ) -> tuple[list[Item], Handback]:
+    def deliver_rows(self, rows: list[Row], *, divert: Callable[[], bool] | None = None) -> Handed:
         """Encode and write queued rows. The first attempt encodes chunk by chunk inside
         the COPY, so the server ingests one chunk while the next is encoded; rows that fail
         their checks are dead-lettered; retries reuse what was encoded."""
@@ -209,7 +214,7 @@ class Sink:
             self._recovered()
             if items:
                 self._ledger.committed(len(items))
-            return [], ""
+            return _DONE
         # Not attempted (closing past the deadline): deliver() hands everything back.
         return self.deliver(items, divert=divert, failed=error)
 

@@ -23,7 +23,7 @@ from typing import Any, Final, Literal
 from psycopg_pool import ConnectionPool
 from pydantic import ValidationError
 
-from . import binary, ids
+from . import binary, ids, native
 from . import otel as _otel
 from .binary import Item
 from .buffer import Buffer
@@ -40,7 +40,7 @@ from .watchdog import Watchdog
 logger = logging.getLogger("auditq")
 
 _getpid: Final = os.getpid
-_FORKS: Final = binary.FORKS
+_FORKS: Final = native.FORKS
 _time_ns: Final = time.time_ns
 
 #: How often a writer looks for segments left by writers that are gone (seconds); the first
@@ -169,8 +169,9 @@ class AuditWriter:
 
     def _init_state(self) -> None:
         """Fresh runtime state: at construction and in a forked child."""
-        # The process that owns this state; a mismatch on the caller's path means a fork
-        # that skipped the at-fork hooks (uWSGI), and triggers the same reset.
+        # The process that owns this state. On the caller's path a fork is noticed by the
+        # fork count (`native.FORKS`) instead, which also changes when a fork skipped
+        # Python's at-fork hooks (uWSGI) and triggers the same reset.
         self._pid = _getpid()
         self._forks = _FORKS[0]
         # Wakes the writer thread early: a full batch, flush(), close().
@@ -658,12 +659,12 @@ class AuditWriter:
             self.dead_rows(bad)
             self._to_spool(items)
             return
-        leftover, why = self._sink.deliver_rows(rows, divert=self._should_divert)
-        if why == "divert":
+        handed = self._sink.deliver_rows(rows, divert=self._should_divert)
+        if handed.why == "divert":
             self._probe_later()
-            self._to_spool(leftover)
-        elif leftover:
-            self._give_up(leftover)
+            self._to_spool(handed.items)
+        elif handed.items:
+            self._give_up(handed.items, unconfirmed=handed.unconfirmed)
 
     def _probe_later(self) -> None:
         self._next_probe = time.monotonic() + min(self.retry_backoff_max, PROBE_SECONDS)
@@ -720,28 +721,25 @@ class AuditWriter:
             self._spooled += len(items)
             self._resolved_cond.notify_all()
 
-    def _give_up(self, items: list[Item]) -> None:
-        """Rows close() could not get written in time: spool them if possible, else dead."""
+    def _give_up(self, items: list[Item], *, unconfirmed: int = 0) -> None:
+        """Rows close() could not get written in time: spool them if possible, else dead.
+        The first `unconfirmed` had their commit cut in flight and may be in the table."""
         if not items:
             return
         if self._spool is not None:
             self._to_spool(items)  # a replay dedupes, so rows that did commit stay single
             return
-        unsure = {id(item) for item in self._sink.unconfirmed}
-        self._sink.unconfirmed = []
-        if unsure:
-            unconfirmed = [item for item in items if id(item) in unsure]
-            items = [item for item in items if id(item) not in unsure]
+        if unconfirmed:
             with self._lock:
-                self._unconfirmed += len(unconfirmed)
+                self._unconfirmed += unconfirmed
             self.dead(
-                unconfirmed,
+                items[:unconfirmed],
                 "close() timed out while the commit was in flight: the outcome is unknown,"
                 " so this row may also be in the table",
             )
-        if items:
+        if items[unconfirmed:]:
             self.dead(
-                items,
+                items[unconfirmed:],
                 "not written before close() timed out"
                 + (f" (last error: {self._last_error})" if self._last_error else ""),
             )
@@ -766,7 +764,7 @@ class AuditWriter:
             offset, resolved = self._replay_progress.get(path, (0, 0))
             carry = self._replay_carry.pop(path, [])
             for items, end in self._spooled_batches(path, offset, carry):
-                leftover, why = self._sink.deliver(
+                leftover, why, _ = self._sink.deliver(
                     items, mode="replay", divert=divert, ledger=ledger
                 )
                 resolved += len(items) - len(leftover)

@@ -36,8 +36,9 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 
 from ..binary import COPY_COLUMNS, HEADER, TRAILER, encode_row
-from ..entry import COLUMNS, dump_metadata
+from ..entry import COLUMNS
 from ..schema import qualified
+from ..stats import WriterStats
 from ..writer import AuditWriter
 from .run import (
     _USER_AGENT,
@@ -47,6 +48,7 @@ from .run import (
     prepare_table,
     timed_log,
     timer_overhead_ns,
+    typical_row,
 )
 from .system import ServerFreezer, rss_bytes
 
@@ -153,22 +155,7 @@ def encode_ceiling(cfg: CompareConfig) -> list[list[bytes]]:
     pending: list[bytes] = []
     size = 0
     for n in range(cfg.entries):
-        row = (
-            None,
-            time.time_ns(),
-            "document.read",
-            "tenant-42",
-            "user-1234",
-            "user",
-            "document",
-            "doc-9",
-            "success",
-            "203.0.113.7",
-            _USER_AGENT,
-            "req-0001",
-            dump_metadata(metadata_for(n)),
-        )
-        data, _ = encode_row(row)
+        data, _ = encode_row(typical_row(n))
         pending.append(data)
         size += len(data)
         last_in_chunk = (n + 1) % cfg.ceiling_chunk == 0 or n + 1 == cfg.entries
@@ -304,19 +291,9 @@ class Harness:
             stats.written / seconds,
             in_table,
             consistent,
-            stats={
-                "calls": stats.calls,
-                "accepted": stats.accepted,
-                "written": stats.written,
-                "dropped_overflow": stats.dropped_overflow,
-                "rejected": stats.rejected,
-                "dead_lettered": stats.dead_lettered,
-                "batches": stats.batches,
-                "retries": stats.retries,
-                "distinct_ids": distinct,
-                "enqueue_seconds": enqueue_seconds,
-                "flushed": flushed,
-            },
+            stats=_stats_view(
+                stats, distinct_ids=distinct, flushed=flushed, enqueue_seconds=enqueue_seconds
+            ),
             latency_ns=percentiles(merged, LATENCY_MARKS),
         )
 
@@ -349,17 +326,7 @@ class Harness:
             stats.written / seconds,
             in_table,
             consistent,
-            stats={
-                "calls": stats.calls,
-                "accepted": stats.accepted,
-                "written": stats.written,
-                "dropped_overflow": stats.dropped_overflow,
-                "rejected": stats.rejected,
-                "dead_lettered": stats.dead_lettered,
-                "batches": stats.batches,
-                "distinct_ids": distinct,
-                "flushed": flushed,
-            },
+            stats=_stats_view(stats, distinct_ids=distinct, flushed=flushed),
             # The callers' cost with the writer asleep: the baseline for the saturated case.
             latency_ns=percentiles(samples, LATENCY_MARKS),
         )
@@ -570,6 +537,21 @@ def _produce(
     gate.wait()
     for i in range(count):
         out[i] = timed_log(log, metadata_for(offset + i))
+
+
+def _stats_view(stats: WriterStats, **extra: Any) -> dict[str, Any]:
+    """A run's writer counters for the JSON, with what the case adds."""
+    return {
+        "calls": stats.calls,
+        "accepted": stats.accepted,
+        "written": stats.written,
+        "dropped_overflow": stats.dropped_overflow,
+        "rejected": stats.rejected,
+        "dead_lettered": stats.dead_lettered,
+        "batches": stats.batches,
+        "retries": stats.retries,
+        **extra,
+    }
 
 
 def _produce_paced(

@@ -21,6 +21,7 @@ from typing import Any, TextIO
 import psycopg
 
 from ..dsn import Dsn
+from ..entry import Row, dump_metadata
 from ..schema import create, qualified
 from ..stats import WriterStats
 from ..writer import AuditWriter
@@ -130,6 +131,26 @@ def timer_overhead_ns() -> float:
 def metadata_for(n: int) -> dict[str, Any]:
     """The metadata of the n-th bench entry (built outside the timed call)."""
     return {"seq": n, "path": "/api/documents"}
+
+
+def typical_row(n: int) -> Row:
+    """The n-th typical entry as the queue holds it (what `timed_log` logs), for the cases
+    and scripts that encode rows without calling `log()`."""
+    return (
+        None,
+        time.time_ns(),
+        "document.read",
+        "tenant-42",
+        "user-1234",
+        "user",
+        "document",
+        "doc-9",
+        "success",
+        "203.0.113.7",
+        _USER_AGENT,
+        "req-0001",
+        dump_metadata(metadata_for(n)),
+    )
 
 
 def timed_log(log: Callable[..., bool], metadata: dict[str, Any] | None) -> int:

@@ -1,0 +1,41 @@
+"""The C extension (`auditq._speedups`), if it was built and is not switched off, and the
+fork counter it provides, with a pure-Python stand-in.
+
+One place decides whether C is in use, so `AUDITQ_NO_SPEEDUPS=1` turns off all of it at once
+(to compare, or to rule it out) and the pure-Python paths stay testable on a machine that
+did build it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from types import ModuleType
+
+
+def _load() -> ModuleType | None:
+    if os.environ.get("AUDITQ_NO_SPEEDUPS", "") not in ("", "0"):
+        return None
+    try:
+        from . import _speedups
+    except ImportError:  # not built: no C compiler at install
+        return None
+    return _speedups
+
+
+#: `auditq._speedups`, or None when auditq runs in pure Python.
+speedups = _load()
+
+
+class _PidProbe:
+    """`FORKS` without the extension: item 0 is the pid, which changes in a child however it
+    was forked (a system call per read, ~190 ns)."""
+
+    def __getitem__(self, index: int) -> int:
+        return os.getpid()
+
+
+#: `FORKS[0]` changes in a forked child whether or not Python's fork hooks ran (uWSGI forks
+#: without them). With the extension it is a counter its `pthread_atfork` child handler
+#: bumps, read in ~22 ns; without it, the pid.
+FORKS: Sequence[int] | _PidProbe = _PidProbe() if speedups is None else speedups.FORKS.cast("Q")
