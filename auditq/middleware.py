@@ -22,7 +22,7 @@ import asyncio
 import ipaddress
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
 from .config import middleware_options_from_env
 from .context import Bound, current
@@ -48,6 +48,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 # WSGI types (PEP 3333).
 StartResponse = Callable[..., Callable[[bytes], object]]
 WSGIApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
+App = TypeVar("App")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -206,16 +207,13 @@ def _reset(token: Any) -> None:
         current.set(None)  # reset from another context: clear rather than leak
 
 
-class AuditASGIMiddleware:
-    """Pure ASGI middleware: binds the request context around each HTTP/WebSocket request.
-
-    A task sees the context it was created in; the context is reset when the app returns,
-    so the next request on the same connection (or task) starts clean.
-    """
+class _Middleware(Generic[App]):
+    """What both middlewares are made of: the wrapped app and a `RequestAuditor` with the
+    options (documented in docs/frameworks.md)."""
 
     def __init__(
         self,
-        app: ASGIApp,
+        app: App,
         *,
         writer: AuditWriter | None = None,
         request_id_header: str | None = None,
@@ -233,6 +231,14 @@ class AuditASGIMiddleware:
             action=action,
             echo_request_id=echo_request_id,
         )
+
+
+class AuditASGIMiddleware(_Middleware[ASGIApp]):
+    """Pure ASGI middleware: binds the request context around each HTTP/WebSocket request.
+
+    A task sees the context it was created in; the context is reset when the app returns,
+    so the next request on the same connection (or task) starts clean.
+    """
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope.get("type")
@@ -297,34 +303,13 @@ class AuditASGIMiddleware:
         return lifespan_send
 
 
-class AuditWSGIMiddleware:
+class AuditWSGIMiddleware(_Middleware[WSGIApp]):
     """WSGI middleware: binds the request context until the server closes the response.
 
     The response iterable is wrapped so that streaming bodies are produced inside the
     request's context, and the context is reset (and the optional request entry logged)
     when the server calls `close()` on it, as PEP 3333 requires every server to do.
     """
-
-    def __init__(
-        self,
-        app: WSGIApp,
-        *,
-        writer: AuditWriter | None = None,
-        request_id_header: str | None = None,
-        trusted_proxies: Iterable[str] | str | None = None,
-        log_requests: bool | None = None,
-        action: str = DEFAULT_ACTION,
-        echo_request_id: bool = True,
-    ) -> None:
-        self.app = app
-        self.auditor = RequestAuditor(
-            writer=writer,
-            request_id_header=request_id_header,
-            trusted_proxies=trusted_proxies,
-            log_requests=log_requests,
-            action=action,
-            echo_request_id=echo_request_id,
-        )
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         auditor = self.auditor
