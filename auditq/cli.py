@@ -16,6 +16,7 @@ import psycopg
 from .config import ConfigError, dsn_from_env, options_from_env
 from .dsn import Dsn
 from .schema import DEFAULT_SCHEMA, DEFAULT_TABLE, create
+from .writer import DEFAULT_BATCH_SIZE
 
 
 def _add_target(parser: argparse.ArgumentParser, *, table: str | None = None) -> None:
@@ -50,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument(
         "--rate", type=float, default=0.0, help="pace producers to this many calls/s in total"
     )
-    bench.add_argument("--batch-size", type=int, help="writer batch_size (20000)")
+    bench.add_argument("--batch-size", type=int, help=f"writer batch_size ({DEFAULT_BATCH_SIZE})")
     bench.add_argument("--max-queue", type=int, help="writer max_queue (100000)")
     bench.add_argument("--flush-interval", type=float, help="writer flush_interval (1.0)")
     bench.add_argument("--no-metadata", action="store_true", help="log entries without metadata")
@@ -172,7 +173,7 @@ def _bench(args: argparse.Namespace, env: dict[str, object], schema: str) -> int
         entries=args.entries,
         threads=max(1, args.threads),
         rate=args.rate,
-        batch_size=args.batch_size or int(env.get("batch_size", 20_000)),  # type: ignore[call-overload]
+        batch_size=args.batch_size or int(env.get("batch_size", DEFAULT_BATCH_SIZE)),  # type: ignore[call-overload]
         max_queue=args.max_queue or int(env.get("max_queue", 100_000)),  # type: ignore[call-overload]
         flush_interval=args.flush_interval or float(env.get("flush_interval", 1.0)),  # type: ignore[arg-type]
         table=args.table or "auditq_bench",

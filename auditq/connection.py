@@ -66,6 +66,7 @@ def widen_send_buffer(fd: int, size: int = SEND_BUFFER_BYTES) -> None:
 class ConnectionSource(Protocol):
     """What the sink needs: a connection per attempt and a way to give it back."""
 
+    def warm_up(self) -> None: ...
     def acquire(self) -> Connection: ...
     def release(self, conn: Connection, *, broken: bool) -> None: ...
     def close(self) -> None: ...
@@ -78,6 +79,14 @@ class DsnSource:
     def __init__(self, dsn: Dsn) -> None:
         self._dsn = dsn
         self._conn: Connection | None = None
+
+    def warm_up(self) -> None:
+        """Open the connection before the first batch is due (best effort: a failure here
+        is met again, and reported, by the first write)."""
+        try:
+            self.acquire()
+        except Exception:  # noqa: S110 - the first batch retries and reports it
+            pass
 
     def acquire(self) -> Connection:
         conn = self._conn
@@ -128,6 +137,9 @@ class PoolSource:
     def __init__(self, pool: ConnectionPool[Any], timeout: float) -> None:
         self._pool = pool
         self._timeout = timeout
+
+    def warm_up(self) -> None:
+        """Nothing: the pool's connections are the application's, opened by its pool."""
 
     def acquire(self) -> Connection:
         conn: Connection = self._pool.getconn(timeout=self._timeout)

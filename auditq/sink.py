@@ -192,10 +192,21 @@ class Sink:
                     report.dead(duplicates, "duplicate id: a row with this id is already stored")
         return _DONE
 
-    def deliver_rows(self, rows: list[Row], *, divert: Callable[[], bool] | None = None) -> Handed:
+    def deliver_rows(
+        self,
+        rows: list[Row],
+        *,
+        divert: Callable[[], bool] | None = None,
+        more: Callable[[], list[Row]] | None = None,
+    ) -> Handed:
         """Encode and write queued rows. The first attempt encodes chunk by chunk inside
         the COPY, so the server ingests one chunk while the next is encoded; rows that fail
-        their checks are dead-lettered; retries reuse what was encoded."""
+        their checks are dead-lettered; retries reuse what was encoded.
+
+        `more()`, when given, is asked for further rows once `rows` are sent, and they join
+        the same COPY until it returns none: under a backlog one COPY carries many chunks
+        instead of ending (and leaving the server idle for two round trips) and starting
+        again."""
         items: list[Item] = []
         bad: list[tuple[Row, str]] = []
         consumed = [0]  # rows the first attempt has encoded so far
@@ -203,7 +214,7 @@ class Sink:
         attempted = not self._stopping()
         if attempted:
             try:
-                self._attempt_rows(rows, items, bad, consumed)
+                self._attempt_rows(rows, items, bad, consumed, more)
             except Exception as exc:
                 error = exc
         if consumed[0] < len(rows):
@@ -219,7 +230,12 @@ class Sink:
         return self.deliver(items, divert=divert, failed=error)
 
     def _attempt_rows(
-        self, rows: list[Row], items: list[Item], bad: list[tuple[Row, str]], consumed: list[int]
+        self,
+        rows: list[Row],
+        items: list[Item],
+        bad: list[tuple[Row, str]],
+        consumed: list[int],
+        more: Callable[[], list[Row]] | None,
     ) -> None:
         def encoded_chunks() -> Iterator[bytes]:
             for start in range(0, len(rows), CHUNK_ROWS):
@@ -228,10 +244,25 @@ class Sink:
                 consumed[0] = start + len(chunk)
                 if data:
                     yield data
+            # Rows taken by more() are encoded at once, so a failed attempt finds them in
+            # `items` (or `bad`) like the others.
+            while more is not None and (extra := more()):
+                data = encode_chunk(extra, items, bad)
+                if data:
+                    yield data
 
         self._committing = False
         with self._connection() as conn:
             self._copy_chunks(conn, encoded_chunks())
+
+    def warm_up(self) -> None:
+        """Get ready for the first batch while it is still filling up: open the writer's
+        own connection and start the watchdog thread. Under load each of the connection's
+        round trips costs the writer thread a wait for the GIL (up to the 5 ms switch
+        interval, longer with several busy callers): made at the first batch, that setup
+        would keep the server idle while the queue fills (about 0.2 s with 4 busy callers)."""
+        self._watchdog.start()
+        self._source.warm_up()
 
     def probe(self) -> bool:
         """One cheap round trip: is the database answering again?"""

@@ -10,6 +10,7 @@ writer's ordinary retry path takes over. `close()` uses the same lever to stop o
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import threading
@@ -40,6 +41,10 @@ class Watchdog:
         # point the watchdog at another connection) and its monotonic deadline.
         self._fd: int | None = None
         self._deadline = 0.0
+        # When the sleeping thread's current wait ends at the latest (monotonic): arm()
+        # wakes it only for an earlier deadline. Each wake costs a GIL hand-off, which
+        # callers that keep the GIL busy make slow for the writer (it waits on this lock).
+        self._wakes_at = math.inf
         self._closed = False
         self._thread: threading.Thread | None = None
         #: How many operations were cut short.
@@ -50,12 +55,20 @@ class Watchdog:
         dup = os.dup(fd)
         with self._cond:
             stale, self._fd = self._fd, dup
-            self._deadline = time.monotonic() + seconds
+            self._deadline = deadline = time.monotonic() + seconds
             if self._thread is None:
                 self._start()
-            self._cond.notify()
+            elif deadline < self._wakes_at:
+                self._cond.notify()
         if stale is not None:
             os.close(stale)
+
+    def start(self) -> None:
+        """Start the sleeping thread now (the writer does at its start, so that the first
+        batch does not wait for a thread start while callers hold the GIL)."""
+        with self._cond:
+            if self._thread is None and not self._closed:
+                self._start()
 
     def disarm(self) -> None:
         with self._cond:
@@ -94,18 +107,28 @@ class Watchdog:
         with self._cond:
             if self._closed:
                 return False
+            now = time.monotonic()
             if self._fd is None:
-                self._cond.wait(timeout=60.0)
+                self._sleep(now, 60.0)
                 return True
-            remaining = self._deadline - time.monotonic()
+            remaining = self._deadline - now
             if remaining > 0:
-                self._cond.wait(timeout=remaining)
+                # Past a disarm and the next arm this wait still ends by the old deadline,
+                # and the new one, later, is then found armed and waited for in turn.
+                self._sleep(now, remaining)
                 return True
             fd, self._fd = self._fd, None
         logger.warning("a database operation exceeded its time bound; interrupting it")
         interrupt_socket(fd)
         self.fired += 1
         return True
+
+
+    def _sleep(self, now: float, seconds: float) -> None:
+        """Wait on the condition (its lock held) until `seconds` pass or arm() wakes us."""
+        self._wakes_at = now + seconds
+        self._cond.wait(timeout=seconds)
+        self._wakes_at = -math.inf  # awake: the state is read again before the next wait
 
 
 def _run(ref: weakref.ref[Watchdog], cond: threading.Condition) -> None:

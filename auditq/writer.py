@@ -32,7 +32,7 @@ from .context import current as _current_context
 from .dsn import Dsn
 from .entry import COLUMNS, AuditEntry, InvalidEntry, Row, dump_metadata
 from .schema import DEFAULT_SCHEMA, DEFAULT_TABLE
-from .sink import DATA, ROW, Ledger, Sink, make_items
+from .sink import CHUNK_ROWS, DATA, ROW, Ledger, Sink, make_items
 from .spool import Damage, FsyncPolicy, Spool, SpoolFull
 from .stats import WriterStats
 from .watchdog import Watchdog
@@ -42,6 +42,11 @@ logger = logging.getLogger("auditq")
 _getpid: Final = os.getpid
 _FORKS: Final = native.FORKS
 _time_ns: Final = time.time_ns
+#: Rows per COPY transaction at most (`batch_size`): ~0.4 s of a 2-core server's work, so
+#: the two round trips between COPYs (each a wait for the GIL under load) are rare.
+DEFAULT_BATCH_SIZE: Final = 100_000
+#: Queued entries that wake the writer before flush_interval (see `_wake_every`).
+WAKE_ROWS: Final = 5_000
 
 #: How often a writer looks for segments left by writers that are gone (seconds); the first
 #: look is at its thread's first wake-up.
@@ -97,7 +102,7 @@ class AuditWriter:
         table: str = DEFAULT_TABLE,
         schema: str = DEFAULT_SCHEMA,
         max_queue: int = 100_000,
-        batch_size: int = 20_000,
+        batch_size: int = DEFAULT_BATCH_SIZE,
         flush_interval: float = 1.0,
         shutdown_timeout: float = 10.0,
         write_timeout: float = 15.0,
@@ -176,9 +181,11 @@ class AuditWriter:
         self._forks = _FORKS[0]
         # Wakes the writer thread early: a full batch, flush(), close().
         self._wake = threading.Event()
-        # Callers wake the writer every this many entries: a full batch, or half the queue
-        # when the queue is smaller than a batch (else it would wait out flush_interval).
-        self._wake_every = min(self.batch_size, max(1, self.max_queue // 2))
+        # Callers wake the writer every this many entries (else it waits out flush_interval):
+        # WAKE_ROWS, or a full batch or half the queue when either is smaller. The COPY it
+        # then starts keeps taking rows while a backlog lasts, up to batch_size in all, so
+        # it need not wait for a whole batch to queue up first while the server idles.
+        self._wake_every = min(self.batch_size, max(1, self.max_queue // 2), WAKE_ROWS)
         self._buffer = Buffer(self.max_queue, self._wake_every, self._wake.set)
         # The deque itself, for log()'s inlined append.
         self._items = self._buffer.items
@@ -659,12 +666,35 @@ class AuditWriter:
             self.dead_rows(bad)
             self._to_spool(items)
             return
-        handed = self._sink.deliver_rows(rows, divert=self._should_divert)
+        handed = self._sink.deliver_rows(
+            rows, divert=self._should_divert, more=self._follow_on(len(rows))
+        )
         if handed.why == "divert":
             self._probe_later()
             self._to_spool(handed.items)
         elif handed.items:
             self._give_up(handed.items, unconfirmed=handed.unconfirmed)
+
+    def _follow_on(self, taken: int) -> Callable[[], list[Row]]:
+        """More rows for the COPY under way, up to `batch_size` rows in all, while at least
+        a chunk of them is queued: a backlog streams through one COPY, but a trickle does
+        not keep a COPY (and its transaction) open. Nothing once close() is cutting the
+        writer short: what is still queued is then close()'s to account for."""
+        budget = self.batch_size - taken
+
+        def more() -> list[Row]:
+            nonlocal budget
+            want = min(CHUNK_ROWS, budget)
+            with self._lock:
+                if want <= 0 or len(self._buffer) < want or self._abort.is_set():
+                    return []
+                rows = self._buffer.take(want)
+                self._taken += want
+                self._inflight += want
+            budget -= want
+            return rows
+
+        return more
 
     def _probe_later(self) -> None:
         self._next_probe = time.monotonic() + min(self.retry_backoff_max, PROBE_SECONDS)
@@ -965,6 +995,10 @@ def _positive(name: str, value: float) -> None:
 def _run(ref: weakref.ref[AuditWriter]) -> None:
     # Holds the writer only while working, so an abandoned writer can be collected; a loop
     # step that fails is logged and the loop goes on, so one surprise never strands the queue.
+    writer = ref()
+    if writer is not None:
+        writer._sink.warm_up()
+    del writer
     while True:
         writer = ref()
         if writer is None:

@@ -39,7 +39,7 @@ from ..binary import COPY_COLUMNS, HEADER, TRAILER, encode_row
 from ..entry import COLUMNS
 from ..schema import qualified
 from ..stats import WriterStats
-from ..writer import AuditWriter
+from ..writer import DEFAULT_BATCH_SIZE, AuditWriter
 from .run import (
     _USER_AGENT,
     machine_info,
@@ -65,8 +65,9 @@ class CompareConfig:
     naive_entries: int = 5_000
     executemany_entries: int = 50_000
     executemany_batch: int = 1_000
-    #: Rows per COPY transaction in `ceiling`, and the size of each write() inside it.
-    ceiling_chunk: int = 20_000
+    #: Rows per COPY transaction in `ceiling` (the writer's default batch_size, so both
+    #: pay for as many commits), and the size of each write() inside it.
+    ceiling_chunk: int = DEFAULT_BATCH_SIZE
     copy_block_bytes: int = 1 * MiB
     freeze_seconds: float = 3.0
     overload_seconds: float = 10.0

@@ -24,7 +24,7 @@ from ..dsn import Dsn
 from ..entry import Row, dump_metadata
 from ..schema import create, qualified
 from ..stats import WriterStats
-from ..writer import AuditWriter
+from ..writer import DEFAULT_BATCH_SIZE, AuditWriter
 
 _USER_AGENT = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 (KHTML, like Gecko)"
 
@@ -34,7 +34,7 @@ class BenchConfig:
     entries: int = 200_000
     threads: int = 1
     rate: float = 0.0  # entries/s over all threads; 0 = as fast as possible
-    batch_size: int = 20_000
+    batch_size: int = DEFAULT_BATCH_SIZE
     max_queue: int = 100_000
     flush_interval: float = 1.0
     table: str = "auditq_bench"
