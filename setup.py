@@ -1,4 +1,4 @@
-"""The C row encoder, built when a compiler is there; without one auditq installs and runs
+"""The C row encoder and caller path, built when a compiler is there; without one auditq installs and runs
 in pure Python (`optional=True` turns a failed build into a warning)."""
 
 from setuptools import Extension, setup
@@ -7,7 +7,8 @@ setup(
     ext_modules=[
         Extension(
             "auditq._speedups",
-            sources=["auditq/_speedups.c"],
+            sources=["auditq/_speedups.c", "auditq/_caller.c"],
+            depends=["auditq/_speedups.h"],
             optional=True,
             extra_compile_args=["-O2"],
         )

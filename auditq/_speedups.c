@@ -21,6 +21,8 @@
 #include <pthread.h>
 #include <unistd.h>
 
+#include "_speedups.h"
+
 #define FIELD_COUNT 13
 #define MAX_NAME_CHARS 256
 #define CACHE_ENTRIES 16384
@@ -51,6 +53,8 @@ static void forked_child(void) {
     need_reseed = 1;
     fork_count++;
 }
+
+uint64_t auditq_fork_count(void) { return fork_count; }
 
 static inline uint64_t rotl(uint64_t x, int k) { return (x << k) | (x >> (64 - k)); }
 
@@ -537,6 +541,10 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     }
     PyObject *mod = PyModule_Create(&module);
     if (mod == NULL) {
+        return NULL;
+    }
+    if (auditq_add_caller_path(mod) < 0) {
+        Py_DECREF(mod);
         return NULL;
     }
     PyObject *forks = PyMemoryView_FromMemory((char *)&fork_count, sizeof(fork_count), PyBUF_READ);

@@ -1,4 +1,5 @@
-"""Types of the C row encoder (auditq/_speedups.c); binary.py is its only user."""
+"""Types of the C extension: the row encoder (_speedups.c, used by binary.py) and the
+caller path of `AuditWriter.log()` (_caller.c, made by native.py)."""
 
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -21,3 +22,19 @@ def encode_chunk(
     bad: list[tuple[Row, str]],
     /,
 ) -> bytes: ...
+
+class CallerPath:
+    def __init__(
+        self,
+        writer: object,
+        log: Callable[..., bool],
+        queue: object,
+        wake: Callable[[], None],
+        dump_metadata: Callable[[Any], str],
+        context: object,
+        otel: object,
+        max_queue: int,
+        wake_every: int,
+        /,
+    ) -> None: ...
+    def __call__(self, action: str, /, **fields: Any) -> bool: ...

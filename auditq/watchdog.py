@@ -123,7 +123,6 @@ class Watchdog:
         self.fired += 1
         return True
 
-
     def _sleep(self, now: float, seconds: float) -> None:
         """Wait on the condition (its lock held) until `seconds` pass or arm() wakes us."""
         self._wakes_at = now + seconds

@@ -44,7 +44,7 @@ _FORKS: Final = native.FORKS
 _time_ns: Final = time.time_ns
 #: Rows per COPY transaction at most (`batch_size`): ~0.4 s of a 2-core server's work, so
 #: the two round trips between COPYs (each a wait for the GIL under load) are rare.
-DEFAULT_BATCH_SIZE: Final = 100_000
+DEFAULT_BATCH_SIZE: Final = 50_000
 #: Queued entries that wake the writer before flush_interval (see `_wake_every`).
 WAKE_ROWS: Final = 5_000
 
@@ -262,6 +262,22 @@ class AuditWriter:
             write_timeout=self.write_timeout,
             retry_backoff_max=self.retry_backoff_max,
         )
+        # log() for the common call in C, as an instance attribute that shadows the method
+        # below; the method stays the reference and takes every other call (see _caller.c).
+        # Not for a subclass that overrides log(), nor without the extension.
+        self.__dict__.pop("log", None)
+        if native.speedups is not None and type(self).log is AuditWriter.log:
+            self.__dict__["log"] = native.speedups.CallerPath(
+                self,
+                AuditWriter.log,
+                self._items,
+                self._wake.set,
+                dump_metadata,
+                _current_context,
+                _otel,
+                self.max_queue,
+                self._wake_every,
+            )
 
     # -- the caller's path -------------------------------------------------------------
 

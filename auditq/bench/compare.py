@@ -3,10 +3,12 @@ alternatives, in one process, cases interleaved over several rounds, medians rep
 
 Throughput cases (each starts on an emptied table, after a CHECKPOINT when allowed):
   ceiling      rows encoded with `auditq.binary.encode_row` before timing; timed: binary COPY of
-               HEADER, the rows in ~1 MB writes, TRAILER, in chunks of 20,000 rows per commit
+               HEADER, the rows in ~1 MB writes, TRAILER, one commit per writer batch_size rows
   auditq-1t    1 producer thread calling `writer.log()` as fast as it can, default settings;
                timed from the first call until `flush()` returned (then `count(*)` must agree)
   auditq-4t    the same with 4 producer threads
+  auditq-4t-si1ms  a diagnostic, not a target: auditq-4t under sys.setswitchinterval(0.001),
+               to show what the interpreter's 5 ms GIL hand-off costs the writer thread
   auditq-drain the writer alone: a queue filled while it sleeps, then flush() timed (no
                caller competes for the GIL: what the writer itself can do)
   naive        one INSERT per call, autocommit (the original service's design)
@@ -35,6 +37,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
+from .. import native, otel
 from ..binary import COPY_COLUMNS, HEADER, TRAILER, encode_row
 from ..entry import COLUMNS
 from ..schema import qualified
@@ -52,7 +55,17 @@ from .run import (
 )
 from .system import ServerFreezer, rss_bytes
 
-THROUGHPUT_CASES = ("ceiling", "auditq-1t", "auditq-4t", "auditq-drain", "naive", "executemany")
+THROUGHPUT_CASES = (
+    "ceiling",
+    "auditq-1t",
+    "auditq-4t",
+    "auditq-4t-si1ms",
+    "auditq-drain",
+    "naive",
+    "executemany",
+)
+#: The switch interval of the diagnostic case (the interpreter's default is 5 ms).
+DIAGNOSTIC_SWITCH_INTERVAL = 0.001
 LATENCY_MARKS = (50, 99, 99.9)
 MiB = 1 << 20
 
@@ -198,6 +211,9 @@ class Harness:
             "max_queue": writer.max_queue,
             "batch_size": writer.batch_size,
             "flush_interval": writer.flush_interval,
+            # What the caller's path runs: C or Python, and with the OpenTelemetry hook or not.
+            "c_extension": native.speedups is not None,
+            "otel_hook": otel.enabled,
         }
         return writer
 
@@ -247,7 +263,16 @@ class Harness:
         in_table, _ = self.count()
         return CaseRun("ceiling", round_, rows, seconds, rows / seconds, in_table, in_table == rows)
 
-    def auditq(self, round_: int, threads: int) -> CaseRun:
+    def auditq(self, round_: int, threads: int, *, switch_interval: float | None = None) -> CaseRun:
+        if switch_interval is not None:
+            default = sys.getswitchinterval()
+            sys.setswitchinterval(switch_interval)
+            try:
+                run = self.auditq(round_, threads)
+            finally:
+                sys.setswitchinterval(default)
+            run.case += f"-si{switch_interval * 1000:g}ms"
+            return run
         total = self.cfg.entries
         per_thread = [total // threads] * threads
         per_thread[0] += total - sum(per_thread)
@@ -617,6 +642,9 @@ def run_compare(
         "ceiling": lambda r: harness.ceiling(r, chunks),
         "auditq-1t": lambda r: harness.auditq(r, 1),
         "auditq-4t": lambda r: harness.auditq(r, 4),
+        "auditq-4t-si1ms": lambda r: harness.auditq(
+            r, 4, switch_interval=DIAGNOSTIC_SWITCH_INTERVAL
+        ),
         "auditq-drain": harness.drain,
         "naive": harness.naive,
         "executemany": harness.executemany,

@@ -46,10 +46,11 @@ class ServerFreezer:
 
         with psycopg.connect(dsn, autocommit=True) as conn:
             row = conn.execute("SELECT pg_backend_pid()").fetchone()
-        if row is None:
-            raise RuntimeError("pg_backend_pid() returned nothing")
-        backend = psutil.Process(int(row[0]))
-        postmaster = backend.parent()
+            if row is None:
+                raise RuntimeError("pg_backend_pid() returned nothing")
+            # Looked up while the connection is open: its backend exits when it closes.
+            backend = psutil.Process(int(row[0]))
+            postmaster = backend.parent()
         command = " ".join(postmaster.cmdline() or [postmaster.name()]) if postmaster else ""
         if postmaster is None or "postgres" not in command:
             raise RuntimeError("cannot find the server's postmaster process")

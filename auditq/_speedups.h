@@ -1,0 +1,14 @@
+/* What the two C files of auditq._speedups share. */
+#ifndef AUDITQ_SPEEDUPS_H
+#define AUDITQ_SPEEDUPS_H
+
+#include <Python.h>
+#include <stdint.h>
+
+/* Forks this process has been through (a pthread_atfork child handler counts them). */
+uint64_t auditq_fork_count(void);
+
+/* Adds the CallerPath type (_caller.c) to the module. */
+int auditq_add_caller_path(PyObject *module);
+
+#endif
