@@ -5,10 +5,13 @@
  * attribute reads and the tuple build cost ~1 us; here the same steps cost a fraction of
  * that, which is both the caller's latency and GIL time the writer thread gets back.
  *
- * Why it stays small: it does only what the Python log() does for an ordinary call (one
- * positional action, known keywords, a writer that is open, started, not strict, not in a
- * forked child, a queue with room) and queues the very same 13-tuple, calling the same
- * Python functions for the metadata (otel.with_trace, entry.dump_metadata).
+ * Why it stays small: it takes the calls the Python log() takes without its slow paths
+ * (one positional str action, known keywords, not strict, not in a forked child) and does
+ * its steps in its order, queueing the very same 13-tuple. It calls the same Python code
+ * for everything with rules of its own: otel.with_trace and entry.dump_metadata for the
+ * metadata, the writer's _refuse(), _reject() and _start(). Any other call (wrong
+ * arguments, an invalid action, strict mode, a forked child) goes to the Python log().
+ * max_queue and the wake-up count are fixed when the writer makes it, as in Buffer.
  * Any other call, including every call that ends in a refusal or an error, goes to the
  * Python log() unchanged, which keeps every rule and every message in one place.
  */
@@ -43,6 +46,7 @@ static const char *const keyword_names[KEYWORDS] = {
 
 static PyObject *keywords[KEYWORDS]; /* interned, so a call's names match by identity */
 static PyObject *str_closed, *str_thread, *str_strict, *str_enabled, *str_with_trace;
+static PyObject *str_refuse, *str_reject, *str_start;
 
 typedef struct {
     PyObject_HEAD
@@ -85,6 +89,25 @@ static int attribute_true(PyObject *obj, PyObject *name) {
     return truth;
 }
 
+/* str() of the exception being raised, which it clears; NULL with an error set. */
+static PyObject *raised_message(void) {
+#if PY_VERSION_HEX >= 0x030C0000
+    PyObject *exc = PyErr_GetRaisedException();
+    PyObject *message = PyObject_Str(exc);
+    Py_DECREF(exc);
+    return message;
+#else
+    PyObject *type, *value, *traceback;
+    PyErr_Fetch(&type, &value, &traceback);
+    PyErr_NormalizeException(&type, &value, &traceback);
+    PyObject *message = value == NULL ? PyUnicode_FromString("") : PyObject_Str(value);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(traceback);
+    return message;
+#endif
+}
+
 /* The Python log(), with the writer as its first argument. */
 static PyObject *slow_call(CallerPath *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
     Py_ssize_t total = nargs + (kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames));
@@ -112,6 +135,10 @@ static PyObject *caller_path_call(PyObject *callable, PyObject *const *args, siz
     CallerPath *self = (CallerPath *)callable;
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     PyObject *kw[KEYWORDS] = {NULL};
+    if (self->writer == NULL) { /* cleared by the garbage collector: never called then */
+        PyErr_SetString(PyExc_ReferenceError, "this writer's log() was cleared");
+        return NULL;
+    }
     if (nargs != 1) {
         return slow_call(self, args, nargs, kwnames);
     }
@@ -132,31 +159,16 @@ static PyObject *caller_path_call(PyObject *callable, PyObject *const *args, siz
     if (auditq_fork_count() != self->forks) {
         return slow_call(self, args, nargs, kwnames);
     }
-    /* The writer's state, read on every call as the Python log() reads it. */
-    int elsewhere = attribute_true(self->writer, str_strict);
-    if (elsewhere == 0) {
-        elsewhere = attribute_true(self->writer, str_closed);
+    /* From here on, the steps of the Python log() in its order. Strict mode validates
+     * through the pydantic model: the Python log(). */
+    int strict = attribute_true(self->writer, str_strict);
+    if (strict != 0) {
+        return strict < 0 ? NULL : slow_call(self, args, nargs, kwnames);
     }
-    int traced = elsewhere == 0 ? attribute_true(self->otel, str_enabled) : 0;
-    if (elsewhere < 0 || traced < 0) {
+    int traced = attribute_true(self->otel, str_enabled);
+    if (traced < 0) {
         return NULL;
     }
-    if (elsewhere) { /* strict or closed: the Python log() */
-        return slow_call(self, args, nargs, kwnames);
-    }
-    PyObject *thread = PyObject_GetAttr(self->writer, str_thread);
-    if (thread == NULL) {
-        return NULL;
-    }
-    Py_DECREF(thread); /* only compared with None; the writer keeps it */
-    Py_ssize_t size = PyObject_Length(self->queue);
-    if (size < 0) {
-        return NULL;
-    }
-    if (thread == Py_None || size >= self->max_queue) { /* to start, or to refuse */
-        return slow_call(self, args, nargs, kwnames);
-    }
-
     PyObject *bound = NULL;
     if (PyContextVar_Get(self->context, NULL, &bound) < 0) {
         return NULL;
@@ -176,8 +188,7 @@ static PyObject *caller_path_call(PyObject *callable, PyObject *const *args, siz
             }
         }
     }
-
-    /* OpenTelemetry installed: the active span's ids join the metadata, as in log(). */
+    /* OpenTelemetry installed: the active span's ids join the metadata. */
     PyObject *given = Py_NewRef(kw[K_METADATA] != NULL ? kw[K_METADATA] : Py_None);
     if (traced) {
         PyObject *with_trace = PyObject_GetAttr(self->otel, str_with_trace);
@@ -188,17 +199,37 @@ static PyObject *caller_path_call(PyObject *callable, PyObject *const *args, siz
             return NULL;
         }
     }
+    /* The queue bound and the closed flag, read after with_trace (which may run a caller's
+     * Mapping code), as log() reads them; a refusal is counted by the writer's _refuse(). */
+    int closed = attribute_true(self->writer, str_closed);
+    Py_ssize_t size = closed < 0 ? -1 : PyObject_Length(self->queue);
+    if (size < 0) {
+        Py_DECREF(given);
+        Py_XDECREF(bound);
+        return NULL;
+    }
+    if (closed || size >= self->max_queue) {
+        Py_DECREF(given);
+        Py_XDECREF(bound);
+        return PyObject_CallMethodNoArgs(self->writer, str_refuse);
+    }
     PyObject *metadata = NULL;
     if (given != Py_None) {
         metadata = PyObject_CallOneArg(self->dump, given);
         if (metadata == NULL) {
             Py_DECREF(given);
             Py_XDECREF(bound);
-            if (PyErr_ExceptionMatches(PyExc_ValueError)) {
-                PyErr_Clear(); /* the Python log() rejects it, with the reason */
-                return slow_call(self, args, nargs, kwnames);
+            if (!PyErr_ExceptionMatches(PyExc_ValueError)) {
+                return NULL;
             }
-            return NULL;
+            /* Rejected with the reason, by the writer's _reject() (it counts it). */
+            PyObject *reason = raised_message();
+            if (reason == NULL) {
+                return NULL;
+            }
+            PyObject *result = PyObject_CallMethodOneArg(self->writer, str_reject, reason);
+            Py_DECREF(reason);
+            return result;
         }
     }
     Py_DECREF(given);
@@ -240,6 +271,19 @@ static PyObject *caller_path_call(PyObject *callable, PyObject *const *args, siz
     Py_DECREF(done);
     if ((size + 1) % self->wake_every == 0) {
         done = PyObject_CallNoArgs(self->wake);
+        if (done == NULL) {
+            return NULL;
+        }
+        Py_DECREF(done);
+    }
+    PyObject *thread = PyObject_GetAttr(self->writer, str_thread);
+    if (thread == NULL) {
+        return NULL;
+    }
+    int unstarted = thread == Py_None;
+    Py_DECREF(thread);
+    if (unstarted) { /* the first call starts the writer thread */
+        done = PyObject_CallMethodNoArgs(self->writer, str_start);
         if (done == NULL) {
             return NULL;
         }
@@ -346,7 +390,10 @@ int auditq_add_caller_path(PyObject *module) {
         (str_strict == NULL && (str_strict = PyUnicode_InternFromString("strict")) == NULL) ||
         (str_enabled == NULL && (str_enabled = PyUnicode_InternFromString("enabled")) == NULL) ||
         (str_with_trace == NULL &&
-         (str_with_trace = PyUnicode_InternFromString("with_trace")) == NULL)) {
+         (str_with_trace = PyUnicode_InternFromString("with_trace")) == NULL) ||
+        (str_refuse == NULL && (str_refuse = PyUnicode_InternFromString("_refuse")) == NULL) ||
+        (str_reject == NULL && (str_reject = PyUnicode_InternFromString("_reject")) == NULL) ||
+        (str_start == NULL && (str_start = PyUnicode_InternFromString("_start")) == NULL)) {
         return -1;
     }
     if (PyType_Ready(&CallerPathType) < 0) {

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -209,3 +209,65 @@ def test_not_started_writer_starts_through_the_method(
     monkeypatch.setattr(writer, "_start", lambda: started.append(True))
     assert writer.log("first")
     assert started == [True] and len(writer._items) == 1
+
+
+class _Closing(Mapping[str, Any]):
+    """Metadata whose reading closes the writer: the check must come after it, as in log()."""
+
+    def __init__(self, writer: AuditWriter) -> None:
+        self.writer = writer
+        self.reads = 0
+
+    def __getitem__(self, key: str) -> Any:
+        return 1
+
+    def __iter__(self) -> Iterator[str]:
+        self.reads += 1
+        self.writer._closed = True
+        return iter(["k"])
+
+    def __len__(self) -> int:
+        return 1
+
+
+def test_state_is_read_after_the_metadata_runs_caller_code() -> None:
+    pytest.importorskip("opentelemetry.sdk.trace")
+    from opentelemetry.sdk.trace import TracerProvider
+
+    assert audit_otel.enable()
+    fast, reference = _twin(), _twin()
+    with TracerProvider().get_tracer("auditq-test").start_as_current_span("request"):
+        # with_trace spreads the mapping (running its code) before log() reads _closed
+        assert fast.log("x", metadata=_Closing(fast)) is False
+        assert AuditWriter.log(reference, "x", metadata=_Closing(reference)) is False
+    assert len(fast._items) == len(reference._items) == 0
+    assert _counts(fast) == _counts(reference) == (0, 0, 1)
+
+
+class _Unserialisable(Mapping[str, Any]):
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def __getitem__(self, key: str) -> Any:
+        return object()
+
+    def __iter__(self) -> Iterator[str]:
+        self.reads += 1
+        return iter(["k"])
+
+    def __len__(self) -> int:
+        return 1
+
+
+def test_rejected_metadata_is_read_once(twins: tuple[AuditWriter, AuditWriter]) -> None:
+    audit_otel.disable()
+    try:
+        fast, reference = twins
+        ours, theirs = _Unserialisable(), _Unserialisable()
+        assert fast.log("x", metadata=ours) is False
+        assert AuditWriter.log(reference, "x", metadata=theirs) is False
+        assert ours.reads == theirs.reads == 1
+        assert fast._last_reject_reason == reference._last_reject_reason
+        assert "not serialisable as JSON" in fast._last_reject_reason
+    finally:
+        audit_otel.enable()
