@@ -441,6 +441,17 @@ class Harness:
         # is reported apart and left out of the steady figure the target is checked on.
         during = array("q", (costs[i] for i in window if not woke[i]))
         waking = array("q", (costs[i] for i in window if woke[i]))
+        # The control: the same paced calls in the seconds before and after the freeze,
+        # with the server running (a p99 that is no better there is the pacing's, not the
+        # frozen server's).
+        running = array(
+            "q",
+            (
+                costs[i]
+                for i in range(calls)
+                if not woke[i] and not frozen_at <= starts[i] <= thawed_at
+            ),
+        )
         consistent = (
             flushed
             and stats.calls == calls
@@ -457,6 +468,8 @@ class Harness:
             "latency_after_sleep_ns": percentiles(waking, LATENCY_MARKS),
             "calls_after_sleep": len(waking),
             "latency_all_ns": percentiles(costs[:calls], LATENCY_MARKS),
+            "latency_running_ns": percentiles(running, LATENCY_MARKS),
+            "calls_running": len(running),
             "written": stats.written,
             "dropped_overflow": stats.dropped_overflow,
             "retries": stats.retries,
@@ -496,11 +509,18 @@ class Harness:
         in_table, _ = self.count()
         peak = max((rss for _, rss, _, _ in samples), default=baseline)
         fill = next((i for i, sample in enumerate(samples) if sample[3] > 0), None)
+        trend_after_fill: int | None = None
         if fill is not None:
             at_fill = samples[fill][1]
-            after_fill = max(rss for _, rss, _, _ in samples[fill:])
-            growth_after_fill: int | None = after_fill - at_fill
+            after = [rss for _, rss, _, _ in samples[fill:]]
+            growth_after_fill: int | None = max(after) - at_fill
             fill_seconds: float | None = samples[fill][0]
+            # Flat means no trend: the writer's batch in flight fills and empties (a sawtooth
+            # of up to batch_size rows), so the peaks of the two halves after the fill are
+            # compared rather than the fill with the highest point.
+            half = len(after) // 2
+            if half:
+                trend_after_fill = max(after[half:]) - max(after[:half])
         else:
             growth_after_fill = fill_seconds = None
         max_queue = writer.max_queue
@@ -522,6 +542,7 @@ class Harness:
             "rss_bound_bytes": max_queue * 1024 + 32 * MiB,
             "queue_full_after_seconds": fill_seconds,
             "rss_growth_after_fill_bytes": growth_after_fill,
+            "rss_trend_after_fill_bytes": trend_after_fill,
             "flat_tolerance_bytes": FLAT_TOLERANCE,
             "max_queue": max_queue,
             "rss_samples": [(round(t, 3), rss) for t, rss, _, _ in samples],
@@ -552,8 +573,8 @@ class Harness:
         }
 
 
-#: RSS may move this much after the queue filled and still count as flat (allocator noise:
-#: batches in flight, pymalloc arenas, the COPY buffer).
+#: The peaks of RSS in the two halves after the queue filled may differ this much and still
+#: count as flat (allocator noise: pymalloc arenas, the COPY buffer).
 FLAT_TOLERANCE = 8 * MiB
 
 
@@ -686,6 +707,7 @@ def run_compare(
     frozen = harness.frozen()
     if "latency_ns" in frozen:
         latency["frozen"] = frozen["latency_ns"]
+        latency["frozen-control"] = frozen["latency_running_ns"]
 
     harness.reset()
     harness.say(
