@@ -22,7 +22,6 @@ the harness started), overload (producers offered ~10x the ceiling) and an idle 
 from __future__ import annotations
 
 import gc
-import resource
 import statistics
 import sys
 import threading
@@ -420,21 +419,15 @@ class Harness:
         )
         producer.start()
         processes = 0
-        # Minor page faults of the process (the caller's, while the writer is stuck): a queue
-        # that only grows touches fresh memory, one that is drained reuses it.
-        faults = [_minor_faults()]
         try:
             time.sleep(warm)
             frozen_at = time.perf_counter_ns()
-            faults.append(_minor_faults())
             processes = freezer.freeze()
             time.sleep(freeze)
         finally:
             freezer.thaw()
             thawed_at = time.perf_counter_ns()
-            faults.append(_minor_faults())
         time.sleep(after)
-        faults.append(_minor_faults())
         stop.set()
         producer.join()
         flushed = writer.flush(timeout=120)
@@ -477,10 +470,6 @@ class Harness:
             "latency_all_ns": percentiles(costs[:calls], LATENCY_MARKS),
             "latency_running_ns": percentiles(running, LATENCY_MARKS),
             "calls_running": len(running),
-            "minor_faults_frozen": faults[2] - faults[1] if len(faults) == 4 else None,
-            "minor_faults_running": faults[1] - faults[0] + faults[3] - faults[2]
-            if len(faults) == 4
-            else None,
             "written": stats.written,
             "dropped_overflow": stats.dropped_overflow,
             "retries": stats.retries,
@@ -648,10 +637,6 @@ def _produce_paced(
                 time.sleep(ahead / 1e9)
                 slept = True
     done[0] = n
-
-
-def _minor_faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _median_latency(runs: list[CaseRun]) -> dict[str, float]:

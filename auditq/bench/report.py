@@ -94,19 +94,9 @@ def evaluate(result: CompareResult) -> list[Target]:
         p99, worst = lat.get("p99"), lat.get("max")
         waking = frozen.get("latency_after_sleep_ns", {})
         running = frozen.get("latency_running_ns", {})
-        frozen_calls = frozen.get("calls_while_frozen", 0)
-        running_calls = frozen.get("calls_running", 0)
-        faults = ""
-        if frozen.get("minor_faults_frozen") is not None and frozen_calls and running_calls:
-            per_frozen = 1000 * frozen["minor_faults_frozen"] / frozen_calls
-            per_running = 1000 * frozen["minor_faults_running"] / running_calls
-            faults = (
-                f"; minor page faults per 1k calls {per_frozen:.0f} frozen (the queue only"
-                f" grows), {per_running:.0f} running"
-            )
         calls = (
-            f"{frozen_calls:,} calls while frozen; the same pacing with"
-            f" the server running: p99 {_us(running.get('p99'))}{faults}; the"
+            f"{frozen.get('calls_while_frozen', 0):,} calls while frozen; the same pacing with"
+            f" the server running: p99 {_us(running.get('p99'))}; the"
             f" {frozen.get('calls_after_sleep', 0):,} first after a pacing sleep apart:"
             f" p99 {_us(waking.get('p99'))}"
         )
