@@ -1,5 +1,6 @@
-"""The C row encoder and caller path, built when a compiler is there; without one auditq installs and runs
-in pure Python (`optional=True` turns a failed build into a warning)."""
+"""The C extension (row encoder and caller path), built when a compiler is there; without
+one auditq installs and runs in pure Python (`optional=True` turns a failed build into a
+warning)."""
 
 from setuptools import Extension, setup
 

@@ -285,6 +285,9 @@ def write_chart(result: CompareResult, path: str) -> None:
     colours = ["#777777", "#1f77b4", "#1f77b4", "#9ecae1", "#1f77b4", "#d62728", "#ff7f0e"]
     left.bar(cases, medians, yerr=[lows, highs], color=colours, capsize=4)
     left.set_yscale("log")
+    left.tick_params(axis="x", labelrotation=30)
+    for label in left.get_xticklabels():
+        label.set_horizontalalignment("right")
     left.set_ylabel("rows/s (log scale; median, min..max)")
     left.set_title("End-to-end throughput")
     for x, case in enumerate(cases):
