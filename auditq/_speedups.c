@@ -198,18 +198,26 @@ static PyObject *new_item(PyObject *data, PyObject *row, int untrack) {
     return item;
 }
 
-/* Append `size` bytes to the chunk the COPY will send, growing it as needed. */
-static int append_chunk(PyObject **chunk, Py_ssize_t *used, const char *data, Py_ssize_t size) {
-    Py_ssize_t need = *used + size;
-    Py_ssize_t have = PyBytes_GET_SIZE(*chunk);
+/* Make room for `size` more bytes at *used in a growing bytes buffer (doubling). */
+static int reserve(PyObject **buffer, Py_ssize_t used, Py_ssize_t size) {
+    Py_ssize_t need = used + size;
+    Py_ssize_t have = PyBytes_GET_SIZE(*buffer);
     if (need > have) {
         Py_ssize_t grown = have * 2 > need ? have * 2 : need;
-        if (_PyBytes_Resize(chunk, grown) < 0) {
+        if (_PyBytes_Resize(buffer, grown) < 0) {
             return -1;
         }
     }
+    return 0;
+}
+
+/* Append `size` bytes to the chunk the COPY will send, growing it as needed. */
+static int append_chunk(PyObject **chunk, Py_ssize_t *used, const char *data, Py_ssize_t size) {
+    if (reserve(chunk, *used, size) < 0) {
+        return -1;
+    }
     memcpy(PyBytes_AS_STRING(*chunk) + *used, data, (size_t)size);
-    *used = need;
+    *used += size;
     return 0;
 }
 
@@ -253,9 +261,10 @@ static PyObject *cached_group(PyObject **f, int *rc) {
 }
 
 /*
- * Encode one row on the fast path, appending its tuple to *chunk at *used and building
- * the per-row bytes. Returns FAST_OK with *item set (a new (bytes, row) tuple),
- * FAST_NO when the row needs binary.encode_row, FAST_ERROR on a Python error.
+ * Encode one row on the fast path, writing its tuple into *chunk at *used. With `item`
+ * not NULL it also builds the row's own bytes and sets *item to a new (bytes, row) tuple;
+ * without (encode_block), the chunk is all there is. Returns FAST_OK, FAST_NO when the row
+ * needs binary.encode_row, FAST_ERROR on a Python error.
  */
 static int encode_fast(PyObject *row, PyObject **item, PyObject **chunk, Py_ssize_t *used) {
     if (!PyTuple_CheckExact(row) || PyTuple_GET_SIZE(row) != FIELD_COUNT) {
@@ -326,12 +335,11 @@ static int encode_fast(PyObject *row, PyObject **item, PyObject **chunk, Py_ssiz
     Py_ssize_t group_size = PyBytes_GET_SIZE(group);
     Py_ssize_t size = 2 + 4 + 16 + 4 + 8 + group_size + field_size(&actor) +
                       field_size(&resource) + field_size(&ip) + field_size(&request) + meta_size;
-    PyObject *data = PyBytes_FromStringAndSize(NULL, size);
-    if (data == NULL) {
+    if (reserve(chunk, *used, size) < 0) {
         rc = FAST_ERROR;
         goto done;
     }
-    char *start = PyBytes_AS_STRING(data);
+    char *start = PyBytes_AS_STRING(*chunk) + *used;
     char *p = start;
     p = put_i16(p, FIELD_COUNT);
     p = put_u32(p, 16);
@@ -356,13 +364,17 @@ static int encode_fast(PyObject *row, PyObject **item, PyObject **chunk, Py_ssiz
     }
     assert(p - start == size);
 
-    /* The fast path admits only str, int and None in the row: safe to untrack. */
-    *item = new_item(data, row, 1);
-    if (*item == NULL || append_chunk(chunk, used, start, size) < 0) {
-        Py_CLEAR(*item);
-        rc = FAST_ERROR;
+    if (item != NULL) {
+        PyObject *data = PyBytes_FromStringAndSize(start, size);
+        /* The fast path admits only str, int and None in the row: safe to untrack. */
+        *item = data == NULL ? NULL : new_item(data, row, 1);
+        Py_XDECREF(data);
+        if (*item == NULL) {
+            rc = FAST_ERROR;
+            goto done;
+        }
     }
-    Py_DECREF(data);
+    *used += size;
 done:
     Py_XDECREF(actor.owner);
     Py_XDECREF(resource.owner);
@@ -384,7 +396,8 @@ static PyObject *reason_of(PyObject *exc) {
 
 /* A row off the fast path: binary.encode_row, whose errors make the row a reject. */
 static int encode_slow(PyObject *row, PyObject *items, PyObject *bad, PyObject **chunk,
-                       Py_ssize_t *used) {
+                       Py_ssize_t *used, int *kept) {
+    *kept = 0;
     PyObject *result = PyObject_CallOneArg(fallback, row);
     if (result == NULL) {
         if (!PyErr_ExceptionMatches(PyExc_Exception)) {
@@ -416,16 +429,22 @@ static int encode_slow(PyObject *row, PyObject *items, PyObject *bad, PyObject *
         return -1;
     }
     PyObject *data = PyTuple_GET_ITEM(result, 0);
-    /* The row may hold anything here (that is why it left the fast path): keep the item
-     * tracked, so a cycle through one of its values can still be collected. */
-    PyObject *item = new_item(data, row, 0);
-    if (item == NULL ||
-        append_chunk(chunk, used, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data)) < 0) {
-        Py_XDECREF(item);
+    if (append_chunk(chunk, used, PyBytes_AS_STRING(data), PyBytes_GET_SIZE(data)) < 0) {
         Py_DECREF(result);
         return -1;
     }
+    *kept = 1;
+    if (items == NULL) {
+        Py_DECREF(result);
+        return 0;
+    }
+    /* The row may hold anything here (that is why it left the fast path): keep the item
+     * tracked, so a cycle through one of its values can still be collected. */
+    PyObject *item = new_item(data, row, 0);
     Py_DECREF(result);
+    if (item == NULL) {
+        return -1;
+    }
     int rc = PyList_Append(items, item);
     Py_DECREF(item);
     return rc;
@@ -471,7 +490,8 @@ static PyObject *encode_chunk(PyObject *self, PyObject *const *args, Py_ssize_t 
             rc = PyList_Append(items, item);
             Py_DECREF(item);
         } else if (rc == FAST_NO) {
-            rc = encode_slow(row, items, bad, &chunk, &used);
+            int kept;
+            rc = encode_slow(row, items, bad, &chunk, &used, &kept);
         }
         if (rc < 0) {
             Py_XDECREF(chunk);
@@ -484,6 +504,78 @@ static PyObject *encode_chunk(PyObject *self, PyObject *const *args, Py_ssize_t 
         return NULL;
     }
     return chunk;
+}
+
+PyDoc_STRVAR(encode_block_doc,
+             "encode_block(rows, kept, bad) -> (bytes, bytes)\n\n"
+             "Encode `rows` into one buffer for a COPY write without a per-row object: append\n"
+             "each good row to `kept` and (row, reason) to `bad` for each rejected one; return\n"
+             "the buffer and the end offset of each kept row's tuple in it (native uint32).");
+
+static PyObject *encode_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyList_CheckExact(args[1]) || !PyList_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError, "encode_block(rows, kept: list, bad: list)");
+        return NULL;
+    }
+    if (fallback == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "auditq._speedups is not configured");
+        return NULL;
+    }
+    /* A tuple copy: the slow path runs Python code, which could shrink a list under us. */
+    PyObject *rows = PySequence_Tuple(args[0]);
+    if (rows == NULL) {
+        return NULL;
+    }
+    PyObject *kept = args[1], *bad = args[2];
+    if (seeded_pid != getpid()) {
+        need_reseed = 1;
+    }
+    Py_ssize_t count = PyTuple_GET_SIZE(rows);
+    PyObject *chunk = PyBytes_FromStringAndSize(NULL, (count < 1000 ? count : 1000) * 512 + 64);
+    PyObject *ends = PyBytes_FromStringAndSize(NULL, (count > 0 ? count : 1) * 4);
+    if (chunk == NULL || ends == NULL) {
+        goto error;
+    }
+    Py_ssize_t used = 0, nends = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *row = PyTuple_GET_ITEM(rows, i);
+        int rc = encode_fast(row, NULL, &chunk, &used), keep = rc == FAST_OK;
+        if (rc == FAST_NO) {
+            rc = encode_slow(row, NULL, bad, &chunk, &used, &keep);
+        }
+        if (rc < 0) {
+            goto error;
+        }
+        if (keep) {
+            if (used > UINT32_MAX) {
+                PyErr_SetString(PyExc_OverflowError, "encode_block: more than 4 GiB in one block");
+                goto error;
+            }
+            uint32_t end = (uint32_t)used;
+            memcpy(PyBytes_AS_STRING(ends) + 4 * nends++, &end, 4);
+            if (PyList_Append(kept, row) < 0) {
+                goto error;
+            }
+        }
+    }
+    Py_DECREF(rows);
+    if (_PyBytes_Resize(&chunk, used) < 0) {
+        Py_DECREF(ends);
+        return NULL;
+    }
+    if (_PyBytes_Resize(&ends, 4 * nends) < 0) {
+        Py_DECREF(chunk);
+        return NULL;
+    }
+    PyObject *result = PyTuple_Pack(2, chunk, ends);
+    Py_DECREF(chunk);
+    Py_DECREF(ends);
+    return result;
+error:
+    Py_XDECREF(chunk);
+    Py_XDECREF(ends);
+    Py_DECREF(rows);
+    return NULL;
 }
 
 PyDoc_STRVAR(configure_doc,
@@ -507,6 +599,7 @@ static PyObject *configure(PyObject *self, PyObject *const *args, Py_ssize_t nar
 
 static PyMethodDef methods[] = {
     {"encode_chunk", (PyCFunction)(void (*)(void))encode_chunk, METH_FASTCALL, encode_chunk_doc},
+    {"encode_block", (PyCFunction)(void (*)(void))encode_block, METH_FASTCALL, encode_block_doc},
     {"configure", (PyCFunction)(void (*)(void))configure, METH_FASTCALL, configure_doc},
     {NULL, NULL, 0, NULL},
 };

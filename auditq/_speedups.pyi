@@ -22,6 +22,12 @@ def encode_chunk(
     bad: list[tuple[Row, str]],
     /,
 ) -> bytes: ...
+def encode_block(
+    rows: Sequence[Row],
+    kept: list[Row],
+    bad: list[tuple[Row, str]],
+    /,
+) -> tuple[bytes, bytes]: ...
 
 class CallerPath:
     def __init__(

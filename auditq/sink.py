@@ -29,7 +29,16 @@ import psycopg
 from psycopg import sql
 
 from .backoff import Backoff
-from .binary import COPY_COLUMNS, HEADER, TRAILER, Item, encode_chunk, item_id
+from .binary import (
+    COPY_COLUMNS,
+    HEADER,
+    TRAILER,
+    Item,
+    encode_block,
+    encode_chunk,
+    item_id,
+    items_of_block,
+)
 from .connection import Connection, ConnectionSource
 from .dsn import Dsn
 from .entry import Row
@@ -55,6 +64,10 @@ MAX_UNKNOWN_ATTEMPTS: Final = 3
 #: stop the callers too.
 DATA: Final = 0
 ROW: Final = 1
+#: One `encode_block` result: (the bytes sent, the end offset of each row's tuple in them
+#: as native uint32, the rows they encode). A first attempt keeps only these; each row gets
+#: an Item of its own only when the attempt fails.
+Block = tuple[bytes, bytes, list[Row]]
 #: Rows joined into one `write()` of a COPY: the server starts on them while the next
 #: chunk is joined, instead of waiting for the whole batch.
 CHUNK_ROWS: Final = 1000
@@ -165,7 +178,7 @@ class Sink:
                 return Handed([item for chunk, _, _ in work for item in chunk], "divert")
         while work:
             batch, mode, attempts = work.pop()
-            if self._stopping():
+            if self.stopping():
                 # Rows waiting for an idempotent replay may have committed already (their
                 # commit was cut in flight): they go first, counted apart.
                 pending = [(batch, mode), *((chunk, m) for chunk, m, _ in work)]
@@ -207,47 +220,63 @@ class Sink:
         the same COPY until it returns none: under a backlog one COPY carries many chunks
         instead of ending (and leaving the server idle for two round trips) and starting
         again."""
-        items: list[Item] = []
+        blocks: list[Block] = []
         bad: list[tuple[Row, str]] = []
         consumed = [0]  # rows the first attempt has encoded so far
         error: Exception | None = None
-        attempted = not self._stopping()
+        attempted = not self.stopping()
         if attempted:
             try:
-                self._attempt_rows(rows, items, bad, consumed, more)
+                self._attempt_rows(rows, blocks, bad, consumed, more)
             except Exception as exc:
                 error = exc
-        if consumed[0] < len(rows):
-            encode_chunk(rows[consumed[0] :], items, bad)
-        if bad:
-            self._ledger.rejected_rows(bad)
+        # Rows that failed their checks are reported once the rest of the batch is resolved,
+        # not before: flush() counts resolved rows, and a batch's rejects resolved early
+        # would let it return while rows queued before it are still in flight.
         if attempted and error is None:
             self._recovered()
-            if items:
-                self._ledger.committed(len(items))
+            written = sum(len(kept) for _, _, kept in blocks)
+            if written:
+                self._ledger.committed(written)
+            if bad:
+                self._ledger.rejected_rows(bad)
             return _DONE
-        # Not attempted (closing past the deadline): deliver() hands everything back.
-        return self.deliver(items, divert=divert, failed=error)
+        # Failed, or not attempted (closing past the deadline): from here on each row is an
+        # Item of its own, as retries, splits and dead letters need.
+        items = [item for block in blocks for item in items_of_block(*block)]
+        if consumed[0] < len(rows):
+            encode_chunk(rows[consumed[0] :], items, bad)
+        try:
+            return self.deliver(items, divert=divert, failed=error)
+        finally:
+            if bad:
+                self._ledger.rejected_rows(bad)
 
     def _attempt_rows(
         self,
         rows: list[Row],
-        items: list[Item],
+        blocks: list[Block],
         bad: list[tuple[Row, str]],
         consumed: list[int],
         more: Callable[[], list[Row]] | None,
     ) -> None:
+        def block(chunk: Sequence[Row]) -> bytes:
+            kept: list[Row] = []
+            data, ends = encode_block(chunk, kept, bad)
+            blocks.append((data, ends, kept))
+            return data
+
         def encoded_chunks() -> Iterator[bytes]:
             for start in range(0, len(rows), CHUNK_ROWS):
                 chunk = rows[start : start + CHUNK_ROWS]
-                data = encode_chunk(chunk, items, bad)
+                data = block(chunk)
                 consumed[0] = start + len(chunk)
                 if data:
                     yield data
             # Rows taken by more() are encoded at once, so a failed attempt finds them in
-            # `items` (or `bad`) like the others.
+            # `blocks` (or `bad`) like the others.
             while more is not None and (extra := more()):
-                data = encode_chunk(extra, items, bad)
+                data = block(extra)
                 if data:
                     yield data
 
@@ -415,7 +444,8 @@ class Sink:
                 return True
         return False
 
-    def _stopping(self) -> bool:
+    def stopping(self) -> bool:
+        """True once close() is aborting or the inline drain's deadline has passed."""
         return self._abort.is_set() or (
             self.deadline is not None and time.monotonic() >= self.deadline
         )

@@ -99,8 +99,8 @@ class Watchdog:
         thread = threading.Thread(
             target=_run, args=(weakref.ref(self), self._cond), name=self._name, daemon=True
         )
+        thread.start()  # a failure leaves _thread None, so the next arm() tries again
         self._thread = thread
-        thread.start()
 
     def _step(self) -> bool:
         """Wait for the armed deadline and fire if it passed; False once closed."""

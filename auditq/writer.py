@@ -702,7 +702,7 @@ class AuditWriter:
             nonlocal budget
             want = min(CHUNK_ROWS, budget)
             with self._lock:
-                if want <= 0 or len(self._buffer) < want or self._abort.is_set():
+                if want <= 0 or len(self._buffer) < want or self._sink.stopping():
                     return []
                 rows = self._buffer.take(want)
                 self._taken += want
@@ -1013,7 +1013,10 @@ def _run(ref: weakref.ref[AuditWriter]) -> None:
     # step that fails is logged and the loop goes on, so one surprise never strands the queue.
     writer = ref()
     if writer is not None:
-        writer._sink.warm_up()
+        try:
+            writer._sink.warm_up()
+        except Exception:  # e.g. no thread for the watchdog now: the first batch retries
+            logger.exception("writer warm-up failed (continuing)")
     del writer
     while True:
         writer = ref()

@@ -69,6 +69,17 @@ def check_same(rows: list[tuple[Any, ...]]) -> None:
             assert c_data == py_data  # explicit ids are copied, not drawn
     assert c_joined == b"".join(item[0] for item in c_items)
     assert len(c_joined) == len(py_joined)
+    # encode_block (no Item per row) encodes the same rows to the same tuples, C and Python.
+    for encode_block in (binary.encode_block, binary._encode_block_python):
+        kept: list[Any] = []
+        block_bad: list[tuple[Any, str]] = []
+        data, ends = encode_block(rows, kept, block_bad)
+        assert block_bad == py_bad
+        assert kept == [item[1] for item in py_items]
+        items = binary.items_of_block(data, ends, kept)
+        assert [without_id(d) for d, _ in items] == [without_id(d) for d, _ in py_items]
+        assert data == b"".join(d for d, _ in items)
+        assert [r for _, r in items] == kept
 
 
 @needs_c

@@ -1,0 +1,118 @@
+"""A batch's rejects are reported after the rest of it resolves (flush() counts resolved
+rows), a dead letter whose values cannot even be shown is still reported, and a failed
+warm start does not stop the writer."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+
+from auditq.binary import Item
+from auditq.connection import DsnSource
+from auditq.dsn import Dsn
+from auditq.entry import Row
+from auditq.sink import Sink
+from auditq.watchdog import Watchdog
+from auditq.writer import DeadLetter
+
+from .conftest import Table, WriterFactory
+
+
+class Events:
+    """A ledger that records the order of what the sink reports."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, int]] = []
+
+    def committed(self, count: int) -> None:
+        self.seen.append(("committed", count))
+
+    def dead(self, items: Sequence[Item], reason: str) -> None:
+        self.seen.append(("dead", len(items)))
+
+    def retrying(self, error: str) -> None:
+        self.seen.append(("retrying", 0))
+
+    def rejected_rows(self, rows: Sequence[tuple[Row, str]]) -> None:
+        self.seen.append(("rejected", len(rows)))
+
+
+def _deliver(table: Table, rows: list[Row]) -> list[tuple[str, int]]:
+    events = Events()
+    source, watchdog = DsnSource(Dsn(table.dsn)), Watchdog("test-watchdog")
+    sink = Sink(
+        source,
+        schema=table.schema,
+        table=table.name,
+        ledger=events,  # type: ignore[arg-type]
+        abort=threading.Event(),
+        watchdog=watchdog,
+        dsn=None,
+        write_timeout=30.0,
+        retry_backoff_max=0.1,
+    )
+    try:
+        assert sink.deliver_rows(rows).items == []
+    finally:
+        source.close()
+        watchdog.close()
+    return events.seen
+
+
+def _row(request_id: str, resource_id: str = "ok", actor_id: Any = "user-1") -> Row:
+    return (None, time.time_ns(), "order.test", "t", actor_id, None, "doc", resource_id,
+            None, None, None, request_id, None)  # fmt: skip
+
+
+def test_rejects_come_after_the_commit(table: Table) -> None:
+    rows = [_row("1"), _row("2", actor_id="a\x00b"), _row("3")]
+    assert _deliver(table, rows) == [("committed", 2), ("rejected", 1)]
+    assert table.count() == 2
+
+
+def test_rejects_come_after_a_failed_batch_is_resolved(table: Table) -> None:
+    table.execute("ALTER TABLE {table} ADD CONSTRAINT no_poison CHECK (resource_id <> 'poison')")
+    rows = [_row("1"), _row("2", actor_id="a\x00b"), _row("3", resource_id="poison"), _row("4")]
+    seen = _deliver(table, rows)
+    assert seen[-1] == ("rejected", 1)
+    assert sum(n for kind, n in seen if kind == "committed") == 2
+    assert ("dead", 1) in seen
+    assert table.count() == 2
+
+
+class _Unshowable:
+    def __repr__(self) -> str:
+        raise RuntimeError("no repr for you")
+
+
+def test_a_dead_letter_whose_value_cannot_be_shown_is_still_reported(
+    table: Table, make_writer: WriterFactory
+) -> None:
+    letters: list[DeadLetter] = []
+    writer = make_writer(on_dead_letter=letters.append, flush_interval=0.1)
+    assert writer.log("order.test", actor_id=_Unshowable(), request_id="x")
+    assert writer.log("order.test", request_id="y")
+    assert writer.flush(timeout=30)
+    stats = writer.stats()
+    assert (stats.written, stats.dead_lettered, stats.pending) == (1, 1, 0)
+    assert len(letters) == 1 and "_Unshowable object at 0x" in letters[0].entry["actor_id"]
+    assert table.count() == 1
+
+
+def test_a_failed_warm_start_does_not_stop_the_writer(
+    table: Table, make_writer: WriterFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def no_thread(self: Watchdog) -> None:
+        raise RuntimeError("can't start new thread")
+
+    monkeypatch.setattr(Watchdog, "start", no_thread)
+    writer = make_writer(flush_interval=0.1)
+    for n in range(10):
+        assert writer.log("order.test", request_id=str(n))
+    assert writer.flush(timeout=30)
+    assert writer.stats().written == 10 == table.count()
+    assert writer._thread is not None and writer._thread.is_alive()
