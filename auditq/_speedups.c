@@ -282,6 +282,11 @@ static int encode_fast(PyObject *row, PyObject **item, PyObject **chunk, Py_ssiz
         }
         return FAST_NO;
     }
+    /* Before any borrowed pointer into the caches is taken: reseeding calls os.urandom,
+     * which may let another thread run (and clear a full cache). */
+    if (need_reseed && reseed() < 0) {
+        return FAST_ERROR;
+    }
     int rc = FAST_OK;
     PyObject *group = cached_group(f, &rc);
     if (group == NULL) {
@@ -322,10 +327,6 @@ static int encode_fast(PyObject *row, PyObject **item, PyObject **chunk, Py_ssiz
         meta_size = 4 + 1 + meta.size; /* length, jsonb version byte, text */
     }
 
-    if (need_reseed && reseed() < 0) {
-        rc = FAST_ERROR;
-        goto done;
-    }
     /* UUIDv7: 48 bits of Unix ms, version 7, 12 random bits | variant, 62 random bits. */
     uint64_t ms = (uint64_t)ns / 1000000u;
     uint64_t high = (ms << 16) | 0x7000u | (next_random() >> 52);
@@ -531,9 +532,9 @@ static PyObject *encode_block(PyObject *self, PyObject *const *args, Py_ssize_t 
         need_reseed = 1;
     }
     Py_ssize_t count = PyTuple_GET_SIZE(rows);
+    PyObject *ends = NULL;
     PyObject *chunk = PyBytes_FromStringAndSize(NULL, (count < 1000 ? count : 1000) * 512 + 64);
-    PyObject *ends = PyBytes_FromStringAndSize(NULL, (count > 0 ? count : 1) * 4);
-    if (chunk == NULL || ends == NULL) {
+    if (chunk == NULL || (ends = PyBytes_FromStringAndSize(NULL, (count > 0 ? count : 1) * 4)) == NULL) {
         goto error;
     }
     Py_ssize_t used = 0, nends = 0;

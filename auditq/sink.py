@@ -220,6 +220,7 @@ class Sink:
         the same COPY until it returns none: under a backlog one COPY carries many chunks
         instead of ending (and leaving the server idle for two round trips) and starting
         again."""
+        rows = list(rows)  # rows taken by more() are added to this copy
         blocks: list[Block] = []
         bad: list[tuple[Row, str]] = []
         consumed = [0]  # rows the first attempt has encoded so far
@@ -261,22 +262,29 @@ class Sink:
         more: Callable[[], list[Row]] | None,
     ) -> None:
         def block(chunk: Sequence[Row]) -> bytes:
+            # All or nothing: if encode_block raises, none of the chunk is in `blocks` or
+            # `bad`, and `consumed` leaves it to be encoded again on the failure path.
             kept: list[Row] = []
-            data, ends = encode_block(chunk, kept, bad)
+            rejected: list[tuple[Row, str]] = []
+            data, ends = encode_block(chunk, kept, rejected)
             blocks.append((data, ends, kept))
+            bad.extend(rejected)
             return data
 
         def encoded_chunks() -> Iterator[bytes]:
-            for start in range(0, len(rows), CHUNK_ROWS):
+            initial = len(rows)
+            for start in range(0, initial, CHUNK_ROWS):
                 chunk = rows[start : start + CHUNK_ROWS]
                 data = block(chunk)
                 consumed[0] = start + len(chunk)
                 if data:
                     yield data
-            # Rows taken by more() are encoded at once, so a failed attempt finds them in
-            # `blocks` (or `bad`) like the others.
+            # Rows taken by more() join `rows` first, so a failed attempt finds each of them
+            # in `blocks`, in `bad` or past `consumed`, like the others.
             while more is not None and (extra := more()):
+                rows.extend(extra)
                 data = block(extra)
+                consumed[0] = len(rows)
                 if data:
                     yield data
 

@@ -116,3 +116,49 @@ def test_a_failed_warm_start_does_not_stop_the_writer(
     assert writer.flush(timeout=30)
     assert writer.stats().written == 10 == table.count()
     assert writer._thread is not None and writer._thread.is_alive()
+
+
+def test_a_block_that_fails_to_encode_loses_and_repeats_nothing(
+    table: Table, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # encode_block raising partway (out of memory, say) after it put a reject in `bad`:
+    # the failure path must encode that chunk again, once, and keep the rows more() added.
+    import auditq.sink as sink_module
+
+    real = sink_module.encode_block
+    calls = [0]
+
+    def flaky(rows: Sequence[Row], kept: list[Row], bad: list[tuple[Row, str]]) -> Any:
+        calls[0] += 1
+        if calls[0] == 2:
+            bad.append((rows[0], "half done"))
+            raise MemoryError("no room for this block")
+        return real(rows, kept, bad)
+
+    monkeypatch.setattr(sink_module, "encode_block", flaky)
+    first = [_row("1"), _row("2", actor_id="a\x00b")]
+    extra = [[_row("3"), _row("4", actor_id="c\x00d")], [_row("5")]]
+    events = Events()
+    source, watchdog = DsnSource(Dsn(table.dsn)), Watchdog("test-watchdog")
+    sink = Sink(
+        source,
+        schema=table.schema,
+        table=table.name,
+        ledger=events,  # type: ignore[arg-type]
+        abort=threading.Event(),
+        watchdog=watchdog,
+        dsn=None,
+        write_timeout=30.0,
+        retry_backoff_max=0.1,
+    )
+    try:
+        assert sink.deliver_rows(first, more=lambda: extra.pop(0) if extra else []).items == []
+    finally:
+        source.close()
+        watchdog.close()
+    stored = sorted(r[0] for r in table.query("SELECT request_id FROM {table}"))
+    assert stored == ["1", "3"]  # every row taken, once; "5" was never taken: still queued
+    assert len(extra) == 1
+    assert sum(n for kind, n in events.seen if kind == "committed") == 2
+    assert [n for kind, n in events.seen if kind == "rejected"] == [2]
+    assert events.seen[-1][0] == "rejected"
