@@ -49,6 +49,39 @@ def test_cut_mid_copy_retries_the_batch(proxy: Proxy, table: Table, writers: Wri
     caller.check_latency("proxy cuts mid-COPY")
 
 
+def test_cuts_while_a_backlog_streams_through_one_copy(
+    proxy: Proxy, table: Table, writers: WriterMaker
+) -> None:
+    # A batch_size far above the wake-up count: each COPY keeps taking queued rows (more())
+    # while the connection is cut under it, so retries carry rows taken mid-COPY.
+    writer = writers(proxy.dsn, table, batch_size=20_000, max_queue=200_000)
+    caller = Caller(writer)
+    attempts = Attempts(writer)
+    stop = threading.Event()
+
+    def cutter() -> None:
+        while not stop.wait(0.15):
+            proxy.cut_all()
+
+    thread = threading.Thread(target=cutter)
+    thread.start()
+    try:
+        caller.stream(60_000, chunk=3000, pause=0.005)
+    finally:
+        stop.set()
+        thread.join()
+    assert writer.flush(timeout=60)
+
+    stats = writer.stats()
+    assert proxy.cuts > 0 and stats.retries > 0
+    assert stats.dropped_overflow == stats.dead_lettered == stats.rejected == 0
+    # Some COPYs carried more rows than the wake-up count: rows joined them mid-COPY.
+    assert max(stats.written / max(stats.batches, 1), *map(len, attempts.deliveries)) > 5000
+    assert_exact(writer, table, caller)
+    assert stored_numbers(table) == list(range(60_000))
+    caller.check_latency("proxy cuts while a backlog streams")
+
+
 def test_blackhole_is_cut_by_the_watchdog(proxy: Proxy, table: Table, writers: WriterMaker) -> None:
     writer = writers(proxy.dsn, table, batch_size=500, write_timeout=1.0)
     caller = Caller(writer)
