@@ -451,6 +451,56 @@ static int encode_slow(PyObject *row, PyObject *items, PyObject *bad, PyObject *
     return rc;
 }
 
+/*
+ * The loop both entry points share. With `items` (encode_chunk): an Item per good row.
+ * With `kept` (encode_block): each good row appended to `kept`, no per-row object (the
+ * tuples can be cut apart again with binary.split_rows). Returns the chunk.
+ */
+static PyObject *encode_rows(PyObject *rows_arg, PyObject *items, PyObject *kept, PyObject *bad) {
+    if (fallback == NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "auditq._speedups is not configured");
+        return NULL;
+    }
+    /* A tuple copy: the slow path runs Python code, which could shrink a list under us. */
+    PyObject *rows = PySequence_Tuple(rows_arg);
+    if (rows == NULL) {
+        return NULL;
+    }
+    if (seeded_pid != getpid()) {
+        need_reseed = 1;
+    }
+    Py_ssize_t count = PyTuple_GET_SIZE(rows), used = 0;
+    /* Room for a typical chunk; a larger one grows by doubling. */
+    PyObject *chunk = PyBytes_FromStringAndSize(NULL, (count < 1000 ? count : 1000) * 512 + 64);
+    if (chunk == NULL) {
+        goto error;
+    }
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *row = PyTuple_GET_ITEM(rows, i);
+        PyObject *item = NULL;
+        int rc = encode_fast(row, items != NULL ? &item : NULL, &chunk, &used);
+        int keep = rc == FAST_OK;
+        if (rc == FAST_NO) {
+            rc = encode_slow(row, items, bad, &chunk, &used, &keep);
+        } else if (rc == FAST_OK && items != NULL) {
+            rc = PyList_Append(items, item);
+            Py_DECREF(item);
+        }
+        if (rc < 0 || (keep && kept != NULL && PyList_Append(kept, row) < 0)) {
+            goto error;
+        }
+    }
+    Py_DECREF(rows);
+    if (_PyBytes_Resize(&chunk, used) < 0) {
+        return NULL;
+    }
+    return chunk;
+error:
+    Py_DECREF(rows);
+    Py_XDECREF(chunk);
+    return NULL;
+}
+
 PyDoc_STRVAR(encode_chunk_doc,
              "encode_chunk(rows, items, bad) -> bytes\n\n"
              "Encode `rows`, append an Item (bytes, row) to `items` for each good row and\n"
@@ -462,121 +512,20 @@ static PyObject *encode_chunk(PyObject *self, PyObject *const *args, Py_ssize_t 
         PyErr_SetString(PyExc_TypeError, "encode_chunk(rows, items: list, bad: list)");
         return NULL;
     }
-    if (fallback == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "auditq._speedups is not configured");
-        return NULL;
-    }
-    /* A tuple copy: the slow path runs Python code, which could shrink a list under us. */
-    PyObject *rows = PySequence_Tuple(args[0]);
-    if (rows == NULL) {
-        return NULL;
-    }
-    PyObject *items = args[1], *bad = args[2];
-    if (seeded_pid != getpid()) {
-        need_reseed = 1;
-    }
-    Py_ssize_t count = PyTuple_GET_SIZE(rows);
-    /* Room for a typical chunk; a larger one grows by doubling. */
-    PyObject *chunk = PyBytes_FromStringAndSize(NULL, (count < 1000 ? count : 1000) * 512 + 64);
-    if (chunk == NULL) {
-        Py_DECREF(rows);
-        return NULL;
-    }
-    Py_ssize_t used = 0;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *row = PyTuple_GET_ITEM(rows, i);
-        PyObject *item = NULL;
-        int rc = encode_fast(row, &item, &chunk, &used);
-        if (rc == FAST_OK) {
-            rc = PyList_Append(items, item);
-            Py_DECREF(item);
-        } else if (rc == FAST_NO) {
-            int kept;
-            rc = encode_slow(row, items, bad, &chunk, &used, &kept);
-        }
-        if (rc < 0) {
-            Py_XDECREF(chunk);
-            Py_DECREF(rows);
-            return NULL;
-        }
-    }
-    Py_DECREF(rows);
-    if (_PyBytes_Resize(&chunk, used) < 0) {
-        return NULL;
-    }
-    return chunk;
+    return encode_rows(args[0], args[1], NULL, args[2]);
 }
 
 PyDoc_STRVAR(encode_block_doc,
-             "encode_block(rows, kept, bad) -> (bytes, bytes)\n\n"
-             "Encode `rows` into one buffer for a COPY write without a per-row object: append\n"
-             "each good row to `kept` and (row, reason) to `bad` for each rejected one; return\n"
-             "the buffer and the end offset of each kept row's tuple in it (native uint32).");
+             "encode_block(rows, kept, bad) -> bytes\n\n"
+             "encode_chunk without a per-row object: append each good row to `kept` and\n"
+             "(row, reason) to `bad` for each rejected one; return the good rows' tuples joined.");
 
 static PyObject *encode_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     if (nargs != 3 || !PyList_CheckExact(args[1]) || !PyList_CheckExact(args[2])) {
         PyErr_SetString(PyExc_TypeError, "encode_block(rows, kept: list, bad: list)");
         return NULL;
     }
-    if (fallback == NULL) {
-        PyErr_SetString(PyExc_RuntimeError, "auditq._speedups is not configured");
-        return NULL;
-    }
-    /* A tuple copy: the slow path runs Python code, which could shrink a list under us. */
-    PyObject *rows = PySequence_Tuple(args[0]);
-    if (rows == NULL) {
-        return NULL;
-    }
-    PyObject *kept = args[1], *bad = args[2];
-    if (seeded_pid != getpid()) {
-        need_reseed = 1;
-    }
-    Py_ssize_t count = PyTuple_GET_SIZE(rows);
-    PyObject *ends = NULL;
-    PyObject *chunk = PyBytes_FromStringAndSize(NULL, (count < 1000 ? count : 1000) * 512 + 64);
-    if (chunk == NULL || (ends = PyBytes_FromStringAndSize(NULL, (count > 0 ? count : 1) * 4)) == NULL) {
-        goto error;
-    }
-    Py_ssize_t used = 0, nends = 0;
-    for (Py_ssize_t i = 0; i < count; i++) {
-        PyObject *row = PyTuple_GET_ITEM(rows, i);
-        int rc = encode_fast(row, NULL, &chunk, &used), keep = rc == FAST_OK;
-        if (rc == FAST_NO) {
-            rc = encode_slow(row, NULL, bad, &chunk, &used, &keep);
-        }
-        if (rc < 0) {
-            goto error;
-        }
-        if (keep) {
-            if (used > UINT32_MAX) {
-                PyErr_SetString(PyExc_OverflowError, "encode_block: more than 4 GiB in one block");
-                goto error;
-            }
-            uint32_t end = (uint32_t)used;
-            memcpy(PyBytes_AS_STRING(ends) + 4 * nends++, &end, 4);
-            if (PyList_Append(kept, row) < 0) {
-                goto error;
-            }
-        }
-    }
-    Py_DECREF(rows);
-    if (_PyBytes_Resize(&chunk, used) < 0) {
-        Py_DECREF(ends);
-        return NULL;
-    }
-    if (_PyBytes_Resize(&ends, 4 * nends) < 0) {
-        Py_DECREF(chunk);
-        return NULL;
-    }
-    PyObject *result = PyTuple_Pack(2, chunk, ends);
-    Py_DECREF(chunk);
-    Py_DECREF(ends);
-    return result;
-error:
-    Py_XDECREF(chunk);
-    Py_XDECREF(ends);
-    Py_DECREF(rows);
-    return NULL;
+    return encode_rows(args[0], NULL, args[1], args[2]);
 }
 
 PyDoc_STRVAR(configure_doc,

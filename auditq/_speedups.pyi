@@ -27,7 +27,7 @@ def encode_block(
     kept: list[Row],
     bad: list[tuple[Row, str]],
     /,
-) -> tuple[bytes, bytes]: ...
+) -> bytes: ...
 
 class CallerPath:
     def __init__(

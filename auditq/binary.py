@@ -14,11 +14,9 @@ caches are bounded; when one fills it is emptied and refills with what is hot no
 from __future__ import annotations
 
 import ipaddress
-import itertools
 import os
 import struct
 import uuid
-from array import array
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import Enum
@@ -343,36 +341,28 @@ encode_chunk: Callable[[Sequence[Row], list[Item], list[tuple[Row, str]]], bytes
 )
 
 
-def _encode_block_python(
-    rows: Sequence[Row], kept: list[Row], bad: list[tuple[Row, str]]
-) -> tuple[bytes, bytes]:
+def _encode_block_python(rows: Sequence[Row], kept: list[Row], bad: list[tuple[Row, str]]) -> bytes:
     """`encode_block` in Python, through `encode_chunk`'s reference."""
     items: list[Item] = []
     data = _encode_chunk_python(rows, items, bad)
     kept.extend(item[1] for item in items)  # type: ignore[misc]
-    ends = array("I", itertools.accumulate(len(item[0]) for item in items))
-    return data, ends.tobytes()
+    return data
 
 
-#: `encode_block(rows, kept, bad) -> (data, ends)`: `encode_chunk` without an Item per row,
-#: for the first attempt at a COPY, which usually succeeds and then needs nothing but the
-#: bytes it sent. Each good row is appended to `kept`, and `ends` holds the end offset of its
-#: tuple in `data` (native uint32); `items_of_block` makes the Items when a retry needs them.
-#: Saves a bytes object, a tuple and a copy per row on the writer thread (which shares the
-#: GIL with the callers).
-encode_block: Callable[[Sequence[Row], list[Row], list[tuple[Row, str]]], tuple[bytes, bytes]] = (
+#: `encode_block(rows, kept, bad) -> bytes`: `encode_chunk` without an Item per row, for the
+#: first attempt at a COPY, which usually succeeds and then needs nothing but the bytes it
+#: sent. Each good row is appended to `kept`; `items_of_block` makes the Items when a retry
+#: needs them. Saves a bytes object, a tuple and a copy per row on the writer thread (which
+#: shares the GIL with the callers).
+encode_block: Callable[[Sequence[Row], list[Row], list[tuple[Row, str]]], bytes] = (
     _encode_block_python if native.speedups is None else native.speedups.encode_block
 )
 
 
-def items_of_block(data: bytes, ends: bytes, kept: Sequence[Row]) -> list[Item]:
-    """The Items of one `encode_block` result (for a retry, a split or a dead letter)."""
-    items: list[Item] = []
-    start = 0
-    for row, end in zip(kept, memoryview(ends).cast("I"), strict=True):
-        items.append((data[start:end], row))
-        start = end
-    return items
+def items_of_block(data: bytes, kept: Sequence[Row]) -> list[Item]:
+    """The Items of one `encode_block` result (for a retry, a split or a dead letter): its
+    tuples cut apart as the spool cuts a record's."""
+    return list(zip(split_rows(data), kept, strict=True))
 
 
 # -- decoding, for dead letters and `auditq spool inspect` --------------------------------

@@ -64,10 +64,9 @@ MAX_UNKNOWN_ATTEMPTS: Final = 3
 #: stop the callers too.
 DATA: Final = 0
 ROW: Final = 1
-#: One `encode_block` result: (the bytes sent, the end offset of each row's tuple in them
-#: as native uint32, the rows they encode). A first attempt keeps only these; each row gets
-#: an Item of its own only when the attempt fails.
-Block = tuple[bytes, bytes, list[Row]]
+#: One `encode_block` result: (the bytes sent, the rows they encode). A first attempt keeps
+#: only these; each row gets an Item of its own only when the attempt fails.
+Block = tuple[bytes, list[Row]]
 #: Rows joined into one `write()` of a COPY: the server starts on them while the next
 #: chunk is joined, instead of waiting for the whole batch.
 CHUNK_ROWS: Final = 1000
@@ -236,7 +235,7 @@ class Sink:
         # would let it return while rows queued before it are still in flight.
         if attempted and error is None:
             self._recovered()
-            written = sum(len(kept) for _, _, kept in blocks)
+            written = sum(len(kept) for _, kept in blocks)
             if written:
                 self._ledger.committed(written)
             if bad:
@@ -266,8 +265,8 @@ class Sink:
             # `bad`, and `consumed` leaves it to be encoded again on the failure path.
             kept: list[Row] = []
             rejected: list[tuple[Row, str]] = []
-            data, ends = encode_block(chunk, kept, rejected)
-            blocks.append((data, ends, kept))
+            data = encode_block(chunk, kept, rejected)
+            blocks.append((data, kept))
             bad.extend(rejected)
             return data
 

@@ -262,9 +262,13 @@ class AuditWriter:
             write_timeout=self.write_timeout,
             retry_backoff_max=self.retry_backoff_max,
         )
-        # log() for the common call in C, as an instance attribute that shadows the method
-        # below; the method stays the reference and takes every other call (see _caller.c).
-        # Not for a subclass that overrides log(), nor without the extension.
+        self._bind_caller_path()
+
+    def _bind_caller_path(self) -> None:
+        """log() for the common call in C, as an instance attribute that shadows the method
+        below; the method stays the reference and takes every other call (see _caller.c).
+        Not for a subclass that overrides log(), nor without the extension. It copies the
+        queue, max_queue and the wake-up count: made again whenever those change."""
         self.__dict__.pop("log", None)
         if native.speedups is not None and type(self).log is AuditWriter.log:
             self.__dict__["log"] = native.speedups.CallerPath(

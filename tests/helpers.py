@@ -6,9 +6,17 @@ import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
+
+from auditq.connection import DsnSource
+from auditq.dsn import Dsn
+from auditq.sink import Sink
+from auditq.watchdog import Watchdog
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -39,3 +47,24 @@ def run_python(source: str, *, timeout: float = 60.0) -> subprocess.CompletedPro
         timeout=timeout,
         check=False,
     )
+
+
+@contextmanager
+def own_sink(dsn: str, schema: str, table: str, ledger: Any) -> Iterator[Sink]:
+    """A Sink on its own connection and watchdog, reporting to `ledger`; closed after."""
+    source, watchdog = DsnSource(Dsn(dsn)), Watchdog("test-watchdog")
+    try:
+        yield Sink(
+            source,
+            schema=schema,
+            table=table,
+            ledger=ledger,
+            abort=threading.Event(),
+            watchdog=watchdog,
+            dsn=None,
+            write_timeout=30.0,
+            retry_backoff_max=0.1,
+        )
+    finally:
+        source.close()
+        watchdog.close()

@@ -73,10 +73,10 @@ def check_same(rows: list[tuple[Any, ...]]) -> None:
     for encode_block in (binary.encode_block, binary._encode_block_python):
         kept: list[Any] = []
         block_bad: list[tuple[Any, str]] = []
-        data, ends = encode_block(rows, kept, block_bad)
+        data = encode_block(rows, kept, block_bad)
         assert block_bad == py_bad
         assert kept == [item[1] for item in py_items]
-        items = binary.items_of_block(data, ends, kept)
+        items = binary.items_of_block(data, kept)
         assert [without_id(d) for d, _ in items] == [without_id(d) for d, _ in py_items]
         assert data == b"".join(d for d, _ in items)
         assert [r for _, r in items] == kept

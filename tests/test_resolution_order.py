@@ -4,7 +4,6 @@ warm start does not stop the writer."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -12,14 +11,12 @@ from typing import Any
 import pytest
 
 from auditq.binary import Item
-from auditq.connection import DsnSource
-from auditq.dsn import Dsn
 from auditq.entry import Row
-from auditq.sink import Sink
 from auditq.watchdog import Watchdog
 from auditq.writer import DeadLetter
 
 from .conftest import Table, WriterFactory
+from .helpers import own_sink
 
 
 class Events:
@@ -43,23 +40,8 @@ class Events:
 
 def _deliver(table: Table, rows: list[Row]) -> list[tuple[str, int]]:
     events = Events()
-    source, watchdog = DsnSource(Dsn(table.dsn)), Watchdog("test-watchdog")
-    sink = Sink(
-        source,
-        schema=table.schema,
-        table=table.name,
-        ledger=events,  # type: ignore[arg-type]
-        abort=threading.Event(),
-        watchdog=watchdog,
-        dsn=None,
-        write_timeout=30.0,
-        retry_backoff_max=0.1,
-    )
-    try:
+    with own_sink(table.dsn, table.schema, table.name, events) as sink:
         assert sink.deliver_rows(rows).items == []
-    finally:
-        source.close()
-        watchdog.close()
     return events.seen
 
 
@@ -139,23 +121,8 @@ def test_a_block_that_fails_to_encode_loses_and_repeats_nothing(
     first = [_row("1"), _row("2", actor_id="a\x00b")]
     extra = [[_row("3"), _row("4", actor_id="c\x00d")], [_row("5")]]
     events = Events()
-    source, watchdog = DsnSource(Dsn(table.dsn)), Watchdog("test-watchdog")
-    sink = Sink(
-        source,
-        schema=table.schema,
-        table=table.name,
-        ledger=events,  # type: ignore[arg-type]
-        abort=threading.Event(),
-        watchdog=watchdog,
-        dsn=None,
-        write_timeout=30.0,
-        retry_backoff_max=0.1,
-    )
-    try:
+    with own_sink(table.dsn, table.schema, table.name, events) as sink:
         assert sink.deliver_rows(first, more=lambda: extra.pop(0) if extra else []).items == []
-    finally:
-        source.close()
-        watchdog.close()
     stored = sorted(r[0] for r in table.query("SELECT request_id FROM {table}"))
     assert stored == ["1", "3"]  # every row taken, once; "5" was never taken: still queued
     assert len(extra) == 1

@@ -3,21 +3,16 @@ batch_size), instead of each batch ending its COPY and starting another."""
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Callable, Sequence
 
 import psycopg
 
 from auditq.binary import Item
-from auditq.connection import DsnSource
-from auditq.dsn import Dsn
 from auditq.entry import Row
-from auditq.sink import Sink
-from auditq.watchdog import Watchdog
 
 from .conftest import Table, WriterFactory
-from .helpers import wait_until
+from .helpers import own_sink, wait_until
 
 
 class Recorder:
@@ -40,23 +35,6 @@ class Recorder:
 
     def rejected_rows(self, rows: Sequence[tuple[Row, str]]) -> None:
         self.rejected.extend(rows)
-
-
-def _sink(table: Table, ledger: Recorder) -> tuple[Sink, DsnSource, Watchdog]:
-    source = DsnSource(Dsn(table.dsn))
-    watchdog = Watchdog("test-watchdog")
-    sink = Sink(
-        source,
-        schema=table.schema,
-        table=table.name,
-        ledger=ledger,  # type: ignore[arg-type]
-        abort=threading.Event(),
-        watchdog=watchdog,
-        dsn=None,
-        write_timeout=30.0,
-        retry_backoff_max=0.1,
-    )
-    return sink, source, watchdog
 
 
 def _row(n: int, resource_id: str = "ok") -> Row:
@@ -94,13 +72,9 @@ def _transactions(table: Table) -> int:
 
 def test_rows_from_more_join_the_same_copy(table: Table) -> None:
     ledger = Recorder()
-    sink, source, watchdog = _sink(table, ledger)
     rows = [_row(n) for n in range(4500)]
-    try:
+    with own_sink(table.dsn, table.schema, table.name, ledger) as sink:
         handed = sink.deliver_rows(rows[:1000], more=_chunks_of(rows[1000:], 1000))
-    finally:
-        source.close()
-        watchdog.close()
     assert handed.items == [] and ledger.written == 4500
     assert table.count() == 4500 == table.distinct_ids()
     assert _transactions(table) == 1  # one COPY, one transaction
@@ -111,13 +85,9 @@ def test_rows_from_more_join_the_same_copy(table: Table) -> None:
 def test_a_row_the_server_rejects_in_a_later_chunk_sinks_only_itself(table: Table) -> None:
     table.execute("ALTER TABLE {table} ADD CONSTRAINT no_poison CHECK (resource_id <> 'poison')")
     ledger = Recorder()
-    sink, source, watchdog = _sink(table, ledger)
     rows = [_row(n, "poison" if n == 3210 else "ok") for n in range(4000)]
-    try:
+    with own_sink(table.dsn, table.schema, table.name, ledger) as sink:
         handed = sink.deliver_rows(rows[:1000], more=_chunks_of(rows[1000:], 1000))
-    finally:
-        source.close()
-        watchdog.close()
     assert handed.items == []
     assert ledger.written == 3999 and table.count() == 3999
     assert len(ledger.dead_letters) == 1

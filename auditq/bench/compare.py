@@ -44,7 +44,7 @@ from ..schema import qualified
 from ..stats import WriterStats
 from ..writer import DEFAULT_BATCH_SIZE, AuditWriter
 from .run import (
-    _USER_AGENT,
+    TYPICAL_FIELDS,
     machine_info,
     metadata_for,
     percentiles,
@@ -145,21 +145,7 @@ class CompareResult:
 
 def _insert_params(n: int) -> tuple[Any, ...]:
     """What a naive service binds per call: a fresh uuid, a datetime, a JSON-dumped dict."""
-    return (
-        uuid.uuid4(),
-        datetime.now(UTC),
-        "document.read",
-        "tenant-42",
-        "user-1234",
-        "user",
-        "document",
-        "doc-9",
-        "success",
-        "203.0.113.7",
-        _USER_AGENT,
-        "req-0001",
-        Jsonb(metadata_for(n)),
-    )
+    return (uuid.uuid4(), datetime.now(UTC), *TYPICAL_FIELDS, Jsonb(metadata_for(n)))
 
 
 def encode_ceiling(cfg: CompareConfig) -> list[list[bytes]]:
@@ -332,8 +318,10 @@ class Harness:
             max_queue=total + 1,
             flush_interval=3600,
         )
-        # Bench-only reach into the writer: no early wake-up while the queue fills.
+        # Bench-only reach into the writer: no early wake-up while the queue fills (the C
+        # caller path copies the wake-up count, so it is made again).
         writer._wake_every = writer._buffer._batch_size = total + 1
+        writer._bind_caller_path()
         samples = array("q", bytes(8 * total))
         for n in range(total):
             samples[n] = timed_log(writer.log, metadata_for(n))

@@ -133,24 +133,26 @@ def metadata_for(n: int) -> dict[str, Any]:
     return {"seq": n, "path": "/api/documents"}
 
 
+#: A typical entry's fields from `action` to `request_id`, in Row order (what `timed_log`
+#: passes by keyword).
+TYPICAL_FIELDS: tuple[str, ...] = (
+    "document.read",
+    "tenant-42",
+    "user-1234",
+    "user",
+    "document",
+    "doc-9",
+    "success",
+    "203.0.113.7",
+    _USER_AGENT,
+    "req-0001",
+)
+
+
 def typical_row(n: int) -> Row:
     """The n-th typical entry as the queue holds it (what `timed_log` logs), for the cases
     and scripts that encode rows without calling `log()`."""
-    return (
-        None,
-        time.time_ns(),
-        "document.read",
-        "tenant-42",
-        "user-1234",
-        "user",
-        "document",
-        "doc-9",
-        "success",
-        "203.0.113.7",
-        _USER_AGENT,
-        "req-0001",
-        dump_metadata(metadata_for(n)),
-    )
+    return (None, time.time_ns(), *TYPICAL_FIELDS, dump_metadata(metadata_for(n)))
 
 
 def timed_log(log: Callable[..., bool], metadata: dict[str, Any] | None) -> int:
