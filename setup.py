@@ -8,7 +8,7 @@ setup(
     ext_modules=[
         Extension(
             "auditq._speedups",
-            sources=["auditq/_speedups.c", "auditq/_caller.c"],
+            sources=["auditq/_speedups.c", "auditq/_caller.c", "auditq/_prefault.c"],
             depends=["auditq/_speedups.h"],
             optional=True,
             extra_compile_args=["-O2"],

@@ -586,7 +586,7 @@ PyMODINIT_FUNC PyInit__speedups(void) {
     if (mod == NULL) {
         return NULL;
     }
-    if (auditq_add_caller_path(mod) < 0) {
+    if (auditq_add_caller_path(mod) < 0 || auditq_add_prefault(mod) < 0) {
         Py_DECREF(mod);
         return NULL;
     }

@@ -1,4 +1,4 @@
-/* What the two C files of auditq._speedups share. */
+/* What the C files of auditq._speedups share. */
 #ifndef AUDITQ_SPEEDUPS_H
 #define AUDITQ_SPEEDUPS_H
 
@@ -10,5 +10,8 @@ uint64_t auditq_fork_count(void);
 
 /* Adds the CallerPath type (_caller.c) to the module. */
 int auditq_add_caller_path(PyObject *module);
+
+/* Adds prefault_arenas() and prefaulted_arenas() (_prefault.c) to the module. */
+int auditq_add_prefault(PyObject *module);
 
 #endif

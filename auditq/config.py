@@ -115,6 +115,7 @@ OPTIONS: Final[dict[str, Callable[[str], Any]]] = {
     "spool_after": _seconds(allow_zero=True),
     "spool_max_bytes": _positive_int,
     "spool_fsync": _fsync_policy,
+    "prefault_memory": _bool,
 }
 
 #: The web middleware's options (`auditq.middleware`), also from `AUDITQ_<NAME>`.

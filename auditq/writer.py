@@ -115,6 +115,7 @@ class AuditWriter:
         spool_after: float = 5.0,
         spool_max_bytes: int = 1024**3,
         spool_fsync: FsyncPolicy = "interval",
+        prefault_memory: bool = True,
         name: str | None = None,
     ) -> None:
         _positive("max_queue", max_queue)
@@ -148,6 +149,7 @@ class AuditWriter:
         self.spool_after = spool_after
         self.spool_max_bytes = spool_max_bytes
         self.spool_fsync: FsyncPolicy = spool_fsync
+        self.prefault_memory = prefault_memory
         self.name = name or f"{schema}.{table}"
         self._dsn: Dsn | None = None
         self._pool: ConnectionPool[Any] | None = None
@@ -630,6 +632,10 @@ class AuditWriter:
         with self._lock:
             if self._thread is not None:
                 return
+            if self.prefault_memory:
+                # While the server is stopped the queue only grows, into fresh memory; see
+                # native.prefault_arenas for why callers should not fault it in page by page.
+                native.prefault_arenas()
             thread = threading.Thread(
                 target=_run, args=(weakref.ref(self),), name=f"auditq[{self.name}]", daemon=True
             )

@@ -30,6 +30,7 @@ VALID = {
     "spool_after": "2.5",
     "spool_max_bytes": "1048576",
     "spool_fsync": "Always",
+    "prefault_memory": "off",
 }
 EXPECTED = {
     "table": "audit_x",
@@ -48,6 +49,7 @@ EXPECTED = {
     "spool_after": 2.5,
     "spool_max_bytes": 1048576,
     "spool_fsync": "always",
+    "prefault_memory": False,
 }
 INVALID = {
     "table": ["x" * 64],
@@ -64,6 +66,7 @@ INVALID = {
     "spool_after": ["-1"],
     "spool_max_bytes": ["1e9", "0"],
     "spool_fsync": ["sometimes"],
+    "prefault_memory": ["later"],
     "request_id_header": ["X Request", "é"],
     "trusted_proxies": ["10.0.0.0/8, nonsense", "300.1.1.1"],
     "log_requests": ["sometimes"],
