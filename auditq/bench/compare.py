@@ -11,6 +11,9 @@ Throughput cases (each starts on an emptied table, after a CHECKPOINT when allow
                to show what the interpreter's 5 ms GIL hand-off costs the writer thread
   auditq-drain the writer alone: a queue filled while it sleeps, then flush() timed (no
                caller competes for the GIL: what the writer itself can do)
+  auditq-drain-4spin  a diagnostic, not a target: auditq-drain while 4 threads that never
+               call auditq spin in pure Python: what any 4 busy threads cost the writer by
+               holding the GIL (compare with auditq-4t)
   naive        one INSERT per call, autocommit (the original service's design)
   executemany  INSERTs batched 1,000 per `executemany` + commit
 Then, once each: the caller's `log()` latency with the server frozen (SIGSTOP, only for a server
@@ -61,11 +64,14 @@ THROUGHPUT_CASES = (
     "auditq-4t",
     "auditq-4t-si1ms",
     "auditq-drain",
+    "auditq-drain-4spin",
     "naive",
     "executemany",
 )
 #: The switch interval of the diagnostic case (the interpreter's default is 5 ms).
 DIAGNOSTIC_SWITCH_INTERVAL = 0.001
+#: Threads spinning in pure Python during the auditq-drain-4spin diagnostic.
+DIAGNOSTIC_SPINNERS = 4
 LATENCY_MARKS = (50, 99, 99.9)
 MiB = 1 << 20
 
@@ -309,7 +315,9 @@ class Harness:
             latency_ns=percentiles(merged, LATENCY_MARKS),
         )
 
-    def drain(self, round_: int) -> CaseRun:
+    def drain(self, round_: int, *, spinners: int = 0) -> CaseRun:
+        """The writer alone on a full queue; with `spinners`, that many threads that never
+        call auditq keep the GIL busy meanwhile (as an application's own threads would)."""
         total = self.cfg.entries
         writer = AuditWriter(
             self.dsn,
@@ -325,15 +333,25 @@ class Harness:
         samples = array("q", bytes(8 * total))
         for n in range(total):
             samples[n] = timed_log(writer.log, metadata_for(n))
+        stop = threading.Event()
+        busy = [
+            threading.Thread(target=_spin, args=(stop,), name=f"spinner-{k}", daemon=True)
+            for k in range(spinners)
+        ]
+        for thread in busy:
+            thread.start()
         started = time.perf_counter()
         flushed = writer.flush(timeout=600)
         seconds = time.perf_counter() - started
+        stop.set()
+        for thread in busy:
+            thread.join()
         writer.close(timeout=30)
         stats = writer.stats()
         in_table, distinct = self.count(distinct=True)
         consistent = flushed and in_table == stats.written == distinct == stats.calls == total
         return CaseRun(
-            "auditq-drain",
+            "auditq-drain-4spin" if spinners else "auditq-drain",
             round_,
             total,
             seconds,
@@ -566,6 +584,14 @@ class Harness:
 FLAT_TOLERANCE = 8 * MiB
 
 
+def _spin(stop: threading.Event) -> None:
+    """Pure-Python work that never calls auditq, until `stop` is set."""
+    total = 0
+    while not stop.is_set():
+        for i in range(1000):
+            total += i
+
+
 def _produce(
     log: Callable[..., bool], count: int, offset: int, out: array[int], gate: threading.Event
 ) -> None:
@@ -655,6 +681,7 @@ def run_compare(
             r, 4, switch_interval=DIAGNOSTIC_SWITCH_INTERVAL
         ),
         "auditq-drain": harness.drain,
+        "auditq-drain-4spin": lambda r: harness.drain(r, spinners=DIAGNOSTIC_SPINNERS),
         "naive": harness.naive,
         "executemany": harness.executemany,
     }

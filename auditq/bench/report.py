@@ -40,6 +40,7 @@ def evaluate(result: CompareResult) -> list[Target]:
     targets: list[Target] = []
     bound = f"ceiling {ceiling:,.0f} rows/s in this run"
     diagnostic = tp.get("auditq-4t-si1ms", 0.0)
+    spun = tp.get("auditq-drain-4spin", 0.0)
     for case, factor in (("auditq-1t", 0.85), ("auditq-4t", 0.8)):
         ratio = tp[case] / ceiling if ceiling else 0.0
         detail = bound
@@ -48,6 +49,11 @@ def evaluate(result: CompareResult) -> list[Target]:
                 f"; {diagnostic / ceiling:.2f}x with a 1 ms switch interval: what bounds it is"
                 " the GIL hand-off between 4 busy callers and the writer"
             )
+            if spun:
+                detail += (
+                    f"; the writer alone on a full queue while 4 threads that never call auditq"
+                    f" hold the GIL: {spun / ceiling:.2f}x"
+                )
         targets.append(
             Target(
                 f"{case} throughput",
@@ -204,7 +210,9 @@ def format_report(result: CompareResult, target: str) -> str:
         "  (auditq rows/s = rows written / (first log() until flush() returned); "
         "dropped = queue-full refusals, summed over rounds;\n"
         "   auditq-4t-si1ms = auditq-4t under sys.setswitchinterval(0.001): a diagnostic of what "
-        "the GIL hand-off costs, not a target)"
+        "the GIL hand-off costs, not a target;\n"
+        "   auditq-drain-4spin = auditq-drain while 4 threads that never call auditq spin in pure "
+        "Python: a diagnostic of what any 4 busy threads cost the writer)"
     )
     lines += ["", f"  {'log() latency':<28}{'p50':>10}{'p99':>10}{'p99.9':>10}{'max':>12}"]
     for name in ("saturating-1t", "saturating-4t", "writer-asleep", "frozen", "frozen-control"):
