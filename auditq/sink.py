@@ -34,6 +34,7 @@ from .binary import (
     HEADER,
     TRAILER,
     Item,
+    decode_row,
     encode_block,
     encode_chunk,
     item_id,
@@ -507,3 +508,10 @@ def make_items(rows: Sequence[Row]) -> tuple[list[Item], list[tuple[Row, str]]]:
     bad: list[tuple[Row, str]] = []
     encode_chunk(rows, items, bad)
     return items, bad
+
+
+def entry_view(item: Item) -> Row | dict[str, Any]:
+    """What a dead letter shows of `item`: its queued Row, or the row decoded back when it
+    came from the spool, which keeps only the encoded bytes."""
+    row = item[ROW]
+    return decode_row(item[DATA]) if row is None else row

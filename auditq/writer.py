@@ -17,8 +17,7 @@ import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Any, Final
 
 from psycopg_pool import ConnectionPool
 from pydantic import ValidationError
@@ -31,9 +30,10 @@ from .connection import ConnectionSource, DsnSource, PoolSource
 from .context import current as _current_context
 from .dsn import Dsn
 from .entry import COLUMNS, AuditEntry, InvalidEntry, Row, dump_metadata
+from .replay import SpoolReplayer
 from .schema import DEFAULT_SCHEMA, DEFAULT_TABLE
-from .sink import CHUNK_ROWS, DATA, ROW, Ledger, Sink, make_items
-from .spool import Damage, FsyncPolicy, Spool, SpoolFull
+from .sink import CHUNK_ROWS, DATA, Sink, entry_view, make_items
+from .spool import FsyncPolicy, Spool, SpoolFull
 from .stats import WriterStats
 from .watchdog import Watchdog
 
@@ -48,16 +48,9 @@ DEFAULT_BATCH_SIZE: Final = 50_000
 #: Queued entries that wake the writer before flush_interval (see `_wake_every`).
 WAKE_ROWS: Final = 5_000
 
-#: How often a writer looks for segments left by writers that are gone (seconds); the first
-#: look is at its thread's first wake-up.
-ORPHAN_SCAN_SECONDS: Final = 30.0
 #: While its own spool is not empty and the database was failing, how often the writer tries
 #: it again (seconds; capped by retry_backoff_max).
 PROBE_SECONDS: Final = 1.0
-
-#: How a replay ended: nothing left to take, the database failed again, or it stopped early
-#: (a deadline, or the queue needs the writer thread) and goes on later from where it was.
-ReplayOutcome = Literal["done", "failed", "paused"]
 
 #: Mapping keys accepted by `write()` besides the field names: the original TypeScript
 #: service's camelCase spelling, so `write_audit_log({...})` payloads keep working.
@@ -241,17 +234,11 @@ class AuditWriter:
             if self.spool_dir is None
             else Spool(self.spool_dir, max_bytes=self.spool_max_bytes, fsync=self.spool_fsync)
         )
-        # Replay progress of segments begun but not finished: path -> (byte offset done,
-        # rows resolved), and rows of a record the database failed on midway, so a replay
-        # cut short resumes without counting (or writing) anything twice.
-        self._replay_progress: dict[Path, tuple[int, int]] = {}
-        self._replay_carry: dict[Path, list[Item]] = {}
-        # True while segments this writer may replay are left (after a failed or paused
-        # replay): they are retried at the next probe, not only at the next orphan scan.
-        self._spool_backlog = False
-        # When the writer may next look for spooled segments to replay, and next probe the
-        # database while it is spooling through an outage (monotonic seconds).
-        self._next_spool_scan = 0.0
+        # Replays the spool once the database answers again (None without a spool); made
+        # again with the spool, so a forked child keeps none of the parent's progress.
+        self._replayer = None if self._spool is None else SpoolReplayer(self, self._spool)
+        # When the writer may next probe the database while it is spooling through an
+        # outage (monotonic seconds); replays wait for it too.
         self._next_probe = 0.0
         self._sink = Sink(
             source,
@@ -570,7 +557,7 @@ class AuditWriter:
             self._resolved_cond.notify_all()
 
     def dead(self, items: Sequence[Item], reason: str) -> None:
-        self.dead_rows([(_entry_view(item), reason) for item in items])
+        self.dead_rows([(entry_view(item), reason) for item in items])
 
     def dead_rows(self, rows: Sequence[tuple[Row | dict[str, Any], str]]) -> None:
         """Resolve in-flight rows as dead letters, each with its reason."""
@@ -681,12 +668,14 @@ class AuditWriter:
         spool is not empty and the database was failing a moment ago, batches go straight to
         disk without waiting on it again; once it may be back, the spool is replayed before
         this batch is written (yielding to the queue only when that fills up)."""
-        spool = self._spool
+        replayer = self._replayer
         if (
-            spool is not None
+            replayer is not None
             and self._spooled
             and self._sink.outage_seconds() > 0
-            and (self._closed or time.monotonic() < self._next_probe or self._replay() == "failed")
+            and (
+                self._closed or time.monotonic() < self._next_probe or replayer.replay() == "failed"
+            )
         ):
             items, bad = make_items(rows)
             self.dead_rows(bad)
@@ -727,18 +716,14 @@ class AuditWriter:
 
     def _spool_upkeep(self) -> None:
         """At each wake-up of the writer thread: replay spooled segments once the database
-        may be back (own or unfinished ones at each probe, orphans every
-        ORPHAN_SCAN_SECONDS), and fsync what the "interval" policy left unsynced. A closing
-        writer replays nothing: what it spooled stays for the next writer."""
-        spool = self._spool
-        if spool is None:
+        may be back (see `SpoolReplayer.due`), and fsync what the "interval" policy left
+        unsynced. A closing writer replays nothing: what it spooled stays for the next
+        writer."""
+        spool, replayer = self._spool, self._replayer
+        if spool is None or replayer is None:
             return
-        now = time.monotonic()
-        if not self._closed and (
-            ((self._spooled or self._spool_backlog) and now >= self._next_probe)
-            or now >= self._next_spool_scan
-        ):
-            self._replay()
+        if not self._closed and replayer.due():
+            replayer.replay()
         try:
             spool.sync(due_only=True)
         except OSError:
@@ -800,97 +785,13 @@ class AuditWriter:
                 + (f" (last error: {self._last_error})" if self._last_error else ""),
             )
 
-    def _replay(self, deadline: float | None = None, *, retry: bool = False) -> ReplayOutcome:
-        """Write spooled segments (this writer's and orphans), oldest first, each through
-        the sink's idempotent path. On the writer thread a failure hands the rows back at
-        once (they stay on disk, and the next try waits for the next probe); with `retry`
-        (`replay_spool`) the sink retries with backoff until `deadline`."""
-        spool = self._spool
-        assert spool is not None
-        self._next_spool_scan = time.monotonic() + ORPHAN_SCAN_SECONDS
-        if not retry and self._sink.outage_seconds() > 0 and not self._sink.probe():
-            # Still down: claim nothing (claiming seals this writer's open segment, and
-            # would hold orphans another writer might be able to replay).
-            self._probe_later()
-            return "failed"
-        self._spool_backlog = True
-        divert = None if retry else _always
-        for path, own in spool.claim():
-            ledger: Ledger = _OwnSpoolLedger(self) if own else _OrphanSpoolLedger(self)
-            offset, resolved = self._replay_progress.get(path, (0, 0))
-            carry = self._replay_carry.pop(path, [])
-            for items, end in self._spooled_batches(path, offset, carry):
-                leftover, why, _ = self._sink.deliver(
-                    items, mode="replay", divert=divert, ledger=ledger
-                )
-                resolved += len(items) - len(leftover)
-                self._replay_progress[path] = (end, resolved)
-                if leftover:
-                    self._probe_later()
-                    if own or why == "abort":
-                        self._replay_carry[path] = leftover
-                        return "paused" if why == "abort" else "failed"
-                    # Let another writer (whose database may answer) have the orphan.
-                    self._replay_progress.pop(path, None)
-                    spool.release(path)
-                    return "failed"
-                if self._replay_should_pause(deadline):
-                    return "paused"
-            if own:
-                lost = spool.segment_rows(path) - resolved
-                if lost > 0:
-                    self._spooled_rows_lost(lost, path.name)
-            self._replay_progress.pop(path, None)
-            spool.done(path)
-            logger.info("replayed spool segment %s (%d rows)", path.name, resolved)
-        self._spool_backlog = False
-        return "done"
-
-    def _spooled_batches(
-        self, path: Path, offset: int, carry: list[Item]
-    ) -> Iterable[tuple[list[Item], int]]:
-        """The rows of a segment from `offset`, one record at a time (after the rows the
-        database failed on last time, if any), each with the offset where it ends."""
-        assert self._spool is not None
-        if carry:
-            yield carry, offset
-        for record in self._spool.records(path, offset, self._spool_damage):
-            items: list[Item] = [(data, None) for data in record.rows]
-            yield items, record.end
-
-    def _replay_should_pause(self, deadline: float | None) -> bool:
-        if self._abort.is_set() or (deadline is not None and time.monotonic() >= deadline):
-            return True
-        # The queue needs the thread: it must not drop entries while the spool drains.
-        return threading.current_thread() is self._thread and len(self._buffer) >= max(
-            1, self.max_queue // 2
-        )
-
-    def _spool_damage(self, damage: Damage) -> None:
-        """Bytes of a segment that hold no readable record: a dead letter that says so."""
-        reason = (
-            f"spool {damage.what}: {damage.length} bytes at offset {damage.offset} of "
-            f"{damage.segment} are unreadable; the entries they held are lost"
-        )
-        logger.error("%s", reason)
-        note = {"segment": damage.segment, "offset": damage.offset, "bytes": damage.length}
-        self._publish_dead_letters([(note, reason)])
-
-    def _spooled_rows_lost(self, lost: int, segment: str) -> None:
-        """Own rows a damaged segment no longer holds: counted as dead letters."""
-        reason = f"{lost} spooled entries were lost to damage in spool segment {segment}"
-        with self._lock:
-            self._spooled -= lost
-            self._dead += lost
-            self._unreported_dead += lost
-            self._last_dead_reason = reason
-
     def replay_spool(self, timeout: float | None = None) -> bool:
         """Replay every spooled segment no live writer holds, now, in the calling thread,
         retrying a failing database with backoff until `timeout` (`auditq spool replay`).
         For a writer whose thread is not running (a running one replays by itself). True
         when nothing is left that this writer could take."""
-        if self._spool is None:
+        replayer = self._replayer
+        if replayer is None:
             raise ValueError("this writer has no spool_dir")
         thread = self._thread
         if thread is not None and thread.is_alive():
@@ -898,7 +799,7 @@ class AuditWriter:
         deadline = None if timeout is None else time.monotonic() + timeout
         self._sink.deadline = deadline
         try:
-            return self._replay(deadline, retry=True) == "done"
+            return replayer.replay(deadline, retry=True) == "done"
         finally:
             self._sink.deadline = None
 
@@ -958,59 +859,6 @@ class AuditWriter:
         closed = self._closed
         self._init_state()
         self._closed = closed
-
-
-def _entry_view(item: Item) -> Row | dict[str, Any]:
-    row = item[ROW]
-    return binary.decode_row(item[DATA]) if row is None else row
-
-
-class _OwnSpoolLedger:
-    """Replaying this writer's own spool: rows move from spooled to written/dead."""
-
-    def __init__(self, writer: AuditWriter) -> None:
-        self._writer = writer
-
-    def committed(self, count: int) -> None:
-        w = self._writer
-        with w._lock:
-            w._spooled -= count
-            w._written += count
-            w._batches += 1
-            w._last_write_at = datetime.now(UTC)
-
-    def dead(self, items: Sequence[Item], reason: str) -> None:
-        w = self._writer
-        with w._lock:
-            w._spooled -= len(items)
-            w._dead += len(items)
-            w._unreported_dead += len(items)
-            w._last_dead_reason = reason
-        w._publish_dead_letters([(_entry_view(item), reason) for item in items])
-
-    def retrying(self, error: str) -> None:
-        self._writer.retrying(error)
-
-
-class _OrphanSpoolLedger(_OwnSpoolLedger):
-    """Replaying a spool left by another process: counted apart, as `replayed`."""
-
-    def committed(self, count: int) -> None:
-        w = self._writer
-        with w._lock:
-            w._replayed += count
-            w._batches += 1
-            w._last_write_at = datetime.now(UTC)
-
-    def dead(self, items: Sequence[Item], reason: str) -> None:
-        w = self._writer
-        with w._lock:
-            w._replay_dead += len(items)
-        w._publish_dead_letters([(_entry_view(item), reason) for item in items])
-
-
-def _always() -> bool:
-    return True
 
 
 def _positive(name: str, value: float) -> None:
