@@ -4,36 +4,51 @@ Why: while the server is stopped the writer's queue only grows, so every few `lo
 touch a page the process has never used. Each first touch is a minor page fault, and on the
 virtual machines this runs on one costs ~5 us (the host backs the page too), which put the
 frozen-server p99 of `log()` at 6-12 us against ~1.5 us for the same calls on a drained queue
-(benchmarks/queue_growth.py). pymalloc takes its memory from the OS in 1 MiB arenas; this
-wraps the arena allocator so that each new arena is populated at once with
+(benchmarks/queue_growth.py). pymalloc takes its memory from the OS in arenas (1 MiB on 64-bit
+3.10+); this wraps the arena allocator so that each new arena is populated at once with
 madvise(MADV_POPULATE_WRITE) (Linux 5.14+), ~1.4 us a page inside the kernel: the cost moves
 from 1 call in ~15 to 1 call in ~3,500, which pays ~0.35 ms once.
 
 The hook is process-wide (pymalloc has one arena allocator) and chains to the allocator it
 replaced, so arenas are still mapped and unmapped by it; it changes when pages are faulted
 in, not which memory is used. An arena that is never filled costs its whole 1 MiB of RSS
-instead of the pages touched. Installed at most once, never removed. */
+instead of the pages touched. Installed at most once, never removed. The interpreter's own
+smaller blocks that share this allocator (16 KiB frame-stack chunks) are left alone.
+
+Counters and flags are atomics: from 3.12 isolated subinterpreters each have their own GIL
+but share this allocator, so two threads can be in the hook at once. */
 #include "_speedups.h"
 
 #include <errno.h>
 #include <sys/mman.h>
+#include <unistd.h>
+
+#if defined(__linux__) && !defined(MADV_POPULATE_WRITE)
+#define MADV_POPULATE_WRITE 23 /* the kernel's value; glibc headers before 2.35 lack it */
+#endif
+
+/* Only blocks this large are populated: pymalloc arenas (256 KiB or 1 MiB by build). */
+#define PREFAULT_MIN_BYTES (256 * 1024)
 
 static PyObjectArenaAllocator previous;
-static int installed = 0;
-static int populate_works = 1;          /* cleared when the kernel refuses (EINVAL: < 5.14) */
+static int populate_works = 0;           /* set by the install probe, cleared on refusal */
 static unsigned long long populated = 0; /* arenas populated, for tests and diagnostics */
 
 #ifdef MADV_POPULATE_WRITE
 static void *prefault_alloc(void *ctx, size_t size) {
     (void)ctx;
     void *arena = previous.alloc(previous.ctx, size);
-    if (arena != NULL && populate_works) {
+    if (arena != NULL && size >= PREFAULT_MIN_BYTES &&
+        __atomic_load_n(&populate_works, __ATOMIC_RELAXED)) {
+        int saved = errno; /* the interpreter's caller may look at errno after allocating */
         if (madvise(arena, size, MADV_POPULATE_WRITE) == 0) {
-            populated++;
-        } else if (errno == EINVAL || errno == ENOSYS) {
-            populate_works = 0; /* an older kernel: stop asking */
+            __atomic_fetch_add(&populated, 1, __ATOMIC_RELAXED);
+        } else if (errno == EINVAL || errno == ENOSYS || errno == EPERM) {
+            /* A kernel without it, or a seccomp filter that forbids it: stop asking. */
+            __atomic_store_n(&populate_works, 0, __ATOMIC_RELAXED);
         }
         /* Other errors (ENOMEM under memory pressure) leave the pages to fault in as usual. */
+        errno = saved;
     }
     return arena;
 }
@@ -42,24 +57,46 @@ static void prefault_free(void *ctx, void *arena, size_t size) {
     (void)ctx;
     previous.free(previous.ctx, arena, size);
 }
+
+/* Whether this kernel populates on request: tried once on a page of our own. */
+static int populate_supported(void) {
+    long page = sysconf(_SC_PAGESIZE);
+    size_t size = page > 0 ? (size_t)page : 4096;
+    void *probe = mmap(NULL, size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (probe == MAP_FAILED) {
+        return 0;
+    }
+    int works = madvise(probe, size, MADV_POPULATE_WRITE) == 0;
+    munmap(probe, size);
+    return works;
+}
 #endif
 
 PyDoc_STRVAR(prefault_arenas_doc,
              "prefault_arenas() -> bool\n\n"
              "Populate each new pymalloc arena in one madvise() call (process-wide, once). "
-             "False where the platform has no MADV_POPULATE_WRITE.");
+             "False, and nothing installed, where the kernel or platform cannot.");
 
 PyObject *auditq_prefault_arenas(PyObject *module, PyObject *unused) {
     (void)module;
     (void)unused;
 #ifdef MADV_POPULATE_WRITE
-    if (!installed) {
-        PyObjectArenaAllocator mine = {NULL, prefault_alloc, prefault_free};
-        PyObject_GetArenaAllocator(&previous);
-        PyObject_SetArenaAllocator(&mine);
-        installed = 1;
+    PyObjectArenaAllocator current;
+    PyObject_GetArenaAllocator(&current);
+    /* Installed already (this process, or before a re-initialisation that kept it)? The
+       check is on the allocator itself: a second install would chain the hook to itself. */
+    if (current.alloc == prefault_alloc) {
+        return PyBool_FromLong(__atomic_load_n(&populate_works, __ATOMIC_RELAXED));
     }
-    return PyBool_FromLong(populate_works);
+    if (!populate_supported()) {
+        Py_RETURN_FALSE;
+    }
+    previous = current;
+    __atomic_store_n(&populate_works, 1, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_RELEASE); /* `previous` before the hook that reads it */
+    PyObjectArenaAllocator mine = {NULL, prefault_alloc, prefault_free};
+    PyObject_SetArenaAllocator(&mine);
+    Py_RETURN_TRUE;
 #else
     Py_RETURN_FALSE;
 #endif
@@ -71,7 +108,7 @@ PyDoc_STRVAR(prefaulted_arenas_doc,
 PyObject *auditq_prefaulted_arenas(PyObject *module, PyObject *unused) {
     (void)module;
     (void)unused;
-    return PyLong_FromUnsignedLongLong(populated);
+    return PyLong_FromUnsignedLongLong(__atomic_load_n(&populated, __ATOMIC_RELAXED));
 }
 
 static PyMethodDef prefault_methods[] = {

@@ -1,5 +1,6 @@
-"""Types of the C extension: the row encoder (_speedups.c, used by binary.py) and the
-caller path of `AuditWriter.log()` (_caller.c, made by native.py)."""
+"""Types of the C extension: the row encoder (_speedups.c, used by binary.py), the
+caller path of `AuditWriter.log()` (_caller.c, made by native.py) and the arena prefault
+hook (_prefault.c, installed through native.prefault_arenas)."""
 
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -28,6 +29,8 @@ def encode_block(
     bad: list[tuple[Row, str]],
     /,
 ) -> bytes: ...
+def prefault_arenas() -> bool: ...
+def prefaulted_arenas() -> int: ...
 
 class CallerPath:
     def __init__(

@@ -53,6 +53,6 @@ def prefault_arenas() -> bool:
     process-wide, installed once and never removed, and chains to the allocator it replaced;
     opt out with `AuditWriter(prefault_memory=False)` (`AUDITQ_PREFAULT_MEMORY=0`).
     """
-    if speedups is None:
-        return False
+    if speedups is None or os.environ.get("PYTHONMALLOC", "").startswith("malloc"):
+        return False  # with PYTHONMALLOC=malloc, pymalloc's arenas are not used at all
     return bool(speedups.prefault_arenas())
