@@ -206,6 +206,9 @@ class Harness:
             # What the caller's path runs: C or Python, and with the OpenTelemetry hook or not.
             "c_extension": native.speedups is not None,
             "otel_hook": otel.enabled,
+            # Whether new memory is taken an arena at a time (installed at the writer's first
+            # call when its prefault_memory option is on, as by default; idempotent).
+            "prefault_hook": writer.prefault_memory and native.prefault_arenas(),
         }
         return writer
 

@@ -107,8 +107,13 @@ def evaluate(result: CompareResult) -> list[Target]:
             f"{frozen.get('calls_while_frozen', 0):,} calls while frozen; the same pacing with"
             f" the server running: p99 {_us(running.get('p99'))}; the"
             f" {frozen.get('calls_after_sleep', 0):,} first after a pacing sleep apart:"
-            f" p99 {_us(waking.get('p99'))}; a queue that only grows touches fresh pages"
-            " (benchmarks/queue_growth.py)"
+            f" p99 {_us(waking.get('p99'))}; a queue that only grows touches fresh pages, "
+            + (
+                "taken an arena at a time (prefault hook on)"
+                if result.writer_settings.get("prefault_hook")
+                else "a page fault each (prefault hook off)"
+            )
+            + " (benchmarks/queue_growth.py)"
         )
         targets.append(
             Target(
@@ -189,7 +194,8 @@ def format_report(result: CompareResult, target: str) -> str:
         f"flush_interval={ws.get('flush_interval')}s; switch interval "
         f"{float(m.get('switch_interval_s', 0)) * 1000:g} ms; C extension "
         f"{'on' if ws.get('c_extension') else 'off'}, OpenTelemetry hook "
-        f"{'on' if ws.get('otel_hook') else 'off'}",
+        f"{'on' if ws.get('otel_hook') else 'off'}, prefault hook "
+        f"{'on' if ws.get('prefault_hook') else 'off'}",
         "",
         f"  {'case':<16}{'rows/run':>10}{'rows/s':>12}{'min..max':>20}"
         f"{'x ceiling':>11}{'x naive':>10}{'dropped':>10}",
