@@ -274,9 +274,13 @@ class Spool:
     # -- state ---------------------------------------------------------------------------
 
     def size_bytes(self) -> int:
-        """Bytes of every segment in the directory (this writer's, orphans, other writers')."""
+        """What `max_bytes` bounds: every segment in the directory (this writer's, orphans,
+        other writers') and the dead-letter file. The file counts because it grows fastest
+        exactly when the spool is full (each refused entry becomes a line), and an unbounded
+        file would fill the disk the spool bound is there to protect."""
         total = 0
-        for path in self.directory.glob(f"seg-*{SEGMENT_SUFFIX}"):
+        paths = [*self.directory.glob(f"seg-*{SEGMENT_SUFFIX}"), self.directory / DEAD_LETTER_FILE]
+        for path in paths:
             try:
                 total += path.stat().st_size
             except FileNotFoundError:
@@ -309,20 +313,33 @@ class Spool:
 
     # -- dead letters --------------------------------------------------------------------
 
-    def write_dead_letters(self, letters: list[dict[str, Any]]) -> None:
-        """Append dead letters to `dead-letters.jsonl` (always fsynced: they are evidence)."""
+    def write_dead_letters(self, letters: list[dict[str, Any]]) -> int:
+        """Append dead letters to `dead-letters.jsonl` (always fsynced: they are evidence),
+        as many as fit within `max_bytes`, oldest first; returns how many were written."""
         if not letters:
-            return
-        data = b"".join(orjson.dumps(letter, default=str) + b"\n" for letter in letters)
+            return 0
+        lines = [orjson.dumps(letter, default=str) + b"\n" for letter in letters]
         path = self.directory / DEAD_LETTER_FILE
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        with self._lock:  # the size check and the write, as append() does
+            room = self.max_bytes - self.size_bytes()
+            fitting = 0
+            for line in lines:
+                if len(line) > room:
+                    break
+                room -= len(line)
+                fitting += 1
+            if not fitting:
+                return 0
+            data = b"".join(lines[:fitting])
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o600)
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        return fitting
 
 
 def read_records(

@@ -33,7 +33,7 @@ from .entry import COLUMNS, AuditEntry, InvalidEntry, Row, dump_metadata
 from .replay import SpoolReplayer
 from .schema import DEFAULT_SCHEMA, DEFAULT_TABLE
 from .sink import CHUNK_ROWS, DATA, Sink, entry_view, make_items
-from .spool import FsyncPolicy, Spool, SpoolFull
+from .spool import DEAD_LETTER_FILE, FsyncPolicy, Spool, SpoolFull
 from .stats import WriterStats
 from .watchdog import Watchdog
 
@@ -219,6 +219,9 @@ class AuditWriter:
         self._unreported_dead = 0
         self._last_dead_reason = ""
         self._last_report = float("-inf")
+        # Dead letters the dead-letter file had no room for, since the last error line.
+        self._unfiled_letters = 0
+        self._last_unfiled_report = float("-inf")
         self._watchdog = Watchdog(f"auditq-watchdog[{self.name}]")
         source: ConnectionSource
         if self._pool is not None:
@@ -586,9 +589,12 @@ class AuditWriter:
                 {"entry": d.entry, "reason": d.reason, "at": d.at.isoformat()} for d in letters
             ]
             try:
-                self._spool.write_dead_letters(records)
+                kept = self._spool.write_dead_letters(records)
             except OSError:
                 logger.exception("could not append to the dead-letter file")
+            else:
+                if kept < len(records):
+                    self._letters_not_filed(len(records) - kept)
         handler = self.on_dead_letter
         if handler is not None:
             for letter in letters:
@@ -596,6 +602,24 @@ class AuditWriter:
                     handler(letter)
                 except Exception:
                     logger.exception("on_dead_letter callback failed")
+
+    def _letters_not_filed(self, count: int) -> None:
+        """Dead letters the file had no room for under spool_max_bytes: still counted and
+        handed to on_dead_letter; said in at most one error line per warn_interval."""
+        self._unfiled_letters += count
+        now = time.monotonic()
+        if now - self._last_unfiled_report >= self.warn_interval:
+            logger.error(
+                "spool_dir %s is at spool_max_bytes=%d: %d dead letters were not written to "
+                "%s (they are still counted in stats().dead_lettered and passed to "
+                "on_dead_letter)",
+                self.spool_dir,
+                self.spool_max_bytes,
+                self._unfiled_letters,
+                DEAD_LETTER_FILE,
+            )
+            self._unfiled_letters = 0
+            self._last_unfiled_report = now
 
     def rejected_rows(self, rows: Sequence[tuple[Row, str]]) -> None:
         """Rows that failed their checks on the writer side: dead letters, with reasons."""

@@ -187,6 +187,30 @@ def test_dead_letter_file_has_one_line_per_letter(tmp_path: Path) -> None:
     assert orjson.loads(lines[1])["entry"] == {"action": "a", "n": 1}
 
 
+def test_the_bound_covers_the_dead_letter_file(tmp_path: Path) -> None:
+    """Refused entries become dead letters exactly when the spool is full: the file they go
+    to is inside the same bound, or a long outage would fill the disk through it."""
+    batch = rows(0, 10)
+    record = 12 + sum(map(len, batch))
+    letter = {"entry": {"action": "a", "n": 0}, "reason": "spool would exceed the bound"}
+    line = len(orjson.dumps(letter)) + 1
+    spool = Spool(tmp_path, max_bytes=2 * record + 3 * line)
+    spool.append(batch)
+    spool.append(batch)
+    letters = [{**letter, "entry": {"action": "a", "n": i}} for i in range(5)]
+    assert spool.write_dead_letters(letters) == 3  # the oldest that fit, whole lines only
+    lines = (tmp_path / DEAD_LETTER_FILE).read_bytes().splitlines()
+    assert [orjson.loads(x)["entry"]["n"] for x in lines] == [0, 1, 2]
+    assert spool.size_bytes() == 2 * record + 3 * line <= spool.max_bytes
+    assert spool.write_dead_letters(letters) == 0  # full: nothing, and no partial line
+    with pytest.raises(SpoolFull):
+        spool.append(rows(0, 1))  # the letters' bytes count against segments too
+    (path, *_) = segments(tmp_path)
+    spool.done(path)  # a segment replayed: room again, for either
+    assert spool.write_dead_letters(letters[3:]) == 2
+    spool.close()
+
+
 def test_new_segments_start_past_segment_bytes_and_stale_temps_go(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

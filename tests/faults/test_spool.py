@@ -186,7 +186,11 @@ def test_server_stopped_with_a_spool(
 
 
 def test_spool_max_bytes_dead_letters_the_rest(
-    proxy: Proxy, table: Table, writers: WriterMaker, tmp_path: Path
+    proxy: Proxy,
+    table: Table,
+    writers: WriterMaker,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     letters: list[DeadLetter] = []
     writer = writers(
@@ -208,18 +212,23 @@ def test_spool_max_bytes_dead_letters_the_rest(
     assert balanced(stats) and stats.pending == 0
     assert stats.dead_lettered > 0 and stats.spooled > 0
     assert stats.spooled + stats.dead_lettered == 3000 == len(accepted)
-    spooled_bytes = sum(p.stat().st_size for p in segments(tmp_path))
-    assert spooled_bytes <= 64 * 1024
+    # The bound covers the segments and the dead-letter file together.
+    letter_file = tmp_path / DEAD_LETTER_FILE
+    directory_bytes = sum(p.stat().st_size for p in segments(tmp_path))
+    directory_bytes += letter_file.stat().st_size if letter_file.exists() else 0
+    assert directory_bytes <= 64 * 1024
+    # Every dead letter is counted and handed to the callback, filed or not ...
     assert len(letters) == stats.dead_lettered
     assert all("spool_max_bytes=65536" in d.reason for d in letters)
-    # One line per dead letter in the JSONL, each with the entry and the reason.
-    lines = [orjson.loads(x) for x in (tmp_path / DEAD_LETTER_FILE).read_bytes().splitlines()]
-    assert len(lines) == stats.dead_lettered
-    assert {line["reason"] for line in lines} == {d.reason for d in letters}
-    assert sorted(int(line["entry"]["request_id"]) for line in lines) == sorted(
-        int(d.entry["request_id"]) for d in letters
-    )
+    # ... and the file holds those that fit, one line each with the entry and the reason.
+    lines = [orjson.loads(x) for x in letter_file.read_bytes().splitlines()]
+    assert len(lines) < stats.dead_lettered
+    filed = [int(line["entry"]["request_id"]) for line in lines]
+    assert set(filed) <= {int(d.entry["request_id"]) for d in letters}
+    assert len(set(filed)) == len(filed)
     assert all(line["entry"]["action"] == "fault.test" and line["at"] for line in lines)
+    assert {line["reason"] for line in lines} <= {d.reason for d in letters}
+    assert "dead letters were not written to dead-letters.jsonl" in caplog.text
 
     proxy.refuse(False)
     spooled = stats.spooled
