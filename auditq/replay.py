@@ -82,6 +82,7 @@ class SpoolReplayer:
             writer._probe_later()
             return "failed"
         self._backlog = True
+        self._forget_finished()
         divert = None if retry else _always
         for path, own in spool.claim():
             ledger: Ledger = _OwnSpoolLedger(writer) if own else _OrphanSpoolLedger(writer)
@@ -95,11 +96,13 @@ class SpoolReplayer:
                 self._progress[path] = (end, resolved)
                 if leftover:
                     writer._probe_later()
+                    # Where this writer got to stays, with the rows still to do, for its
+                    # next try at this segment: from the start it would count the rows it
+                    # already resolved again.
+                    self._carry[path] = leftover
                     if own or why == "abort":
-                        self._carry[path] = leftover
                         return "paused" if why == "abort" else "failed"
                     # Let another writer (whose database may answer) have the orphan.
-                    self._progress.pop(path, None)
                     spool.release(path)
                     return "failed"
                 if self._should_pause(deadline):
@@ -113,6 +116,13 @@ class SpoolReplayer:
             logger.info("replayed spool segment %s (%d rows)", path.name, resolved)
         self._backlog = False
         return "done"
+
+    def _forget_finished(self) -> None:
+        """Drop the progress of segments gone from disk: an orphan this writer released after
+        a failure and another writer then finished."""
+        for path in [path for path in self._progress if not path.exists()]:
+            self._progress.pop(path, None)
+            self._carry.pop(path, None)
 
     def _batches(
         self, path: Path, offset: int, carry: list[Item]

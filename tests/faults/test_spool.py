@@ -426,6 +426,44 @@ def test_close_while_the_server_refuses(
     assert stored_numbers(table) == list(range(2000))
 
 
+def test_an_orphan_cut_midway_resumes_where_this_writer_left_it(
+    pg_dsn: str, table: Table, writers: WriterMaker, tmp_path: Path
+) -> None:
+    """A replay of another process's segment that loses its connection midway hands the
+    segment back, and the writer's next try goes on from where it was: the rows it already
+    wrote are not counted in `replayed` a second time."""
+    spool = Spool(tmp_path)
+    for start in (0, 100, 200):
+        spool.append(rows(start, 100))  # three records
+    spool.close()  # unlocked: an orphan
+    seq = f"{table.name}_cut_once"
+    table.execute(f"CREATE SEQUENCE {seq}")
+    # The server drops the replaying connection once, at a row of the second record (the
+    # sequence is not rolled back with the transaction, so it fires only the first time).
+    table.execute(
+        f"""CREATE FUNCTION {table.name}_cut() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+          IF NEW.request_id = '150' AND nextval('{seq}') = 1 THEN
+            PERFORM pg_terminate_backend(pg_backend_pid());
+          END IF;
+          RETURN NEW;
+        END $$"""
+    )
+    table.execute(
+        f"CREATE TRIGGER cut BEFORE INSERT ON {{table}} FOR EACH ROW EXECUTE FUNCTION "
+        f"{table.name}_cut()"
+    )
+    writer = writers(pg_dsn, table, spool_dir=tmp_path)
+    writer.flush()  # starts the thread: its first wake-up replays the orphan
+    assert wait_until(lambda: segments(tmp_path) == [], timeout=20), writer.stats()
+    assert table.query(f"SELECT last_value FROM {seq}")[0][0] >= 1  # the cut did happen
+    assert writer.stats().retries >= 1
+    assert stored_numbers(table) == list(range(300))
+    assert table.count() == table.distinct_ids() == 300
+    assert writer.stats().replayed == 300
+    assert writer.stats().replay_dead_lettered == 0
+
+
 # -- damage in a segment -------------------------------------------------------------------
 
 
