@@ -270,6 +270,7 @@ def _spool(args: argparse.Namespace, env: dict[str, object], schema: str) -> int
                         "owned_by_live_writers": sum(s["owned_by_live_writer"] for s in segments),
                         "damaged_bytes": sum(s["damaged_bytes"] for s in segments),
                         "dead_letters": dead,
+                        "dead_letter_bytes": dead_file.stat().st_size if dead else 0,
                     },
                     indent=2,
                 )

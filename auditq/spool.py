@@ -111,6 +111,8 @@ class Spool:
         # Guards the segment table; appends and replays happen on the writer thread, but
         # stats() and close() read it from others.
         self._lock = threading.Lock()
+        # Guards the dead-letter file's size check and append (apart from the segments).
+        self._letters_lock = threading.Lock()
         self._active: _Segment | None = None
         self._owned: dict[Path, _Segment] = {}  # segments this writer holds locked
         self._last_sync = 0.0
@@ -274,18 +276,21 @@ class Spool:
     # -- state ---------------------------------------------------------------------------
 
     def size_bytes(self) -> int:
-        """What `max_bytes` bounds: every segment in the directory (this writer's, orphans,
-        other writers') and the dead-letter file. The file counts because it grows fastest
-        exactly when the spool is full (each refused entry becomes a line), and an unbounded
-        file would fill the disk the spool bound is there to protect."""
+        """Bytes of every segment in the directory (this writer's, orphans, other writers')."""
         total = 0
-        paths = [*self.directory.glob(f"seg-*{SEGMENT_SUFFIX}"), self.directory / DEAD_LETTER_FILE]
-        for path in paths:
+        for path in self.directory.glob(f"seg-*{SEGMENT_SUFFIX}"):
             try:
                 total += path.stat().st_size
             except FileNotFoundError:
                 pass
         return total
+
+    def dead_letter_bytes(self) -> int:
+        """Bytes of the dead-letter file (0 when there is none)."""
+        try:
+            return (self.directory / DEAD_LETTER_FILE).stat().st_size
+        except FileNotFoundError:
+            return 0
 
     def close(self) -> None:
         """Sync and release every lock; segments stay on disk for the next writer."""
@@ -303,7 +308,13 @@ class Spool:
             os.close(segment.fd)
 
     def forget_after_fork(self) -> None:
-        """In a forked child: the parent's segments and locks stay the parent's."""
+        """In a forked child: the parent's segments and locks stay the parent's.
+
+        The locks are made anew first: a parent thread that held one at the fork never
+        releases the child's copy, and taking it would hang the child (it has no other
+        threads, so nothing else uses them meanwhile)."""
+        self._lock = threading.Lock()
+        self._letters_lock = threading.Lock()
         with self._lock:
             segments = list(self._owned.values())
             self._owned.clear()
@@ -315,13 +326,21 @@ class Spool:
 
     def write_dead_letters(self, letters: list[dict[str, Any]]) -> int:
         """Append dead letters to `dead-letters.jsonl` (always fsynced: they are evidence),
-        as many as fit within `max_bytes`, oldest first; returns how many were written."""
+        as many whole lines as keep the file within `max_bytes`, oldest first; returns how
+        many were written.
+
+        The file has a bound of its own, apart from the segments': it grows fastest exactly
+        when the spool is full (each refused entry becomes a line), so unbounded it would fill
+        the disk the spool bound protects; but sharing the segments' bound would let old
+        letters (never trimmed) shut the spool, and a full spool refuse the letters of the
+        very rows a replay gives up on. Other processes on the same directory check it too,
+        each before its own write: with several, the bound can be passed by one write each."""
         if not letters:
             return 0
         lines = [orjson.dumps(letter, default=str) + b"\n" for letter in letters]
         path = self.directory / DEAD_LETTER_FILE
-        with self._lock:  # the size check and the write, as append() does
-            room = self.max_bytes - self.size_bytes()
+        with self._letters_lock:  # the size check and the write; not the segments' lock
+            room = self.max_bytes - self.dead_letter_bytes()
             fitting = 0
             for line in lines:
                 if len(line) > room:

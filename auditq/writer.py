@@ -219,9 +219,8 @@ class AuditWriter:
         self._unreported_dead = 0
         self._last_dead_reason = ""
         self._last_report = float("-inf")
-        # Dead letters the dead-letter file had no room for, since the last error line.
+        # Dead letters the dead-letter file had no room for, since the last report.
         self._unfiled_letters = 0
-        self._last_unfiled_report = float("-inf")
         self._watchdog = Watchdog(f"auditq-watchdog[{self.name}]")
         source: ConnectionSource
         if self._pool is not None:
@@ -502,6 +501,7 @@ class AuditWriter:
             self._give_up(items)
         if thread is None or not thread.is_alive():
             self._release_resources()
+        self._report(final=True)
         with self._lock:
             return not self._abort.is_set() and self._inflight == 0 and len(self._buffer) == 0
 
@@ -604,22 +604,9 @@ class AuditWriter:
                     logger.exception("on_dead_letter callback failed")
 
     def _letters_not_filed(self, count: int) -> None:
-        """Dead letters the file had no room for under spool_max_bytes: still counted and
-        handed to on_dead_letter; said in at most one error line per warn_interval."""
-        self._unfiled_letters += count
-        now = time.monotonic()
-        if now - self._last_unfiled_report >= self.warn_interval:
-            logger.error(
-                "spool_dir %s is at spool_max_bytes=%d: %d dead letters were not written to "
-                "%s (they are still counted in stats().dead_lettered and passed to "
-                "on_dead_letter)",
-                self.spool_dir,
-                self.spool_max_bytes,
-                self._unfiled_letters,
-                DEAD_LETTER_FILE,
-            )
-            self._unfiled_letters = 0
-            self._last_unfiled_report = now
+        """Dead letters the file had no room for: said by `_report()`, rate-limited."""
+        with self._lock:
+            self._unfiled_letters += count
 
     def rejected_rows(self, rows: Sequence[tuple[Row, str]]) -> None:
         """Rows that failed their checks on the writer side: dead letters, with reasons."""
@@ -827,16 +814,18 @@ class AuditWriter:
         finally:
             self._sink.deadline = None
 
-    def _report(self) -> None:
-        """Rate-limited warnings for drops, rejections and dead letters (writer side)."""
+    def _report(self, *, final: bool = False) -> None:
+        """Rate-limited warnings for drops, rejections and dead letters (writer side);
+        `final` (close()) says what is left whatever the interval, so nothing goes unsaid."""
         now = time.monotonic()
         with self._lock:
-            if now - self._last_report < self.warn_interval:
+            if not final and now - self._last_report < self.warn_interval:
                 return
             drops, self._unreported_drops = self._unreported_drops, 0
             rejects, self._unreported_rejects = self._unreported_rejects, 0
             dead, self._unreported_dead = self._unreported_dead, 0
-            if drops or rejects or dead:
+            unfiled, self._unfiled_letters = self._unfiled_letters, 0
+            if drops or rejects or dead or unfiled:
                 self._last_report = now
         if drops:
             logger.warning(
@@ -855,6 +844,16 @@ class AuditWriter:
                 "dead-lettered %d entries since the last report; last reason: %s",
                 dead,
                 self._scrub(self._last_dead_reason),
+            )
+        if unfiled:
+            logger.error(
+                "%s in %s reached spool_max_bytes=%d: %d dead letters since the last report "
+                "were not written to it (they are counted in stats() and passed to "
+                "on_dead_letter); move the file aside to make room",
+                DEAD_LETTER_FILE,
+                self.spool_dir,
+                self.spool_max_bytes,
+                unfiled,
             )
 
     def _release_resources(self) -> None:

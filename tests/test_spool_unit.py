@@ -187,28 +187,51 @@ def test_dead_letter_file_has_one_line_per_letter(tmp_path: Path) -> None:
     assert orjson.loads(lines[1])["entry"] == {"action": "a", "n": 1}
 
 
-def test_the_bound_covers_the_dead_letter_file(tmp_path: Path) -> None:
-    """Refused entries become dead letters exactly when the spool is full: the file they go
-    to is inside the same bound, or a long outage would fill the disk through it."""
+def test_the_dead_letter_file_has_a_bound_of_its_own(tmp_path: Path) -> None:
+    """Refused entries become dead letters exactly when the spool is full, so the file they
+    go to is bounded too, or a long outage would fill the disk through it. Its bound is its
+    own: old letters (the file is never trimmed) must not shut the spool, and a full spool
+    must not refuse the letters of rows a replay gives up on."""
     batch = rows(0, 10)
     record = 12 + sum(map(len, batch))
     letter = {"entry": {"action": "a", "n": 0}, "reason": "spool would exceed the bound"}
     line = len(orjson.dumps(letter)) + 1
-    spool = Spool(tmp_path, max_bytes=2 * record + 3 * line)
+    spool = Spool(tmp_path, max_bytes=2 * record + 10)
+    assert line * 3 < spool.max_bytes
     spool.append(batch)
     spool.append(batch)
-    letters = [{**letter, "entry": {"action": "a", "n": i}} for i in range(5)]
-    assert spool.write_dead_letters(letters) == 3  # the oldest that fit, whole lines only
-    lines = (tmp_path / DEAD_LETTER_FILE).read_bytes().splitlines()
-    assert [orjson.loads(x)["entry"]["n"] for x in lines] == [0, 1, 2]
-    assert spool.size_bytes() == 2 * record + 3 * line <= spool.max_bytes
-    assert spool.write_dead_letters(letters) == 0  # full: nothing, and no partial line
     with pytest.raises(SpoolFull):
-        spool.append(rows(0, 1))  # the letters' bytes count against segments too
+        spool.append(batch)  # the segments are full ...
+    letters = [{**letter, "entry": {"action": "a", "n": i}} for i in range(40)]
+    sizes = [len(orjson.dumps(x)) + 1 for x in letters]
+    fitting = next(k for k in range(len(sizes) + 1) if sum(sizes[: k + 1]) > spool.max_bytes)
+    assert 3 < fitting < len(letters)
+    assert spool.write_dead_letters(letters) == fitting  # ... the letters still go in
+    lines = (tmp_path / DEAD_LETTER_FILE).read_bytes().splitlines()
+    assert [orjson.loads(x)["entry"]["n"] for x in lines] == list(range(fitting))  # oldest
+    assert spool.dead_letter_bytes() == sum(sizes[:fitting]) <= spool.max_bytes
+    assert spool.write_dead_letters(letters) == 0  # full: nothing, and no partial line
+    assert spool.dead_letter_bytes() == sum(sizes[:fitting])
     (path, *_) = segments(tmp_path)
-    spool.done(path)  # a segment replayed: room again, for either
-    assert spool.write_dead_letters(letters[3:]) == 2
+    spool.done(path)  # a segment replayed: room for segments, not for letters
+    spool.append(batch)
+    assert spool.write_dead_letters(letters) == 0
+    (tmp_path / DEAD_LETTER_FILE).rename(tmp_path / "dead-letters.1.jsonl")  # moved aside
+    assert spool.write_dead_letters(letters[:2]) == 2
     spool.close()
+
+
+def test_a_forked_child_does_not_inherit_a_held_lock(tmp_path: Path) -> None:
+    spool = Spool(tmp_path)
+    spool.append(rows(0, 1))
+    spool._lock.acquire()  # as if a parent thread were inside append() at the fork
+    spool._letters_lock.acquire()
+    try:
+        spool.forget_after_fork()  # what the child runs: must not wait on the parent's locks
+        spool.append(rows(1, 1))
+        assert spool.write_dead_letters([{"entry": {}, "reason": "r"}]) == 1
+    finally:
+        spool.close()
 
 
 def test_new_segments_start_past_segment_bytes_and_stale_temps_go(
