@@ -82,7 +82,10 @@ def test_each_new_arena_becomes_resident_at_once() -> None:
         """
     )
     # An arena is 1 MiB on 64-bit CPython 3.10+ (256 KiB on builds without the radix tree).
-    assert min(jumps) >= 200, jumps
+    # Most calls that take an arena make it resident at once; one may show no jump when the
+    # interpreter gave back another arena between the two readings. Without the populate
+    # (or with one page, or read-only pages) every jump is a few KiB.
+    assert sum(jump >= 200 for jump in jumps) >= 6, jumps
 
 
 @needs_c
