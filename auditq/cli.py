@@ -305,6 +305,9 @@ def _spool(args: argparse.Namespace, env: dict[str, object], schema: str) -> int
             schema=schema,
             table=args.table or str(env.get("table") or DEFAULT_TABLE),
             spool_dir=str(directory),
+            # The application's bound (AUDITQ_SPOOL_MAX_BYTES), which the dead-letter file
+            # of a replay is held to as well.
+            spool_max_bytes=int(env.get("spool_max_bytes", 1024**3)),  # type: ignore[call-overload]
         )
         try:
             done = writer.replay_spool(timeout=args.timeout)

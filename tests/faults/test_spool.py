@@ -239,9 +239,7 @@ def test_spool_max_bytes_dead_letters_the_rest(
     assert stored_numbers(table) == sorted(set(range(3000)) - dead_numbers)
     assert table.count() == table.distinct_ids() == stats.written
     writer.close(timeout=5)  # its last report says how many letters were not filed, if any
-    assert ("dead letters since the last report were not written" in caplog.text) == (
-        unfiled > 0
-    )
+    assert ("dead letters since the last report were not written" in caplog.text) == (unfiled > 0)
 
 
 # -- SIGKILL with a non-empty spool --------------------------------------------------------
@@ -558,3 +556,21 @@ def test_spool_commands(
         main(["spool", "replay", str(tmp_path), "--dsn", dead_port_dsn(), "--timeout", "1"]) == 0
     )  # nothing left: complete at once
     assert main(["spool", "status", str(tmp_path / "nope")]) == 2
+
+
+def test_spool_replay_command_takes_the_applications_bound(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`auditq spool replay` holds what it files (dead letters) to AUDITQ_SPOOL_MAX_BYTES,
+    as the application's writers do, not to the default."""
+    seen: list[int] = []
+
+    def replay(self: AuditWriter, timeout: float | None = None) -> bool:
+        seen.append(self.spool_max_bytes)
+        return True
+
+    monkeypatch.setattr(AuditWriter, "replay_spool", replay)
+    monkeypatch.setenv("AUDITQ_SPOOL_MAX_BYTES", "123456")
+    assert main(["spool", "replay", str(tmp_path), "--dsn", dead_port_dsn()]) == 0
+    assert seen == [123456]
+    assert json.loads(capsys.readouterr().out)["complete"] is True
