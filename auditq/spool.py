@@ -35,6 +35,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -341,12 +342,7 @@ class Spool:
         path = self.directory / DEAD_LETTER_FILE
         with self._letters_lock:  # the size check and the write; not the segments' lock
             room = self.max_bytes - self.dead_letter_bytes()
-            fitting = 0
-            for line in lines:
-                if len(line) > room:
-                    break
-                room -= len(line)
-                fitting += 1
+            fitting = sum(1 for end in accumulate(map(len, lines)) if end <= room)
             if not fitting:
                 return 0
             data = b"".join(lines[:fitting])

@@ -593,8 +593,9 @@ class AuditWriter:
             except OSError:
                 logger.exception("could not append to the dead-letter file")
             else:
-                if kept < len(records):
-                    self._letters_not_filed(len(records) - kept)
+                if kept < len(records):  # no room left in the file: said by _report()
+                    with self._lock:
+                        self._unfiled_letters += len(records) - kept
         handler = self.on_dead_letter
         if handler is not None:
             for letter in letters:
@@ -602,11 +603,6 @@ class AuditWriter:
                     handler(letter)
                 except Exception:
                     logger.exception("on_dead_letter callback failed")
-
-    def _letters_not_filed(self, count: int) -> None:
-        """Dead letters the file had no room for: said by `_report()`, rate-limited."""
-        with self._lock:
-            self._unfiled_letters += count
 
     def rejected_rows(self, rows: Sequence[tuple[Row, str]]) -> None:
         """Rows that failed their checks on the writer side: dead letters, with reasons."""

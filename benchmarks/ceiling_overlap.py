@@ -18,13 +18,12 @@ import os
 import socket
 import struct
 import sys
-import threading
 import time
 
 import psycopg
 from psycopg import generators, pq, waiting
 
-from auditq.bench.compare import CompareConfig, Harness, _spin, encode_ceiling
+from auditq.bench.compare import CompareConfig, Harness, encode_ceiling, spinning
 from auditq.bench.run import prepare_table
 from auditq.binary import HEADER, TRAILER
 from auditq.connection import widen_send_buffer
@@ -90,17 +89,8 @@ def main() -> None:
             for spinners in (0, SPINNERS):
                 for connections in (1, 2):
                     harness.reset()
-                    stop = threading.Event()
-                    busy = [
-                        threading.Thread(target=_spin, args=(stop,), daemon=True)
-                        for _ in range(spinners)
-                    ]
-                    for thread in busy:
-                        thread.start()
-                    rate = copy_all(harness, chunks, connections)
-                    stop.set()
-                    for thread in busy:
-                        thread.join()
+                    with spinning(spinners):
+                        rate = copy_all(harness, chunks, connections)
                     rows, _ = harness.count()
                     assert rows == cfg.entries, rows
                     print(

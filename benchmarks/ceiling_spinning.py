@@ -13,9 +13,8 @@ encode without it.
 from __future__ import annotations
 
 import sys
-import threading
 
-from auditq.bench.compare import CompareConfig, Harness, _spin, encode_ceiling
+from auditq.bench.compare import CompareConfig, Harness, encode_ceiling, spinning
 from auditq.bench.run import prepare_table
 from auditq.embedded import embedded_postgres
 
@@ -31,17 +30,8 @@ def main() -> None:
         for round_ in range(1, 4):
             for spinners in (0, SPINNERS):
                 harness.reset()
-                stop = threading.Event()
-                busy = [
-                    threading.Thread(target=_spin, args=(stop,), daemon=True)
-                    for _ in range(spinners)
-                ]
-                for thread in busy:
-                    thread.start()
-                run = harness.ceiling(round_, chunks)
-                stop.set()
-                for thread in busy:
-                    thread.join()
+                with spinning(spinners):
+                    run = harness.ceiling(round_, chunks)
                 print(f"ceiling, {spinners} spinning threads: {run.rows_per_second:>9,.0f} rows/s")
 
 

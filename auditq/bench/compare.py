@@ -31,7 +31,8 @@ import threading
 import time
 import uuid
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TextIO
@@ -336,19 +337,10 @@ class Harness:
         samples = array("q", bytes(8 * total))
         for n in range(total):
             samples[n] = timed_log(writer.log, metadata_for(n))
-        stop = threading.Event()
-        busy = [
-            threading.Thread(target=_spin, args=(stop,), name=f"spinner-{k}", daemon=True)
-            for k in range(spinners)
-        ]
-        for thread in busy:
-            thread.start()
-        started = time.perf_counter()
-        flushed = writer.flush(timeout=600)
-        seconds = time.perf_counter() - started
-        stop.set()
-        for thread in busy:
-            thread.join()
+        with spinning(spinners):
+            started = time.perf_counter()
+            flushed = writer.flush(timeout=600)
+            seconds = time.perf_counter() - started
         writer.close(timeout=30)
         stats = writer.stats()
         in_table, distinct = self.count(distinct=True)
@@ -593,6 +585,25 @@ def _spin(stop: threading.Event) -> None:
     while not stop.is_set():
         for i in range(1000):
             total += i
+
+
+@contextmanager
+def spinning(count: int) -> Iterator[None]:
+    """`count` threads doing pure-Python work that never calls auditq, for the duration:
+    what an application's own busy threads do to a writer that needs the GIL."""
+    stop = threading.Event()
+    busy = [
+        threading.Thread(target=_spin, args=(stop,), name=f"spinner-{k}", daemon=True)
+        for k in range(count)
+    ]
+    for thread in busy:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        for thread in busy:
+            thread.join()
 
 
 def _produce(
