@@ -1,5 +1,6 @@
 """An experiment for the next step of the 4-producer target: can a writer keep the server busy
-while 4 other threads hold the GIL, if it waits for nothing it does not have to?
+while 4 other threads hold the GIL, if it waits for nothing it does not have to? And is it
+the GIL at all, or only a busy core (one spinning process, which shares no GIL)?
 
     python benchmarks/ceiling_overlap.py   (embedded PostgreSQL)
 
@@ -14,23 +15,32 @@ low-level `pq` interface.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import socket
 import struct
 import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from multiprocessing.synchronize import Event
 
 import psycopg
 from psycopg import generators, pq, waiting
 
-from auditq.bench.compare import CompareConfig, Harness, encode_ceiling, spinning
+from auditq.bench.compare import CompareConfig, Harness, _spin, encode_ceiling, spinning
 from auditq.bench.run import prepare_table
 from auditq.binary import HEADER, TRAILER
 from auditq.connection import widen_send_buffer
 from auditq.embedded import embedded_postgres
 
 SPINNERS = 4
-ROUNDS = 4
+ROUNDS = 3
+BUSY = (
+    ("", "nothing else busy"),
+    ("threads", f"{SPINNERS} spinning threads"),
+    ("process", "1 spinning process"),
+)
 
 
 def _finish(conn: psycopg.Connection[tuple[object, ...]]) -> None:
@@ -79,6 +89,31 @@ def copy_all(harness: Harness, chunks: list[list[bytes]], connections: int) -> f
     return harness.cfg.entries / seconds
 
 
+def _spin_process(stop: Event) -> None:
+    _spin(stop)
+
+
+@contextmanager
+def busy(kind: str) -> Iterator[None]:
+    """Nothing, 4 spinning threads (they hold this process's GIL), or one spinning process
+    (a core kept busy, no GIL shared): which of the two slows the COPYs down."""
+    if kind == "threads":
+        with spinning(SPINNERS):
+            yield
+        return
+    if kind == "process":
+        stop = multiprocessing.Event()
+        child = multiprocessing.Process(target=_spin_process, args=(stop,), daemon=True)
+        child.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            child.join()
+        return
+    yield
+
+
 def main() -> None:
     with embedded_postgres() as dsn:
         cfg = CompareConfig(entries=400_000)
@@ -86,18 +121,14 @@ def main() -> None:
         harness = Harness(dsn, cfg, server_owned=True, stream=sys.stderr)
         chunks = encode_ceiling(cfg)
         for _ in range(ROUNDS):
-            for spinners in (0, SPINNERS):
+            for kind, label in BUSY:
                 for connections in (1, 2):
                     harness.reset()
-                    with spinning(spinners):
+                    with busy(kind):
                         rate = copy_all(harness, chunks, connections)
                     rows, _ = harness.count()
                     assert rows == cfg.entries, rows
-                    print(
-                        f"{connections} connection(s), {spinners} spinning threads: "
-                        f"{rate:>9,.0f} rows/s",
-                        flush=True,
-                    )
+                    print(f"{connections} connection(s), {label}: {rate:>9,.0f} rows/s", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 
     python benchmarks/four_producers.py [DSN]   (embedded PostgreSQL without a DSN)
 
+Writer options come from `AUDITQ_*` variables, as `auditq.configure()` reads them (e.g.
+`AUDITQ_BATCH_SIZE=200000`); the defaults otherwise.
+
 Four producer threads call `log()` as fast as they can until 200k entries are accepted, and
 the writer (default settings) writes them. Printed per run: rows/s, then CPU as a share of
 one core over the run, read from /proc (Linux): the writer thread, the whole auditq process,
@@ -28,6 +31,7 @@ from psycopg import sql
 
 from auditq import AuditWriter
 from auditq.bench.run import metadata_for, timed_log
+from auditq.config import options_from_env
 from auditq.embedded import embedded_postgres
 from auditq.schema import create
 
@@ -67,7 +71,7 @@ def machine_idle() -> float:
 def one_run(dsn: str) -> str:
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(TABLE)))
-    writer = AuditWriter(dsn, table=TABLE)
+    writer = AuditWriter(dsn, **{**options_from_env(), "table": TABLE})
     writer.log("warm-up")  # the thread and its connection, outside the timing
     writer.flush()
     base = writer.stats().calls
