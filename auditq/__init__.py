@@ -12,8 +12,9 @@ from .default import (
 )
 from .entry import AuditEntry, InvalidEntry, Outcome
 from .ids import uuid7
+from .ledger import DeadLetter
 from .stats import WriterStats
-from .writer import AuditWriter, DeadLetter
+from .writer import AuditWriter
 
 __all__ = [
     "AuditEntry",

@@ -6,12 +6,14 @@
  * that, which is both the caller's latency and GIL time the writer thread gets back.
  *
  * Why it stays small: it takes the calls the Python log() takes without its slow paths
- * (one positional str action, known keywords, not strict, not in a forked child) and does
- * its steps in its order, queueing the very same 13-tuple. It calls the same Python code
- * for everything with rules of its own: otel.with_trace and entry.dump_metadata for the
- * metadata, the writer's _refuse(), _reject() and _start(). Any other call (wrong
- * arguments, an invalid action, strict mode, a forked child) goes to the Python log().
- * max_queue and the wake-up count are fixed when the writer makes it, as in Buffer.
+ * (one positional str action, known keywords, not in a forked child) and does its steps
+ * in its order, queueing the very same 13-tuple. It is made from the writer's buffer (its
+ * deque, max_queue and wake-up count, fixed for the buffer's life) and the callbacks it is
+ * handed: `refuse()`, `reject(reason)` and `start()`, which count and report as the Python
+ * log() does, and a gate object whose `closed` and `started` attributes it reads per call.
+ * It calls the same Python code for everything with rules of its own: otel.with_trace and
+ * entry.dump_metadata for the metadata. Any other call (wrong arguments, an invalid action,
+ * a forked child) goes to the Python log(). A strict writer does not use it at all.
  * Any other call, including every call that ends in a refusal or an error, goes to the
  * Python log() unchanged, which keeps every rule and every message in one place.
  */
@@ -45,14 +47,16 @@ static const char *const keyword_names[KEYWORDS] = {
 };
 
 static PyObject *keywords[KEYWORDS]; /* interned, so a call's names match by identity */
-static PyObject *str_closed, *str_thread, *str_strict, *str_enabled, *str_with_trace;
-static PyObject *str_refuse, *str_reject, *str_start;
+static PyObject *str_closed, *str_started, *str_enabled, *str_with_trace;
 
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
-    PyObject *writer;  /* the AuditWriter */
-    PyObject *slow;    /* AuditWriter.log (the function): every call this does not take */
+    PyObject *slow;    /* the writer's Python log() (bound): every call this does not take */
+    PyObject *gate;    /* its `closed` and `started` attributes, read per call */
+    PyObject *refuse;  /* refuse(): a full queue or a closed writer (counts the call) */
+    PyObject *reject;  /* reject(reason): metadata that does not serialise */
+    PyObject *start;   /* start(): the first call starts the writer thread */
     PyObject *queue;   /* the writer's deque */
     PyObject *append;  /* its bound append */
     PyObject *wake;    /* the writer's wake-up: its Event's bound set */
@@ -108,26 +112,9 @@ static PyObject *raised_message(void) {
 #endif
 }
 
-/* The Python log(), with the writer as its first argument. */
+/* The Python log(), with the same arguments. */
 static PyObject *slow_call(CallerPath *self, PyObject *const *args, Py_ssize_t nargs, PyObject *kwnames) {
-    Py_ssize_t total = nargs + (kwnames == NULL ? 0 : PyTuple_GET_SIZE(kwnames));
-    PyObject *small[24];
-    PyObject **stack = small;
-    if (total + 1 > (Py_ssize_t)(sizeof(small) / sizeof(small[0]))) {
-        stack = PyMem_Malloc((size_t)(total + 1) * sizeof(PyObject *));
-        if (stack == NULL) {
-            return PyErr_NoMemory();
-        }
-    }
-    stack[0] = self->writer;
-    if (total > 0) {
-        memcpy(stack + 1, args, (size_t)total * sizeof(PyObject *));
-    }
-    PyObject *result = PyObject_Vectorcall(self->slow, stack, (size_t)(nargs + 1), kwnames);
-    if (stack != small) {
-        PyMem_Free(stack);
-    }
-    return result;
+    return PyObject_Vectorcall(self->slow, args, (size_t)nargs, kwnames);
 }
 
 static PyObject *caller_path_call(PyObject *callable, PyObject *const *args, size_t nargsf,
@@ -135,7 +122,7 @@ static PyObject *caller_path_call(PyObject *callable, PyObject *const *args, siz
     CallerPath *self = (CallerPath *)callable;
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     PyObject *kw[KEYWORDS] = {NULL};
-    if (self->writer == NULL) { /* cleared by the garbage collector: never called then */
+    if (self->slow == NULL) { /* cleared by the garbage collector: never called then */
         PyErr_SetString(PyExc_ReferenceError, "this writer's log() was cleared");
         return NULL;
     }
@@ -159,12 +146,7 @@ static PyObject *caller_path_call(PyObject *callable, PyObject *const *args, siz
     if (auditq_fork_count() != self->forks) {
         return slow_call(self, args, nargs, kwnames);
     }
-    /* From here on, the steps of the Python log() in its order. Strict mode validates
-     * through the pydantic model: the Python log(). */
-    int strict = attribute_true(self->writer, str_strict);
-    if (strict != 0) {
-        return strict < 0 ? NULL : slow_call(self, args, nargs, kwnames);
-    }
+    /* From here on, the steps of the Python log() in its order. */
     int traced = attribute_true(self->otel, str_enabled);
     if (traced < 0) {
         return NULL;
@@ -200,8 +182,8 @@ static PyObject *caller_path_call(PyObject *callable, PyObject *const *args, siz
         }
     }
     /* The queue bound and the closed flag, read after with_trace (which may run a caller's
-     * Mapping code), as log() reads them; a refusal is counted by the writer's _refuse(). */
-    int closed = attribute_true(self->writer, str_closed);
+     * Mapping code), as log() reads them; a refusal is counted by refuse(). */
+    int closed = attribute_true(self->gate, str_closed);
     Py_ssize_t size = closed < 0 ? -1 : PyObject_Length(self->queue);
     if (size < 0) {
         Py_DECREF(given);
@@ -211,7 +193,7 @@ static PyObject *caller_path_call(PyObject *callable, PyObject *const *args, siz
     if (closed || size >= self->max_queue) {
         Py_DECREF(given);
         Py_XDECREF(bound);
-        return PyObject_CallMethodNoArgs(self->writer, str_refuse);
+        return PyObject_CallNoArgs(self->refuse);
     }
     PyObject *metadata = NULL;
     if (given != Py_None) {
@@ -222,12 +204,12 @@ static PyObject *caller_path_call(PyObject *callable, PyObject *const *args, siz
             if (!PyErr_ExceptionMatches(PyExc_ValueError)) {
                 return NULL;
             }
-            /* Rejected with the reason, by the writer's _reject() (it counts it). */
+            /* Rejected with the reason, by reject() (it counts it). */
             PyObject *reason = raised_message();
             if (reason == NULL) {
                 return NULL;
             }
-            PyObject *result = PyObject_CallMethodOneArg(self->writer, str_reject, reason);
+            PyObject *result = PyObject_CallOneArg(self->reject, reason);
             Py_DECREF(reason);
             return result;
         }
@@ -276,14 +258,12 @@ static PyObject *caller_path_call(PyObject *callable, PyObject *const *args, siz
         }
         Py_DECREF(done);
     }
-    PyObject *thread = PyObject_GetAttr(self->writer, str_thread);
-    if (thread == NULL) {
+    int started = attribute_true(self->gate, str_started);
+    if (started < 0) {
         return NULL;
     }
-    int unstarted = thread == Py_None;
-    Py_DECREF(thread);
-    if (unstarted) { /* the first call starts the writer thread */
-        done = PyObject_CallMethodNoArgs(self->writer, str_start);
+    if (!started) { /* the first call starts the writer thread */
+        done = PyObject_CallNoArgs(self->start);
         if (done == NULL) {
             return NULL;
         }
@@ -293,14 +273,14 @@ static PyObject *caller_path_call(PyObject *callable, PyObject *const *args, siz
 }
 
 static PyObject *caller_path_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
-    PyObject *writer, *slow, *queue, *wake, *dump, *context, *otel;
+    PyObject *slow, *queue, *wake, *gate, *refuse, *reject, *start, *dump, *context, *otel;
     Py_ssize_t max_queue, wake_every;
     if (kwargs != NULL && PyDict_GET_SIZE(kwargs) != 0) {
         PyErr_SetString(PyExc_TypeError, "CallerPath takes positional arguments only");
         return NULL;
     }
-    if (!PyArg_ParseTuple(args, "OOOOOOOnn:CallerPath", &writer, &slow, &queue, &wake, &dump,
-                          &context, &otel, &max_queue, &wake_every)) {
+    if (!PyArg_ParseTuple(args, "OOOOOOOOOOnn:CallerPath", &slow, &queue, &wake, &gate, &refuse,
+                          &reject, &start, &dump, &context, &otel, &max_queue, &wake_every)) {
         return NULL;
     }
     if (!PyContextVar_CheckExact(context) || wake_every < 1) {
@@ -317,8 +297,11 @@ static PyObject *caller_path_new(PyTypeObject *type, PyObject *args, PyObject *k
         return NULL;
     }
     self->vectorcall = caller_path_call;
-    self->writer = Py_NewRef(writer);
     self->slow = Py_NewRef(slow);
+    self->gate = Py_NewRef(gate);
+    self->refuse = Py_NewRef(refuse);
+    self->reject = Py_NewRef(reject);
+    self->start = Py_NewRef(start);
     self->queue = Py_NewRef(queue);
     self->append = append;
     self->wake = Py_NewRef(wake);
@@ -332,8 +315,11 @@ static PyObject *caller_path_new(PyTypeObject *type, PyObject *args, PyObject *k
 }
 
 static int caller_path_traverse(CallerPath *self, visitproc visit, void *arg) {
-    Py_VISIT(self->writer);
     Py_VISIT(self->slow);
+    Py_VISIT(self->gate);
+    Py_VISIT(self->refuse);
+    Py_VISIT(self->reject);
+    Py_VISIT(self->start);
     Py_VISIT(self->queue);
     Py_VISIT(self->append);
     Py_VISIT(self->wake);
@@ -344,8 +330,11 @@ static int caller_path_traverse(CallerPath *self, visitproc visit, void *arg) {
 }
 
 static int caller_path_clear(CallerPath *self) {
-    Py_CLEAR(self->writer);
     Py_CLEAR(self->slow);
+    Py_CLEAR(self->gate);
+    Py_CLEAR(self->refuse);
+    Py_CLEAR(self->reject);
+    Py_CLEAR(self->start);
     Py_CLEAR(self->queue);
     Py_CLEAR(self->append);
     Py_CLEAR(self->wake);
@@ -362,8 +351,8 @@ static void caller_path_dealloc(CallerPath *self) {
 }
 
 PyDoc_STRVAR(caller_path_doc,
-             "CallerPath(writer, log, queue, wake, dump_metadata, context, otel, max_queue,\n"
-             "           wake_every)\n\n"
+             "CallerPath(log, queue, wake, gate, refuse, reject, start, dump_metadata, context,\n"
+             "           otel, max_queue, wake_every)\n\n"
              "AuditWriter.log() for the common call; any other call goes to `log`.");
 
 static PyTypeObject CallerPathType = {
@@ -385,15 +374,11 @@ int auditq_add_caller_path(PyObject *module) {
             return -1;
         }
     }
-    if ((str_closed == NULL && (str_closed = PyUnicode_InternFromString("_closed")) == NULL) ||
-        (str_thread == NULL && (str_thread = PyUnicode_InternFromString("_thread")) == NULL) ||
-        (str_strict == NULL && (str_strict = PyUnicode_InternFromString("strict")) == NULL) ||
+    if ((str_closed == NULL && (str_closed = PyUnicode_InternFromString("closed")) == NULL) ||
+        (str_started == NULL && (str_started = PyUnicode_InternFromString("started")) == NULL) ||
         (str_enabled == NULL && (str_enabled = PyUnicode_InternFromString("enabled")) == NULL) ||
         (str_with_trace == NULL &&
-         (str_with_trace = PyUnicode_InternFromString("with_trace")) == NULL) ||
-        (str_refuse == NULL && (str_refuse = PyUnicode_InternFromString("_refuse")) == NULL) ||
-        (str_reject == NULL && (str_reject = PyUnicode_InternFromString("_reject")) == NULL) ||
-        (str_start == NULL && (str_start = PyUnicode_InternFromString("_start")) == NULL)) {
+         (str_with_trace = PyUnicode_InternFromString("with_trace")) == NULL)) {
         return -1;
     }
     if (PyType_Ready(&CallerPathType) < 0) {

@@ -35,10 +35,13 @@ def prefaulted_arenas() -> int: ...
 class CallerPath:
     def __init__(
         self,
-        writer: object,
         log: Callable[..., bool],
         queue: object,
         wake: Callable[[], None],
+        gate: object,
+        refuse: Callable[[], bool],
+        reject: Callable[[str], bool],
+        start: Callable[[], None],
         dump_metadata: Callable[[Any], str],
         context: object,
         otel: object,

@@ -310,6 +310,13 @@ def item_id(item: Item) -> int:
     return int.from_bytes(item[0][_ID_AT : _ID_AT + 16], "big")
 
 
+def entry_view(item: Item) -> Row | dict[str, Any]:
+    """What a dead letter shows of `item`: its queued Row, or the row decoded back when it
+    came from the spool, which keeps only the encoded bytes."""
+    row = item[1]
+    return decode_row(item[0]) if row is None else row
+
+
 def _encode_chunk_python(
     rows: Sequence[Row], items: list[Item], bad: list[tuple[Row, str]]
 ) -> bytes:

@@ -13,10 +13,9 @@ from contextlib import contextmanager
 
 import psycopg
 
-from .config import ConfigError, dsn_from_env, options_from_env
+from .config import DEFAULT_BATCH_SIZE, ConfigError, dsn_from_env, options_from_env
 from .dsn import Dsn
 from .schema import DEFAULT_SCHEMA, DEFAULT_TABLE, create
-from .writer import DEFAULT_BATCH_SIZE
 
 
 def _add_target(parser: argparse.ArgumentParser, *, table: str | None = None) -> None:

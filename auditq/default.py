@@ -27,21 +27,28 @@ _warned_unconfigured = False
 _env_failed = False
 
 
-def configure(dsn_or_pool: str | ConnectionPool[Any] | None = None, **options: Any) -> AuditWriter:
+def configure(
+    dsn_or_pool: str | ConnectionPool[Any] | None = None, /, **options: Any
+) -> AuditWriter:
     """Create the default writer (closing any previous one) and return it.
 
-    With no arguments, the DSN comes from `AUDITQ_DSN` or `DATABASE_URL` and each option from
+    Takes what `AuditWriter` takes (`dsn=...` or `pool=...` or a positional DSN, and its
+    options). The DSN defaults to `AUDITQ_DSN`, then `DATABASE_URL`, and each option to
     `AUDITQ_<OPTION>`; arguments given here win.
     """
     global _writer
     merged = {**options_from_env(), **options}
-    target = dsn_or_pool if dsn_or_pool is not None else dsn_from_env()
-    writer = AuditWriter(target, **merged)
+    writer = AuditWriter(dsn_or_pool, **merged)
     with _lock:
         previous, _writer = _writer, writer
     if previous is not None:
         previous.close()
     return writer
+
+
+def current_writer() -> AuditWriter | None:
+    """The default writer if one is configured (never configures one)."""
+    return _writer
 
 
 def get_writer() -> AuditWriter | None:

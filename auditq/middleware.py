@@ -196,7 +196,7 @@ class RequestAuditor:
         if writer is None:
             from . import default
 
-            writer = default._writer
+            writer = default.current_writer()
         return True if writer is None else writer.flush(writer.shutdown_timeout)
 
 

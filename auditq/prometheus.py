@@ -48,9 +48,9 @@ WriterSource = Callable[[], Iterable["AuditWriter"]]
 
 
 def _live_writers() -> Iterable[AuditWriter]:
-    from .writer import _live_writers
+    from .writer import live_writers
 
-    return list(_live_writers)
+    return live_writers()
 
 
 class AuditqCollector:

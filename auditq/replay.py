@@ -3,10 +3,9 @@
 A replay can stop at any record (the database fails again, close() cuts it short, the queue
 fills up and needs the writer thread) and must go on later from exactly there, so that no
 row is written or counted twice: `SpoolReplayer` keeps that progress between tries. What it
-resolves lands in the writer's counters, under the writer's lock, as if the writer had done
-it: rows from this writer's own segments move from `spooled` to written or dead; rows from
-segments other processes left are counted apart (`replayed`, `replay_dead`), since this
-writer never accepted them.
+resolves is reported to the ledger: rows from this writer's own segments move from `spooled`
+to written or dead; rows from segments other processes left are counted apart (`replayed`,
+`replay_dead`), since this writer never accepted them.
 """
 
 from __future__ import annotations
@@ -14,17 +13,14 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterable, Sequence
-from datetime import UTC, datetime
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Literal
+from typing import Final, Literal
 
 from .binary import Item
-from .sink import Ledger, entry_view
+from .ledger import Ledger, RowReport
+from .sink import Sink
 from .spool import Damage, Spool
-
-if TYPE_CHECKING:
-    from .writer import AuditWriter
 
 logger = logging.getLogger("auditq")
 
@@ -32,21 +28,55 @@ logger = logging.getLogger("auditq")
 #: look is at its thread's first wake-up.
 ORPHAN_SCAN_SECONDS: Final = 30.0
 
+#: While its own spool is not empty and the database was failing, how often the writer tries
+#: it again (seconds; capped by retry_backoff_max).
+PROBE_SECONDS: Final = 1.0
+
 #: How a replay ended: nothing left to take, the database failed again, or it stopped early
 #: (a deadline, or the queue needs the writer thread) and goes on later from where it was.
 ReplayOutcome = Literal["done", "failed", "paused"]
 
 
+class ProbeClock:
+    """When a writer that is spooling through an outage may next try the database again;
+    replays wait for it too, so a database that is still down costs one probe per interval."""
+
+    def __init__(self, retry_backoff_max: float) -> None:
+        self._interval = min(retry_backoff_max, PROBE_SECONDS)
+        self._next = 0.0  # monotonic seconds
+
+    def later(self) -> None:
+        self._next = time.monotonic() + self._interval
+
+    def due(self) -> bool:
+        return time.monotonic() >= self._next
+
+
 class SpoolReplayer:
     """The replay of one writer's spool directory: its own segments and orphans.
 
-    Given the writer itself, not a narrower view: replayed rows are resolved into its
-    counters under its lock, and when to stop depends on its sink, queue and thread.
+    Given its collaborators, never the writer: the spool it reads, the sink it writes
+    through, the ledger it reports to, the probe clock it shares with the delivery policy,
+    the abort event of close(), and `should_yield()`, true when the queue needs the writer
+    thread back before the replay is done.
     """
 
-    def __init__(self, writer: AuditWriter, spool: Spool) -> None:
-        self._writer = writer
+    def __init__(
+        self,
+        spool: Spool,
+        sink: Sink,
+        ledger: Ledger,
+        *,
+        probe: ProbeClock,
+        abort: threading.Event,
+        should_yield: Callable[[], bool],
+    ) -> None:
         self._spool = spool
+        self._sink = sink
+        self._ledger = ledger
+        self._probe = probe
+        self._abort = abort
+        self._should_yield = should_yield
         # Replay progress of segments begun but not finished: path -> (byte offset done,
         # rows resolved), and rows of a record the database failed on midway, so a replay
         # cut short resumes without counting (or writing) anything twice.
@@ -61,11 +91,9 @@ class SpoolReplayer:
     def due(self) -> bool:
         """Should this wake-up of the writer thread replay? Own or unfinished segments at
         each probe, orphans every ORPHAN_SCAN_SECONDS."""
-        writer = self._writer
-        now = time.monotonic()
         return bool(
-            ((writer._spooled or self._backlog) and now >= writer._next_probe)
-            or now >= self._next_scan
+            ((self._ledger.has_spooled() or self._backlog) and self._probe.due())
+            or time.monotonic() >= self._next_scan
         )
 
     def replay(self, deadline: float | None = None, *, retry: bool = False) -> ReplayOutcome:
@@ -73,29 +101,26 @@ class SpoolReplayer:
         the sink's idempotent path. On the writer thread a failure hands the rows back at
         once (they stay on disk, and the next try waits for the next probe); with `retry`
         (`replay_spool`) the sink retries with backoff until `deadline`."""
-        writer = self._writer
-        spool = self._spool
+        spool, sink = self._spool, self._sink
         self._next_scan = time.monotonic() + ORPHAN_SCAN_SECONDS
-        if not retry and writer._sink.outage_seconds() > 0 and not writer._sink.probe():
+        if not retry and sink.outage_seconds() > 0 and not sink.probe():
             # Still down: claim nothing (claiming seals this writer's open segment, and
             # would hold orphans another writer might be able to replay).
-            writer._probe_later()
+            self._probe.later()
             return "failed"
         self._backlog = True
         self._forget_finished()
         divert = None if retry else _always
         for path, own in spool.claim():
-            ledger: Ledger = _OwnSpoolLedger(writer) if own else _OrphanSpoolLedger(writer)
+            report: RowReport = self._ledger.own_spool() if own else self._ledger.orphan_spool()
             offset, resolved = self._progress.get(path, (0, 0))
             carry = self._carry.pop(path, [])
             for items, end in self._batches(path, offset, carry):
-                leftover, why, _ = writer._sink.deliver(
-                    items, mode="replay", divert=divert, ledger=ledger
-                )
+                leftover, why, _ = sink.deliver(items, mode="replay", divert=divert, ledger=report)
                 resolved += len(items) - len(leftover)
                 self._progress[path] = (end, resolved)
                 if leftover:
-                    writer._probe_later()
+                    self._probe.later()
                     # Where this writer got to stays, with the rows still to do, for its
                     # next try at this segment: from the start it would count the rows it
                     # already resolved again.
@@ -110,7 +135,10 @@ class SpoolReplayer:
             if own:
                 lost = spool.segment_rows(path) - resolved
                 if lost > 0:
-                    self._rows_lost(lost, path.name)
+                    self._ledger.spool_lost(
+                        lost,
+                        f"{lost} spooled entries were lost to damage in spool segment {path.name}",
+                    )
             self._progress.pop(path, None)
             spool.done(path)
             logger.info("replayed spool segment %s (%d rows)", path.name, resolved)
@@ -136,13 +164,10 @@ class SpoolReplayer:
             yield items, record.end
 
     def _should_pause(self, deadline: float | None) -> bool:
-        writer = self._writer
-        if writer._abort.is_set() or (deadline is not None and time.monotonic() >= deadline):
+        if self._abort.is_set() or (deadline is not None and time.monotonic() >= deadline):
             return True
         # The queue needs the thread: it must not drop entries while the spool drains.
-        return threading.current_thread() is writer._thread and len(writer._buffer) >= max(
-            1, writer.max_queue // 2
-        )
+        return self._should_yield()
 
     def _damage(self, damage: Damage) -> None:
         """Bytes of a segment that hold no readable record: a dead letter that says so."""
@@ -152,61 +177,7 @@ class SpoolReplayer:
         )
         logger.error("%s", reason)
         note = {"segment": damage.segment, "offset": damage.offset, "bytes": damage.length}
-        self._writer._publish_dead_letters([(note, reason)])
-
-    def _rows_lost(self, lost: int, segment: str) -> None:
-        """Own rows a damaged segment no longer holds: counted as dead letters."""
-        writer = self._writer
-        reason = f"{lost} spooled entries were lost to damage in spool segment {segment}"
-        with writer._lock:
-            writer._spooled -= lost
-            writer._dead += lost
-            writer._unreported_dead += lost
-            writer._last_dead_reason = reason
-
-
-class _OwnSpoolLedger:
-    """Replaying this writer's own spool: rows move from spooled to written/dead."""
-
-    def __init__(self, writer: AuditWriter) -> None:
-        self._writer = writer
-
-    def committed(self, count: int) -> None:
-        w = self._writer
-        with w._lock:
-            w._spooled -= count
-            w._written += count
-            w._batches += 1
-            w._last_write_at = datetime.now(UTC)
-
-    def dead(self, items: Sequence[Item], reason: str) -> None:
-        w = self._writer
-        with w._lock:
-            w._spooled -= len(items)
-            w._dead += len(items)
-            w._unreported_dead += len(items)
-            w._last_dead_reason = reason
-        w._publish_dead_letters([(entry_view(item), reason) for item in items])
-
-    def retrying(self, error: str) -> None:
-        self._writer.retrying(error)
-
-
-class _OrphanSpoolLedger(_OwnSpoolLedger):
-    """Replaying a spool left by another process: counted apart, as `replayed`."""
-
-    def committed(self, count: int) -> None:
-        w = self._writer
-        with w._lock:
-            w._replayed += count
-            w._batches += 1
-            w._last_write_at = datetime.now(UTC)
-
-    def dead(self, items: Sequence[Item], reason: str) -> None:
-        w = self._writer
-        with w._lock:
-            w._replay_dead += len(items)
-        w._publish_dead_letters([(entry_view(item), reason) for item in items])
+        self._ledger.publish([(note, reason)])
 
 
 def _always() -> bool:

@@ -34,7 +34,6 @@ from .binary import (
     HEADER,
     TRAILER,
     Item,
-    decode_row,
     encode_block,
     encode_chunk,
     item_id,
@@ -43,6 +42,7 @@ from .binary import (
 from .connection import Connection, ConnectionSource
 from .dsn import Dsn
 from .entry import Row
+from .ledger import RowReport
 from .schema import qualified
 from .watchdog import Watchdog
 
@@ -75,16 +75,8 @@ CHUNK_ROWS: Final = 1000
 _DIVERT_POLL: Final = 0.05
 
 
-class Ledger(Protocol):
-    """Where the sink reports what became of rows (the writer's locked counters)."""
-
-    def committed(self, count: int) -> None: ...
-    def dead(self, items: Sequence[Item], reason: str) -> None: ...
-    def retrying(self, error: str) -> None: ...
-
-
-class WriterLedger(Ledger, Protocol):
-    """The writer's own ledger also takes rows that failed their checks before COPY."""
+class WriterLedger(RowReport, Protocol):
+    """The writer's ledger also takes rows that failed their checks before COPY."""
 
     def rejected_rows(self, rows: Sequence[tuple[Row, str]]) -> None: ...
 
@@ -159,7 +151,7 @@ class Sink:
         *,
         mode: Mode = "copy",
         divert: Callable[[], bool] | None = None,
-        ledger: Ledger | None = None,
+        ledger: RowReport | None = None,
         failed: Exception | None = None,
     ) -> Handed:
         """Write `items`, reporting to `ledger` (default: the writer's). Returns the rows
@@ -410,7 +402,7 @@ class Sink:
         kind: Kind,
         exc: BaseException,
         work: list[tuple[list[Item], Mode, int]],
-        report: Ledger,
+        report: RowReport,
     ) -> bool:
         """Queue what to try next; True when that is a retry of the same rows."""
         message = self._describe(exc)
@@ -508,10 +500,3 @@ def make_items(rows: Sequence[Row]) -> tuple[list[Item], list[tuple[Row, str]]]:
     bad: list[tuple[Row, str]] = []
     encode_chunk(rows, items, bad)
     return items, bad
-
-
-def entry_view(item: Item) -> Row | dict[str, Any]:
-    """What a dead letter shows of `item`: its queued Row, or the row decoded back when it
-    came from the spool, which keeps only the encoded bytes."""
-    row = item[ROW]
-    return decode_row(item[DATA]) if row is None else row

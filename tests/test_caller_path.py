@@ -30,6 +30,7 @@ UA = "Mozilla/5.0 (X11; Linux x86_64)"
 def _twin(**options: Any) -> AuditWriter:
     writer = AuditWriter(DSN, **options)
     writer._thread = threading.current_thread()  # "started": no thread, no connection
+    writer._gate.started = True
     return writer
 
 
@@ -39,6 +40,7 @@ def twins() -> Iterator[tuple[AuditWriter, AuditWriter]]:
     yield made
     for writer in made:
         writer._thread = None
+        writer._gate.started = False
         writer.close(timeout=0)
 
 
@@ -52,7 +54,7 @@ def _call(log: Callable[..., bool], args: tuple[Any, ...], kwargs: dict[str, Any
 def _queued(writer: AuditWriter, since: int) -> list[tuple[Any, ...]]:
     """The rows queued from index `since` on. The clock differs between two calls (and
     strict mode makes the id and the timestamp on the caller's path); nothing else may."""
-    rows = list(writer._items)[since:]
+    rows = list(writer._buffer.items)[since:]
     if writer.strict:
         return [("id", "clock", *row[2:]) for row in rows]
     return [(row[0], "clock" if isinstance(row[1], int) else row[1], *row[2:]) for row in rows]
@@ -65,14 +67,14 @@ def _counts(writer: AuditWriter) -> tuple[int, int, int]:
 
 def same(twins: tuple[AuditWriter, AuditWriter], *args: Any, **kwargs: Any) -> Any:
     fast, reference = twins
-    since = len(fast._items)
-    assert len(reference._items) == since
+    since = len(fast._buffer.items)
+    assert len(reference._buffer.items) == since
     got = _call(fast.log, args, kwargs)
     expected = _call(lambda *a, **k: AuditWriter.log(reference, *a, **k), args, kwargs)
     assert got == expected
     assert _queued(fast, since) == _queued(reference, since)
     assert _counts(fast) == _counts(reference)
-    assert fast._last_reject_reason == reference._last_reject_reason
+    assert fast._ledger.last_reject_reason() == reference._ledger.last_reject_reason()
     return got
 
 
@@ -172,10 +174,10 @@ def test_an_active_span_adds_its_ids_on_both_paths(
     with tracer.start_as_current_span("request"):
         same(twins, "traced", metadata={"k": 1})
         same(twins, "traced")
-    rows = twins[0]._items
+    rows = twins[0]._buffer.items
     assert all('"trace_id"' in row[12] and '"span_id"' in row[12] for row in rows)
     same(twins, "untraced")
-    assert twins[0]._items[-1][12] is None
+    assert twins[0]._buffer.items[-1][12] is None
 
 
 def test_full_queue_and_closed_writer_are_counted_alike(
@@ -185,7 +187,7 @@ def test_full_queue_and_closed_writer_are_counted_alike(
         same(twins, "fill", request_id=str(n))
     assert _counts(twins[0]) == (50, 10, 0)
     for writer in twins:
-        writer._closed = True
+        writer._gate.closed = True
     same(twins, "after.close")
     assert _counts(twins[0]) == (50, 10, 1)
 
@@ -196,9 +198,9 @@ def test_strict_raises_alike() -> None:
     assert same(pair, "ok", tenant_id="t") is True
     assert same(pair, "")[0] is InvalidEntry
     assert same(pair, "ok", ip="not an address")[0] is InvalidEntry
-    fast.strict = reference.strict = False  # read on every call, as the method reads it
+    fast.strict = reference.strict = False  # switchable on a live writer, as before
     assert same(pair, "ok", ip="not an address") is True
-    assert len(fast._items) == 2
+    assert len(fast._buffer.items) == 2
 
 
 def test_not_started_writer_starts_through_the_method(
@@ -207,8 +209,9 @@ def test_not_started_writer_starts_through_the_method(
     writer = AuditWriter(DSN)
     started: list[bool] = []
     monkeypatch.setattr(writer, "_start", lambda: started.append(True))
+    writer._bind_caller_path()  # the C path is handed its callbacks when it is made
     assert writer.log("first")
-    assert started == [True] and len(writer._items) == 1
+    assert started == [True] and len(writer._buffer.items) == 1
 
 
 class _Closing(Mapping[str, Any]):
@@ -223,7 +226,7 @@ class _Closing(Mapping[str, Any]):
 
     def __iter__(self) -> Iterator[str]:
         self.reads += 1
-        self.writer._closed = True
+        self.writer._gate.closed = True
         return iter(["k"])
 
     def __len__(self) -> int:
@@ -240,7 +243,7 @@ def test_state_is_read_after_the_metadata_runs_caller_code() -> None:
         # with_trace spreads the mapping (running its code) before log() reads _closed
         assert fast.log("x", metadata=_Closing(fast)) is False
         assert AuditWriter.log(reference, "x", metadata=_Closing(reference)) is False
-    assert len(fast._items) == len(reference._items) == 0
+    assert len(fast._buffer.items) == len(reference._buffer.items) == 0
     assert _counts(fast) == _counts(reference) == (0, 0, 1)
 
 
@@ -267,7 +270,7 @@ def test_rejected_metadata_is_read_once(twins: tuple[AuditWriter, AuditWriter]) 
         assert fast.log("x", metadata=ours) is False
         assert AuditWriter.log(reference, "x", metadata=theirs) is False
         assert ours.reads == theirs.reads == 1
-        assert fast._last_reject_reason == reference._last_reject_reason
-        assert "not serialisable as JSON" in fast._last_reject_reason
+        assert fast._ledger.last_reject_reason() == reference._ledger.last_reject_reason()
+        assert "not serialisable as JSON" in fast._ledger.last_reject_reason()
     finally:
         audit_otel.enable()

@@ -148,7 +148,7 @@ def test_each_entry_is_written_equal_or_refused_with_a_reason(
                 accepted[ident] = entry
             else:
                 # Refused on the caller's path: counted, with a reason for the log line.
-                assert writer._last_reject_reason
+                assert writer._ledger.last_reject_reason()
                 seen["rejected"] += 1
         assert writer.flush(timeout=30)
         rows = table.query(

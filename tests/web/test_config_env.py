@@ -30,7 +30,8 @@ VALID = {
     "spool_after": "2.5",
     "spool_max_bytes": "1048576",
     "spool_fsync": "Always",
-    "prefault_memory": "off",
+    "origin": "billing@web-1",
+    "wake_rows": "700",
 }
 EXPECTED = {
     "table": "audit_x",
@@ -49,7 +50,8 @@ EXPECTED = {
     "spool_after": 2.5,
     "spool_max_bytes": 1048576,
     "spool_fsync": "always",
-    "prefault_memory": False,
+    "origin": "billing@web-1",
+    "wake_rows": 700,
 }
 INVALID = {
     "table": ["x" * 64],
@@ -66,7 +68,7 @@ INVALID = {
     "spool_after": ["-1"],
     "spool_max_bytes": ["1e9", "0"],
     "spool_fsync": ["sometimes"],
-    "prefault_memory": ["later"],
+    "wake_rows": ["0", "some"],
     "request_id_header": ["X Request", "é"],
     "trusted_proxies": ["10.0.0.0/8, nonsense", "300.1.1.1"],
     "log_requests": ["sometimes"],
@@ -79,7 +81,8 @@ def test_every_writer_option_has_a_variable() -> None:
         for name, p in inspect.signature(AuditWriter).parameters.items()
         if p.kind is p.KEYWORD_ONLY
     }
-    assert keyword_only - set(OPTIONS) == {"on_dead_letter"}  # a callable: code only
+    # on_dead_letter is a callable (code only); dsn and pool name the target
+    assert keyword_only - set(OPTIONS) == {"on_dead_letter", "dsn", "pool"}
     assert set(VALID) == set(OPTIONS)
 
 

@@ -1,0 +1,416 @@
+"""The ledger: where every accepted entry is accounted for, in one place.
+
+Each entry moves through states (queued, in flight, then written, dead-lettered or spooled),
+and the two invariants
+
+    accepted == written + dead_lettered + spooled + pending
+    calls    == accepted + dropped_overflow + rejected
+
+must hold in every snapshot. So every move happens here, under one lock, and `snapshot()`
+reads all counters under that same lock. The sink, the spool replay and the delivery policy
+report to the ledger; none of them keeps a counter of its own.
+
+The lock is never held across I/O: callers that touch it (a drop, a rejection) never wait on
+the database. Reports (rate-limited log lines) and dead-letter publishing (the file and the
+callback) happen outside it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol
+
+from . import binary
+from .binary import Item
+from .buffer import Buffer
+from .entry import Row
+from .stats import WriterStats
+
+logger = logging.getLogger("auditq")
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """An accepted entry that will never be written, and why."""
+
+    entry: dict[str, Any]
+    reason: str
+    at: datetime
+
+
+DeadLetterHandler = Callable[[DeadLetter], None]
+
+
+class DeadLetterFile(Protocol):
+    """Where dead letters are filed on disk (the spool's `dead-letters.jsonl`)."""
+
+    def write_dead_letters(self, records: list[dict[str, Any]]) -> int: ...
+
+
+class RowReport(Protocol):
+    """What the sink reports about the rows of one delivery (`Sink.deliver`)."""
+
+    def committed(self, count: int) -> None: ...
+    def dead(self, items: Sequence[Item], reason: str) -> None: ...
+    def retrying(self, error: str) -> None: ...
+
+
+def _describe(row: Row | dict[str, Any]) -> dict[str, Any]:
+    return row if isinstance(row, dict) else binary.describe_row(row)
+
+
+class Ledger:
+    """The counters of one writer, the condition `flush()` waits on, and its reports."""
+
+    def __init__(
+        self,
+        buffer: Buffer,
+        *,
+        warn_interval: float,
+        on_dead_letter: DeadLetterHandler | None,
+        letter_file: DeadLetterFile | None,
+        letter_file_note: str,
+        scrub: Callable[[str], str],
+    ) -> None:
+        self._buffer = buffer
+        self._warn_interval = warn_interval
+        # Called on the writer thread with each dead letter (replaceable on a live writer).
+        self.on_dead_letter = on_dead_letter
+        # The spool's dead-letter file (None without a spool) and what to say when it is full.
+        self._letter_file = letter_file
+        self._letter_file_note = letter_file_note
+        # Masks the DSN's secrets in report lines (an error text may quote the DSN).
+        self._scrub = scrub
+        # Guards every counter below and the move of rows out of the buffer.
+        self._lock = threading.Lock()
+        # flush() waiters sleep here until enough rows are resolved.
+        self._resolved_cond = threading.Condition(self._lock)
+        # The writer thread, so that its reports can be told apart once close() gave up
+        # on it (see `abandon`).
+        self.writer_thread: threading.Thread | None = None
+        # Set by `abandon()`: close() counted the stuck thread's in-flight rows as dead
+        # letters, and what that thread later reports for them only corrects that count.
+        self._abandoned = False
+        self._taken = 0  # rows ever removed from the buffer (by the writer or close())
+        self._inflight = 0  # taken but not yet resolved
+        self._written = 0
+        self._dead = 0
+        self._unconfirmed = 0  # of those, rows whose commit was cut in flight at close()
+        self._spooled = 0  # this writer's rows on disk, waiting for replay
+        self._replayed = 0  # rows from other processes' spools that this writer wrote
+        self._replay_dead = 0  # ... and those it dead-lettered
+        self._dropped = 0
+        self._rejected = 0
+        self._batches = 0
+        self._retries = 0
+        self._last_error: str | None = None
+        self._last_write_at: datetime | None = None
+        # Rate-limited reporting: counts since the last line and when it was written.
+        self._unreported_drops = 0
+        self._unreported_rejects = 0
+        self._last_reject_reason = ""
+        self._unreported_dead = 0
+        self._last_dead_reason = ""
+        self._last_report = float("-inf")
+        # Dead letters the dead-letter file had no room for, since the last report.
+        self._unfiled_letters = 0
+
+    # -- the caller's side ---------------------------------------------------------------
+
+    def dropped(self) -> None:
+        """A call the full queue refused."""
+        with self._lock:
+            self._dropped += 1
+            self._unreported_drops += 1
+
+    def rejected(self, reason: str) -> None:
+        """A call refused at the call (invalid, or the writer closed)."""
+        with self._lock:
+            self._rejected += 1
+            self._unreported_rejects += 1
+            self._last_reject_reason = reason
+
+    # -- taking rows -----------------------------------------------------------------------
+
+    def take(self, limit: int, *, at_least: int = 1) -> list[Row]:
+        """Move up to `limit` queued rows into flight; none while fewer than `at_least`
+        are queued."""
+        with self._lock:
+            if len(self._buffer) < at_least:
+                return []
+            rows = self._buffer.take(limit)
+            self._taken += len(rows)
+            self._inflight += len(rows)
+            return rows
+
+    def take_all(self) -> list[Row]:
+        """Everything still queued, into flight (close())."""
+        return self.take(len(self._buffer))
+
+    # -- what became of rows in flight ------------------------------------------------------
+
+    def committed(self, count: int) -> None:
+        with self._lock:
+            self._written += count
+            if self._abandoned_report():
+                self._dead -= count  # close() wrote these off, but they did commit
+            else:
+                self._inflight -= count
+            self._batches += 1
+            self._last_write_at = datetime.now(UTC)
+            self._resolved_cond.notify_all()
+
+    def dead(self, items: Sequence[Item], reason: str) -> None:
+        self.dead_rows([(binary.entry_view(item), reason) for item in items])
+
+    def rejected_rows(self, rows: Sequence[tuple[Row, str]]) -> None:
+        """Rows that failed their checks on the writer side: dead letters, with reasons."""
+        self.dead_rows(rows)
+
+    def dead_rows(self, rows: Sequence[tuple[Row | dict[str, Any], str]]) -> None:
+        """Resolve in-flight rows as dead letters, each with its reason."""
+        if not rows:
+            return
+        with self._lock:
+            if not self._abandoned_report():  # else close() has counted them already
+                self._dead += len(rows)
+                self._inflight -= len(rows)
+                self._unreported_dead += len(rows)
+            self._last_dead_reason = rows[-1][1]
+            self._resolved_cond.notify_all()
+        self.publish(rows)
+        if threading.current_thread() is not self.writer_thread:
+            self.report()  # close() or an inline drain: the writer thread will not say it
+
+    def unconfirmed(self, count: int) -> None:
+        """Of the dead letters about to be reported, rows whose commit was cut in flight."""
+        with self._lock:
+            self._unconfirmed += count
+
+    def spooled(self, count: int) -> None:
+        """In-flight rows now on disk, waiting for replay."""
+        with self._lock:
+            if self._abandoned_report():
+                self._dead -= count  # close() wrote these off, but they are on disk
+            else:
+                self._inflight -= count
+            self._spooled += count
+            self._resolved_cond.notify_all()
+
+    def retrying(self, error: str) -> None:
+        with self._lock:
+            self._retries += 1
+            self._last_error = error
+
+    def last_error(self) -> str | None:
+        with self._lock:
+            return self._last_error
+
+    # -- the spool's rows (replay) ----------------------------------------------------------
+
+    def own_spool(self) -> RowReport:
+        """Where a replay of this writer's own segments reports: spooled -> written/dead."""
+        return _OwnSpoolReport(self)
+
+    def orphan_spool(self) -> RowReport:
+        """Where a replay of another process's segments reports: counted apart."""
+        return _OrphanSpoolReport(self)
+
+    def spool_lost(self, count: int, reason: str) -> None:
+        """Own spooled rows that a damaged segment no longer holds."""
+        with self._lock:
+            self._spooled -= count
+            self._dead += count
+            self._unreported_dead += count
+            self._last_dead_reason = reason
+
+    def has_spooled(self) -> bool:
+        return self._spooled > 0  # a read of one int: no lock needed for a hint
+
+    # -- close() ----------------------------------------------------------------------------
+
+    def abandon(self) -> None:
+        """close() gives up on a writer thread stuck past its deadline: its in-flight rows
+        are counted as dead letters now."""
+        with self._lock:
+            self._abandoned = True
+            stuck, self._inflight = self._inflight, 0
+            self._dead += stuck
+            self._unreported_dead += stuck
+            if stuck:
+                self._last_dead_reason = "not written before close() timed out"
+            self._resolved_cond.notify_all()
+
+    def _abandoned_report(self) -> bool:
+        """True for a report from a writer thread that close() gave up on (lock held)."""
+        return self._abandoned and threading.current_thread() is self.writer_thread
+
+    # -- flush() ----------------------------------------------------------------------------
+
+    def target(self) -> int:
+        """How many rows must be resolved for everything accepted so far to be."""
+        with self._lock:
+            return self._taken + len(self._buffer)
+
+    def wait_resolved(self, target: int, deadline: float | None) -> bool:
+        """Wait until `target` rows are resolved; False if `deadline` passes first."""
+        with self._resolved_cond:
+            while self._taken - self._inflight < target:
+                if deadline is None:
+                    self._resolved_cond.wait()
+                    continue
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._resolved_cond.wait(remaining)
+        return True
+
+    def settled(self) -> bool:
+        """Nothing queued or in flight."""
+        with self._lock:
+            return self._inflight == 0 and len(self._buffer) == 0
+
+    def pending(self) -> int:
+        with self._lock:
+            return self._inflight + len(self._buffer)
+
+    # -- stats() and reports -----------------------------------------------------------------
+
+    def snapshot(self) -> WriterStats:
+        """A consistent snapshot of the counters: the invariants hold in it."""
+        with self._lock:
+            queued = len(self._buffer)
+            return WriterStats(
+                accepted=self._taken + queued,
+                written=self._written,
+                dropped_overflow=self._dropped,
+                rejected=self._rejected,
+                dead_lettered=self._dead,
+                spooled=self._spooled,
+                pending=self._inflight + queued,
+                batches=self._batches,
+                retries=self._retries,
+                last_error=self._last_error,
+                last_write_at=self._last_write_at,
+                replayed=self._replayed,
+                replay_dead_lettered=self._replay_dead,
+                unconfirmed=self._unconfirmed,
+            )
+
+    def last_reject_reason(self) -> str:
+        with self._lock:
+            return self._last_reject_reason
+
+    def publish(self, rows: Sequence[tuple[Row | dict[str, Any], str]]) -> None:
+        """Hand dead letters to the dead-letter file and the callback (never raises)."""
+        now = datetime.now(UTC)
+        letters = [DeadLetter(_describe(row), reason, now) for row, reason in rows]
+        if self._letter_file is not None:
+            records = [
+                {"entry": d.entry, "reason": d.reason, "at": d.at.isoformat()} for d in letters
+            ]
+            try:
+                kept = self._letter_file.write_dead_letters(records)
+            except OSError:
+                logger.exception("could not append to the dead-letter file")
+            else:
+                if kept < len(records):  # no room left in the file: said by report()
+                    with self._lock:
+                        self._unfiled_letters += len(records) - kept
+        handler = self.on_dead_letter
+        if handler is not None:
+            for letter in letters:
+                try:
+                    handler(letter)
+                except Exception:
+                    logger.exception("on_dead_letter callback failed")
+
+    def report(self, *, final: bool = False) -> None:
+        """Rate-limited warnings for drops, rejections and dead letters; `final` (close())
+        says what is left whatever the interval, so nothing goes unsaid."""
+        now = time.monotonic()
+        with self._lock:
+            if not final and now - self._last_report < self._warn_interval:
+                return
+            drops, self._unreported_drops = self._unreported_drops, 0
+            rejects, self._unreported_rejects = self._unreported_rejects, 0
+            dead, self._unreported_dead = self._unreported_dead, 0
+            unfiled, self._unfiled_letters = self._unfiled_letters, 0
+            reject_reason, dead_reason = self._last_reject_reason, self._last_dead_reason
+            if drops or rejects or dead or unfiled:
+                self._last_report = now
+        if drops:
+            logger.warning(
+                "queue full (max_queue=%d): dropped %d entries since the last report",
+                self._buffer.max_queue,
+                drops,
+            )
+        if rejects:
+            logger.warning(
+                "rejected %d invalid entries since the last report; last reason: %s",
+                rejects,
+                self._scrub(reject_reason),
+            )
+        if dead:
+            logger.error(
+                "dead-lettered %d entries since the last report; last reason: %s",
+                dead,
+                self._scrub(dead_reason),
+            )
+        if unfiled:
+            logger.error(
+                "%s: %d dead letters since the last report were not written to it (they are "
+                "counted in stats() and passed to on_dead_letter); move the file aside to "
+                "make room",
+                self._letter_file_note,
+                unfiled,
+            )
+
+
+class _OwnSpoolReport:
+    """Replaying this writer's own spool: rows move from spooled to written/dead."""
+
+    def __init__(self, ledger: Ledger) -> None:
+        self._ledger = ledger
+
+    def committed(self, count: int) -> None:
+        ledger = self._ledger
+        with ledger._lock:
+            ledger._spooled -= count
+            ledger._written += count
+            ledger._batches += 1
+            ledger._last_write_at = datetime.now(UTC)
+
+    def dead(self, items: Sequence[Item], reason: str) -> None:
+        ledger = self._ledger
+        with ledger._lock:
+            ledger._spooled -= len(items)
+            ledger._dead += len(items)
+            ledger._unreported_dead += len(items)
+            ledger._last_dead_reason = reason
+        ledger.publish([(binary.entry_view(item), reason) for item in items])
+
+    def retrying(self, error: str) -> None:
+        self._ledger.retrying(error)
+
+
+class _OrphanSpoolReport(_OwnSpoolReport):
+    """Replaying a spool left by another process: counted apart, as `replayed`."""
+
+    def committed(self, count: int) -> None:
+        ledger = self._ledger
+        with ledger._lock:
+            ledger._replayed += count
+            ledger._batches += 1
+            ledger._last_write_at = datetime.now(UTC)
+
+    def dead(self, items: Sequence[Item], reason: str) -> None:
+        ledger = self._ledger
+        with ledger._lock:
+            ledger._replay_dead += len(items)
+        ledger.publish([(binary.entry_view(item), reason) for item in items])
