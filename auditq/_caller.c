@@ -55,7 +55,7 @@ typedef struct {
     PyObject *slow;    /* the writer's Python log() (bound): every call this does not take */
     PyObject *gate;    /* its `closed` and `started` attributes, read per call */
     PyObject *refuse;  /* refuse(): a full queue or a closed writer (counts the call) */
-    PyObject *reject;  /* reject(reason): metadata that does not serialise */
+    PyObject *reject;  /* reject(reason, action): metadata that does not serialise */
     PyObject *start;   /* start(): the first call starts the writer thread */
     PyObject *queue;   /* the writer's deque */
     PyObject *append;  /* its bound append */
@@ -209,7 +209,7 @@ static PyObject *caller_path_call(PyObject *callable, PyObject *const *args, siz
             if (reason == NULL) {
                 return NULL;
             }
-            PyObject *result = PyObject_CallOneArg(self->reject, reason);
+            PyObject *result = PyObject_CallFunctionObjArgs(self->reject, reason, action, NULL);
             Py_DECREF(reason);
             return result;
         }

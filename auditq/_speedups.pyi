@@ -40,7 +40,7 @@ class CallerPath:
         wake: Callable[[], None],
         gate: object,
         refuse: Callable[[], bool],
-        reject: Callable[[str], bool],
+        reject: Callable[[str, str], bool],
         start: Callable[[], None],
         dump_metadata: Callable[[Any], str],
         context: object,

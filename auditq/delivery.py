@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 
 from .binary import Item
@@ -52,6 +53,11 @@ class Delivery:
         self.closing = False
         # When the database may next be tried while this writer spools through an outage.
         self._probe = ProbeClock(retry_backoff_max)
+        # Until when (monotonic) the spool is left alone after its disk refused a batch
+        # (full, read-only): meanwhile rows stay in memory and are retried as without a
+        # spool, so a broken spool never loses more than no spool at all.
+        self._spool_rests_until = 0.0
+        self._spool_rest = max(1.0, retry_backoff_max)
         # Replays the spool once the database answers again (None without a spool); made
         # anew with the delivery, so a forked child keeps none of the parent's progress.
         self._replayer = (
@@ -136,20 +142,28 @@ class Delivery:
         if (
             replayer is not None
             and self._ledger.has_spooled()
+            and self._spool_usable()
             and self._sink.outage_seconds() > 0
             and (self.closing or not self._probe.due() or replayer.replay() == "failed")
         ):
             items, bad = make_items(rows)
             self._ledger.dead_rows(bad)
-            self._to_spool(items)
-            return
-        handed = self._sink.deliver_rows(
-            rows, divert=self._should_divert, more=self._follow_on(len(rows))
-        )
-        if handed.why == "divert":
+            refused = self._to_spool(items)
+            if not refused:
+                return
+            handed = self._sink.deliver(refused, divert=self._should_divert)
+        else:
+            handed = self._sink.deliver_rows(
+                rows, divert=self._should_divert, more=self._follow_on(len(rows))
+            )
+        while handed.why == "divert":
             self._probe.later()
-            self._to_spool(handed.items)
-        elif handed.items:
+            refused = self._to_spool(handed.items)
+            if not refused:
+                return
+            # The spool's disk refused them: keep them and go on trying the database.
+            handed = self._sink.deliver(refused, divert=self._should_divert)
+        if handed.items:
             self._give_up(handed.items, unconfirmed=handed.unconfirmed)
 
     def _follow_on(self, taken: int) -> Callable[[], list[Row]]:
@@ -174,7 +188,7 @@ class Delivery:
         """After a failed attempt (and during its backoff): stop retrying and spool? Only
         with a spool, and when the outage has lasted `spool_after`, the queue is half
         full, or the writer is closing."""
-        if self._spool is None:
+        if self._spool is None or not self._spool_usable():
             return False
         return (
             self.closing
@@ -189,20 +203,29 @@ class Delivery:
             self._buffer.half_full()
         )
 
-    def _to_spool(self, items: list[Item]) -> None:
-        """Move in-flight rows to the spool (or, when it is full, to the dead letters)."""
+    def _spool_usable(self) -> bool:
+        return time.monotonic() >= self._spool_rests_until
+
+    def _to_spool(self, items: list[Item]) -> list[Item]:
+        """Move in-flight rows to the spool (or, past its bound, to the dead letters).
+        Returns the rows its disk refused (full, read-only, ...): they stay in flight."""
         assert self._spool is not None
         if not items:
-            return
+            return []
         try:
             self._spool.append([item[DATA] for item in items])
-        except (SpoolFull, OSError) as exc:
+        except SpoolFull as exc:
             self._ledger.dead(
                 items,
                 f"not written: the database is unavailable and the spool refused them ({exc})",
             )
-            return
+            return []
+        except OSError as exc:
+            self._spool_rests_until = time.monotonic() + self._spool_rest
+            self._ledger.spool_refused(f"{type(exc).__name__}: {exc}")
+            return items
         self._ledger.spooled(len(items))
+        return []
 
     def _give_up(self, items: list[Item], *, unconfirmed: int = 0) -> None:
         """Rows close() could not get written in time: spool them if possible, else dead.
@@ -210,8 +233,13 @@ class Delivery:
         if not items:
             return
         if self._spool is not None:
-            self._to_spool(items)  # a replay dedupes, so rows that did commit stay single
-            return
+            # A replay dedupes, so rows that did commit stay single. What the disk refuses
+            # is given up on below, as without a spool.
+            refused = self._to_spool(items)
+            unconfirmed = max(0, unconfirmed - (len(items) - len(refused)))
+            items = refused
+            if not items:
+                return
         if unconfirmed:
             self._ledger.unconfirmed(unconfirmed)
             self._ledger.dead(

@@ -23,7 +23,9 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
+
+import orjson
 
 from . import binary
 from .binary import Item
@@ -32,6 +34,12 @@ from .entry import Row
 from .stats import WriterStats
 
 logger = logging.getLogger("auditq")
+#: Each dead letter, as one JSON line at ERROR, when there is neither a spool (whose file
+#: keeps them) nor an `on_dead_letter` callback: a log shipper then keeps its content.
+letters_logger = logging.getLogger("auditq.dead_letters")
+
+#: Distinct reasons a report line counts separately; the rest are summed as "other reasons".
+MAX_REASONS: Final = 8
 
 
 @dataclass(frozen=True, slots=True)
@@ -61,7 +69,56 @@ class RowReport(Protocol):
 
 
 def _describe(row: Row | dict[str, Any]) -> dict[str, Any]:
-    return row if isinstance(row, dict) else binary.describe_row(row)
+    """A dead letter's entry as a JSON-friendly dict, its metadata as an object again (it is
+    queued and spooled as JSON text)."""
+    entry = row if isinstance(row, dict) else binary.describe_row(row)
+    metadata = entry.get("metadata")
+    if isinstance(metadata, str):
+        try:
+            entry = {**entry, "metadata": orjson.loads(metadata)}
+        except orjson.JSONDecodeError:
+            pass  # kept as text: it is what was queued
+    return entry
+
+
+def _action(row: Row | dict[str, Any]) -> Any:
+    return row.get("action") if isinstance(row, dict) else row[2] if len(row) > 2 else None
+
+
+class _Tally:
+    """What happened since the last report line: how many, per reason (at most
+    MAX_REASONS reasons), each with the action of one entry it happened to, so a line says
+    which events are affected and why, not only the last reason."""
+
+    __slots__ = ("reasons", "total")
+
+    def __init__(self) -> None:
+        self.total = 0
+        self.reasons: dict[str, list[Any]] = {}  # reason -> [count, example action]
+
+    def add(self, reason: str, count: int = 1, action: Any = None) -> None:
+        self.total += count
+        if reason not in self.reasons and len(self.reasons) >= MAX_REASONS:
+            reason = "other reasons"
+        entry = self.reasons.setdefault(reason, [0, action])
+        entry[0] += count
+        if entry[1] is None:
+            entry[1] = action
+
+    def describe(self, scrub: Callable[[str], str]) -> str:
+        parts = []
+        for reason, (count, action) in self.reasons.items():
+            example = "" if action is None else f" (e.g. action {_short(action)})"
+            parts.append(f"{count} x {scrub(reason)}{example}")
+        return "; ".join(parts)
+
+
+def _short(value: Any) -> str:
+    try:
+        text = repr(value)
+    except Exception:
+        text = object.__repr__(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 class Ledger:
@@ -110,15 +167,20 @@ class Ledger:
         self._retries = 0
         self._last_error: str | None = None
         self._last_write_at: datetime | None = None
-        # Rate-limited reporting: counts since the last line and when it was written.
+        # Rate-limited reporting: what happened since the last line, and when that was.
         self._unreported_drops = 0
-        self._unreported_rejects = 0
+        self._rejects = _Tally()
         self._last_reject_reason = ""
-        self._unreported_dead = 0
-        self._last_dead_reason = ""
+        self._dead_tally = _Tally()
         self._last_report = float("-inf")
-        # Dead letters the dead-letter file had no room for, since the last report.
+        # Dead letters the dead-letter file had no room for, since the last report, and
+        # those it refused (a full or read-only disk), with the error.
         self._unfiled_letters = 0
+        self._letter_file_errors = 0
+        self._letter_file_error = ""
+        # Batches the spool refused (the disk, not its bound) since the last report.
+        self._spool_refusals = 0
+        self._spool_refusal = ""
 
     # -- the caller's side ---------------------------------------------------------------
 
@@ -128,11 +190,11 @@ class Ledger:
             self._dropped += 1
             self._unreported_drops += 1
 
-    def rejected(self, reason: str) -> None:
+    def rejected(self, reason: str, action: Any = None) -> None:
         """A call refused at the call (invalid, or the writer closed)."""
         with self._lock:
             self._rejected += 1
-            self._unreported_rejects += 1
+            self._rejects.add(reason, 1, action)
             self._last_reject_reason = reason
 
     # -- taking rows -----------------------------------------------------------------------
@@ -176,14 +238,16 @@ class Ledger:
         """Resolve in-flight rows as dead letters, each with its reason."""
         if not rows:
             return
+        # Filed (and handed to the callback) before they count as resolved: once flush()
+        # returns, a dead letter is in the file.
+        self.publish(rows)
         with self._lock:
             if not self._abandoned_report():  # else close() has counted them already
                 self._dead += len(rows)
                 self._inflight -= len(rows)
-                self._unreported_dead += len(rows)
-            self._last_dead_reason = rows[-1][1]
+                for row, reason in rows:
+                    self._dead_tally.add(reason, 1, _action(row))
             self._resolved_cond.notify_all()
-        self.publish(rows)
         if threading.current_thread() is not self.writer_thread:
             self.report()  # close() or an inline drain: the writer thread will not say it
 
@@ -226,8 +290,14 @@ class Ledger:
         with self._lock:
             self._spooled -= count
             self._dead += count
-            self._unreported_dead += count
-            self._last_dead_reason = reason
+            self._dead_tally.add(reason, count)
+
+    def spool_refused(self, error: str) -> None:
+        """The spool's disk refused a batch (it stays in flight, retried as without a
+        spool): said once per report interval."""
+        with self._lock:
+            self._spool_refusals += 1
+            self._spool_refusal = error
 
     def has_spooled(self) -> bool:
         return self._spooled > 0  # a read of one int: no lock needed for a hint
@@ -241,9 +311,8 @@ class Ledger:
             self._abandoned = True
             stuck, self._inflight = self._inflight, 0
             self._dead += stuck
-            self._unreported_dead += stuck
             if stuck:
-                self._last_dead_reason = "not written before close() timed out"
+                self._dead_tally.add("not written before close() timed out", stuck)
             self._resolved_cond.notify_all()
 
     def _abandoned_report(self) -> bool:
@@ -316,18 +385,29 @@ class Ledger:
             ]
             try:
                 kept = self._letter_file.write_dead_letters(records)
-            except OSError:
-                logger.exception("could not append to the dead-letter file")
+            except OSError as exc:  # a full or read-only disk: said by report(), once
+                with self._lock:
+                    self._letter_file_errors += len(records)
+                    self._letter_file_error = f"{type(exc).__name__}: {exc}"
             else:
                 if kept < len(records):  # no room left in the file: said by report()
                     with self._lock:
                         self._unfiled_letters += len(records) - kept
         handler = self.on_dead_letter
+        if handler is None and self._letter_file is None:
+            for letter in letters:
+                letters_logger.error(
+                    "%s",
+                    orjson.dumps(
+                        {"entry": letter.entry, "reason": letter.reason, "at": letter.at},
+                        default=str,
+                    ).decode(),
+                )
         if handler is not None:
             for letter in letters:
                 try:
                     handler(letter)
-                except Exception:
+                except BaseException:  # even SystemExit: it must not end the writer thread
                     logger.exception("on_dead_letter callback failed")
 
     def report(self, *, final: bool = False) -> None:
@@ -338,11 +418,12 @@ class Ledger:
             if not final and now - self._last_report < self._warn_interval:
                 return
             drops, self._unreported_drops = self._unreported_drops, 0
-            rejects, self._unreported_rejects = self._unreported_rejects, 0
-            dead, self._unreported_dead = self._unreported_dead, 0
+            rejects, self._rejects = self._rejects, _Tally()
+            dead, self._dead_tally = self._dead_tally, _Tally()
             unfiled, self._unfiled_letters = self._unfiled_letters, 0
-            reject_reason, dead_reason = self._last_reject_reason, self._last_dead_reason
-            if drops or rejects or dead or unfiled:
+            file_errors, self._letter_file_errors = self._letter_file_errors, 0
+            refusals, self._spool_refusals = self._spool_refusals, 0
+            if drops or rejects.total or dead.total or unfiled or file_errors or refusals:
                 self._last_report = now
         if drops:
             logger.warning(
@@ -350,17 +431,32 @@ class Ledger:
                 self._buffer.max_queue,
                 drops,
             )
-        if rejects:
+        if rejects.total:
             logger.warning(
-                "rejected %d invalid entries since the last report; last reason: %s",
-                rejects,
-                self._scrub(reject_reason),
+                "rejected %d invalid entries since the last report: %s",
+                rejects.total,
+                rejects.describe(self._scrub),
             )
-        if dead:
+        if dead.total:
             logger.error(
-                "dead-lettered %d entries since the last report; last reason: %s",
-                dead,
-                self._scrub(dead_reason),
+                "dead-lettered %d entries since the last report: %s",
+                dead.total,
+                dead.describe(self._scrub),
+            )
+        if file_errors:
+            logger.error(
+                "could not write %d dead letters to the dead-letter file (%s); they are "
+                "counted in stats() and passed to on_dead_letter",
+                file_errors,
+                self._scrub(self._letter_file_error),
+            )
+        if refusals:
+            logger.warning(
+                "the spool refused %d batches (%s): holding entries in memory up to "
+                "max_queue=%d meanwhile, as without a spool; the spool is tried again later",
+                refusals,
+                self._scrub(self._spool_refusal),
+                self._buffer.max_queue,
             )
         if unfiled:
             logger.error(
@@ -388,12 +484,13 @@ class _OwnSpoolReport:
 
     def dead(self, items: Sequence[Item], reason: str) -> None:
         ledger = self._ledger
+        views = [binary.entry_view(item) for item in items]
+        ledger.publish([(view, reason) for view in views])
         with ledger._lock:
             ledger._spooled -= len(items)
             ledger._dead += len(items)
-            ledger._unreported_dead += len(items)
-            ledger._last_dead_reason = reason
-        ledger.publish([(binary.entry_view(item), reason) for item in items])
+            for view in views:
+                ledger._dead_tally.add(reason, 1, _action(view))
 
     def retrying(self, error: str) -> None:
         self._ledger.retrying(error)

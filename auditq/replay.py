@@ -32,6 +32,11 @@ ORPHAN_SCAN_SECONDS: Final = 30.0
 #: it again (seconds; capped by retry_backoff_max).
 PROBE_SECONDS: Final = 1.0
 
+#: Tries of one spooled record that fail while the database otherwise answers, before its
+#: rows are dead-lettered: a record the server keeps refusing as a whole (a protocol error
+#: on bytes that pass the checksum, say) must not stall every later segment forever.
+MAX_RECORD_ATTEMPTS: Final = 5
+
 #: How a replay ended: nothing left to take, the database failed again, or it stopped early
 #: (a deadline, or the queue needs the writer thread) and goes on later from where it was.
 ReplayOutcome = Literal["done", "failed", "paused"]
@@ -87,6 +92,8 @@ class SpoolReplayer:
         self._backlog = False
         # When the writer may next look for spooled segments to replay (monotonic seconds).
         self._next_scan = 0.0
+        # Failed tries of the record a segment's replay stopped at: path -> (offset, tries).
+        self._attempts: dict[Path, tuple[int, int]] = {}
 
     def due(self) -> bool:
         """Should this wake-up of the writer thread replay? Own or unfinished segments at
@@ -116,7 +123,15 @@ class SpoolReplayer:
             offset, resolved = self._progress.get(path, (0, 0))
             carry = self._carry.pop(path, [])
             for items, end in self._batches(path, offset, carry):
-                leftover, why, _ = sink.deliver(items, mode="replay", divert=divert, ledger=report)
+                try:
+                    leftover, why, _ = sink.deliver(
+                        items, mode="replay", divert=divert, ledger=report
+                    )
+                except Exception:  # a surprise must not skip, nor stall, the segment
+                    logger.exception("spool replay of %s failed", path.name)
+                    leftover, why = items, "divert"
+                if leftover and why != "abort" and self._suspect(path, end):
+                    leftover = self._isolate(leftover, report)
                 resolved += len(items) - len(leftover)
                 self._progress[path] = (end, resolved)
                 if leftover:
@@ -140,10 +155,41 @@ class SpoolReplayer:
                         f"{lost} spooled entries were lost to damage in spool segment {path.name}",
                     )
             self._progress.pop(path, None)
+            self._attempts.pop(path, None)
             spool.done(path)
             logger.info("replayed spool segment %s (%d rows)", path.name, resolved)
         self._backlog = False
         return "done"
+
+    def _suspect(self, path: Path, end: int) -> bool:
+        """After a failed try of a record: has it failed MAX_RECORD_ATTEMPTS times while
+        the database answered? A database that is down counts no try against the record."""
+        if not self._sink.probe():
+            return False
+        offset, tries = self._attempts.get(path, (end, 0))
+        tries = tries + 1 if offset == end else 1
+        self._attempts[path] = (end, tries)
+        return tries >= MAX_RECORD_ATTEMPTS
+
+    def _isolate(self, rows: list[Item], report: RowReport) -> list[Item]:
+        """Replay a suspect record row by row: a row that fails while the database answers
+        is dead-lettered, the others are written. Returns the rows left when the database
+        stops answering midway (they are tried again later)."""
+        logger.warning(
+            "a spooled record keeps failing; replaying its %d rows one by one", len(rows)
+        )
+        for index, item in enumerate(rows):
+            left, _, _ = self._sink.deliver([item], mode="replay", divert=_always, ledger=report)
+            if not left:
+                continue
+            if not self._sink.probe():
+                return rows[index:]
+            report.dead(
+                left,
+                f"spool replay gave up on this row after {MAX_RECORD_ATTEMPTS} tries of its "
+                f"record while the database answered (last error: {self._ledger.last_error()})",
+            )
+        return []
 
     def _forget_finished(self) -> None:
         """Drop the progress of segments gone from disk: an orphan this writer released after
@@ -151,6 +197,7 @@ class SpoolReplayer:
         for path in [path for path in self._progress if not path.exists()]:
             self._progress.pop(path, None)
             self._carry.pop(path, None)
+            self._attempts.pop(path, None)
 
     def _batches(
         self, path: Path, offset: int, carry: list[Item]

@@ -289,7 +289,7 @@ class AuditWriter:
         if self._mark.forked():
             self._after_fork()
         if type(action) is not str or not action:
-            return self._reject(f"action must be a non-empty string, got {action!r:.80}")
+            return self._reject(f"action must be a non-empty string, got {action!r:.80}", action)
         bound = _current_context.get()
         if bound is not None:
             if tenant_id is None:
@@ -332,7 +332,7 @@ class AuditWriter:
             try:
                 metadata = dump_metadata(metadata)  # type: ignore[assignment]
             except ValueError as exc:
-                return self._reject(str(exc))
+                return self._reject(str(exc), action)
         return self._offer(
             (
                 id,
@@ -362,7 +362,9 @@ class AuditWriter:
         fields = {_ALIASES.get(key, key): value for key, value in entry.items()}
         unknown = set(fields) - _FIELDS
         if unknown:
-            return self._reject(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
+            return self._reject(
+                f"unknown field(s): {', '.join(sorted(map(str, unknown)))}", fields.get("action")
+            )
         action = fields.pop("action", None)
         return self.log(action, **fields)
 
@@ -378,7 +380,7 @@ class AuditWriter:
         try:
             entry = AuditEntry(**present)
         except ValidationError as exc:
-            return self._reject(f"invalid entry: {exc}")
+            return self._reject(f"invalid entry: {exc}", fields.get("action"))
         return self._offer(entry.to_row())
 
     def _offer(self, row: Row) -> bool:
@@ -395,8 +397,8 @@ class AuditWriter:
         self._ledger.dropped()
         return False
 
-    def _reject(self, reason: str, *, invalid: bool = True) -> bool:
-        self._ledger.rejected(reason)
+    def _reject(self, reason: str, action: Any = None, *, invalid: bool = True) -> bool:
+        self._ledger.rejected(reason, action)
         if self.strict and invalid:
             raise InvalidEntry(reason)
         if not self._gate.started and not self._gate.closed:
@@ -553,6 +555,20 @@ class AuditWriter:
                 self._thread = None
                 self._gate.started = False
 
+    def _thread_ended(self) -> None:
+        """The writer thread is about to end. Unless the writer is closing, that is a
+        surprise (it should run until close()): say so, and let the next call start a new
+        one instead of queueing for a thread that is gone."""
+        with self._lock:
+            if self._thread is not threading.current_thread() or self._gate.closed:
+                return
+            self._thread = None
+            self._gate.started = False
+        logger.error(
+            "the writer thread of %s stopped unexpectedly; the next call starts a new one",
+            self.name,
+        )
+
     def _step(self) -> bool:
         """One wake-up of the writer thread; False when it should exit."""
         woken = self._wake.wait(self.flush_interval)
@@ -623,28 +639,34 @@ def _target(
 
 
 def _run(ref: weakref.ref[AuditWriter]) -> None:
-    # Holds the writer only while working, so an abandoned writer can be collected; a loop
-    # step that fails is logged and the loop goes on, so one surprise never strands the queue.
-    writer = ref()
-    if writer is not None:
-        try:
-            writer._delivery.warm_up()
-        except Exception:  # e.g. no thread for the watchdog now: the first batch retries
-            logger.exception("writer warm-up failed (continuing)")
-    del writer
-    while True:
+    # Holds the writer only while working, so an abandoned writer can be collected. A loop
+    # step that fails, with any exception at all (a caller's value whose __str__ raises
+    # SystemExit, say), is logged and the loop goes on: one surprise never strands the queue.
+    try:
         writer = ref()
-        if writer is None:
-            return
-        try:
-            if not writer._step():
-                writer._release_resources()
+        if writer is not None:
+            try:
+                writer._delivery.warm_up()
+            except Exception:  # e.g. no thread for the watchdog now: the first batch retries
+                logger.exception("writer warm-up failed (continuing)")
+        del writer
+        while True:
+            writer = ref()
+            if writer is None:
                 return
-        except Exception:
-            logger.exception("writer loop error (continuing)")
-            time.sleep(0.1)
-        finally:
-            del writer
+            try:
+                if not writer._step():
+                    writer._release_resources()
+                    return
+            except BaseException:
+                logger.exception("writer loop error (continuing)")
+                time.sleep(0.1)
+            finally:
+                del writer
+    finally:
+        writer = ref()
+        if writer is not None:
+            writer._thread_ended()
 
 
 # Every live writer, for the exit drain; weak so it never keeps one alive.
