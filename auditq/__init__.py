@@ -2,6 +2,8 @@
 
 from .context import bind, context, get_context, unbind
 from .default import (
+    aflush,
+    ashutdown,
     configure,
     flush,
     get_writer,
@@ -23,6 +25,8 @@ __all__ = [
     "InvalidEntry",
     "Outcome",
     "WriterStats",
+    "aflush",
+    "ashutdown",
     "bind",
     "configure",
     "context",

@@ -350,16 +350,30 @@ static void caller_path_dealloc(CallerPath *self) {
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-PyDoc_STRVAR(caller_path_doc,
-             "CallerPath(log, queue, wake, gate, refuse, reject, start, dump_metadata, context,\n"
-             "           otel, max_queue, wake_every)\n\n"
-             "AuditWriter.log() for the common call; any other call goes to `log`.");
+/* What this stands in for, so `inspect.signature(writer.log)` (which follows __wrapped__)
+ * and `help(writer.log)` (which reads __doc__) show the Python log()'s fields. */
+static PyObject *caller_path_wrapped(CallerPath *self, void *closure) {
+    return Py_NewRef(self->slow != NULL ? self->slow : Py_None);
+}
+
+static PyObject *caller_path_docstring(CallerPath *self, void *closure) {
+    if (self->slow == NULL) {
+        Py_RETURN_NONE;
+    }
+    return PyObject_GetAttrString(self->slow, "__doc__");
+}
+
+static PyGetSetDef caller_path_getset[] = {
+    {"__wrapped__", (getter)caller_path_wrapped, NULL, NULL, NULL},
+    {"__doc__", (getter)caller_path_docstring, NULL, NULL, NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
 
 static PyTypeObject CallerPathType = {
     PyVarObject_HEAD_INIT(NULL, 0).tp_name = "auditq._speedups.CallerPath",
     .tp_basicsize = sizeof(CallerPath),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL,
-    .tp_doc = caller_path_doc,
+    .tp_getset = caller_path_getset,
     .tp_new = caller_path_new,
     .tp_traverse = (traverseproc)caller_path_traverse,
     .tp_clear = (inquiry)caller_path_clear,

@@ -7,10 +7,12 @@ database trouble.
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import logging
 import threading
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from psycopg_pool import ConnectionPool
 
@@ -19,6 +21,9 @@ from .entry import AuditEntry
 from .writer import AuditWriter
 
 logger = logging.getLogger("auditq")
+
+P = ParamSpec("P")
+R = TypeVar("R")
 
 _writer: AuditWriter | None = None
 _lock = threading.Lock()
@@ -72,10 +77,33 @@ def get_writer() -> AuditWriter | None:
         return _writer
 
 
-def log(action: str, /, **fields: Any) -> bool:
-    """`AuditWriter.log` on the default writer; False when none is configured."""
-    writer = _writer or get_writer()
-    return False if writer is None else writer.log(action, **fields)
+def _on_default_writer(
+    method: Callable[Concatenate[AuditWriter, P], R], missing: R
+) -> Callable[P, R]:
+    """`method` called on the default writer (`missing` when there is none), with the
+    method's own signature and help, so IDEs and mypy check the module-level call too."""
+    name = method.__name__
+
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        writer = _writer or get_writer()
+        if writer is None:
+            return missing
+        bound: Callable[P, R] = getattr(writer, name)  # the C caller path, for log()
+        return bound(*args, **kwargs)
+
+    signature = inspect.signature(method)
+    call.__signature__ = signature.replace(  # type: ignore[attr-defined]
+        parameters=list(signature.parameters.values())[1:]
+    )
+    call.__name__ = call.__qualname__ = name
+    call.__doc__ = f"`AuditWriter.{name}` on the default writer ({missing!r} when none is " + (
+        f"configured).\n\n{inspect.getdoc(method) or ''}"
+    )
+    return call
+
+
+#: `AuditWriter.log` on the default writer; False when none is configured.
+log = _on_default_writer(AuditWriter.log, False)
 
 
 def write_audit_log(entry: AuditEntry | Mapping[str, Any]) -> bool:
@@ -94,6 +122,17 @@ def flush(timeout: float | None = None) -> bool:
     """Flush the default writer (True when there is nothing to wait for)."""
     writer = _writer
     return True if writer is None else writer.flush(timeout)
+
+
+async def aflush(timeout: float | None = None) -> bool:
+    """`flush()` for asyncio code: waits in a worker thread, never on the event loop."""
+    writer = _writer
+    return True if writer is None else await writer.aflush(timeout)
+
+
+async def ashutdown(timeout: float | None = None) -> bool:
+    """`shutdown()` for asyncio code: waits in a worker thread, never on the event loop."""
+    return await asyncio.to_thread(shutdown, timeout)
 
 
 def shutdown(timeout: float | None = None) -> bool:

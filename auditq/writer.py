@@ -12,6 +12,7 @@ row is counted by `ledger.py`.
 
 from __future__ import annotations
 
+import asyncio
 import atexit
 import logging
 import os
@@ -284,12 +285,24 @@ class AuditWriter:
         metadata: Mapping[str, Any] | None = None,
         occurred_at: datetime | None = None,
         id: Any = None,
+        **unknown: Never,
     ) -> bool:
-        """Queue one entry; True if accepted. Never blocks, never raises (unless strict)."""
+        """Queue one audit entry; True if accepted. Never blocks, never raises (unless the
+        writer is strict).
+
+        `action` (what happened, e.g. "invoice.paid") is required; the other fields are
+        keywords: tenant_id, actor_id, actor_type, resource_type, resource_id, outcome,
+        ip, user_agent, request_id, metadata (a JSON object, snapshotted now),
+        occurred_at (default: now) and id (default: a UUIDv7 made on the writer thread).
+        Fields bound with `auditq.context()` fill those left out. An unknown keyword is a
+        rejection (counted, reported; `InvalidEntry` when strict), like any invalid entry.
+        """
         if self._mark.forked():
             self._after_fork()
         if type(action) is not str or not action:
             return self._reject(f"action must be a non-empty string, got {action!r:.80}", action)
+        if unknown:
+            return self._reject(f"unknown field(s): {', '.join(sorted(unknown))}", action)
         bound = _current_context.get()
         if bound is not None:
             if tenant_id is None:
@@ -406,6 +419,14 @@ class AuditWriter:
         return False
 
     # -- flush, close, stats -----------------------------------------------------------
+
+    async def aflush(self, timeout: float | None = None) -> bool:
+        """`flush()` for asyncio code: waits in a worker thread, never on the event loop."""
+        return await asyncio.to_thread(self.flush, timeout)
+
+    async def aclose(self, timeout: float | None = None) -> bool:
+        """`close()` for asyncio code: waits in a worker thread, never on the event loop."""
+        return await asyncio.to_thread(self.close, timeout)
 
     def flush(self, timeout: float | None = None) -> bool:
         """Wait until everything accepted before this call is written, dead-lettered or

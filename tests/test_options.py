@@ -140,3 +140,73 @@ def test_origin_defaults_to_program_at_host() -> None:
     finally:
         writer.close(timeout=0)
         other.close(timeout=0)
+
+
+def test_an_unknown_field_is_a_counted_rejection_on_every_path(
+    default_writer: None, table: Table
+) -> None:
+    writer = AuditWriter(table.dsn, schema=table.schema, table=table.name)
+    try:
+        assert writer.log("x", user_id="u") is False  # type: ignore[call-arg]
+        assert AuditWriter.log(writer, "x", user_id="u") is False  # type: ignore[call-arg]
+        assert writer.write({"action": "x", "user": 1}) is False
+        assert writer.stats().rejected == 3
+        assert writer._ledger.last_reject_reason() == "unknown field(s): user"
+    finally:
+        writer.close(timeout=5)
+    auditq.configure(table.dsn, schema=table.schema, table=table.name)
+    assert auditq.log("x", user_id="u") is False  # type: ignore[call-arg]
+    assert auditq.write_audit_log({"action": "x", "user": 1}) is False
+    assert auditq.get_writer().stats().rejected == 2  # type: ignore[union-attr]
+    strict = AuditWriter(table.dsn, schema=table.schema, table=table.name, strict=True)
+    try:
+        with pytest.raises(auditq.InvalidEntry, match="unknown field"):
+            strict.log("x", user_id="u")  # type: ignore[call-arg]
+    finally:
+        strict.close(timeout=5)
+
+
+def test_log_has_a_signature_and_help_naming_the_fields() -> None:
+    import inspect
+    import pydoc
+
+    writer = AuditWriter(NOWHERE)
+    try:
+        for target in (writer.log, AuditWriter.log, auditq.log):
+            names = [n for n in inspect.signature(target).parameters if n != "self"]
+            assert names[:3] == ["action", "tenant_id", "actor_id"], target
+            assert names[-1] == "unknown"  # **unknown: Never, so mypy refuses a wrong keyword
+            text = pydoc.render_doc(target)
+            for field in ("tenant_id", "resource_id", "metadata", "occurred_at"):
+                assert field in text, (target, field)
+    finally:
+        writer.close(timeout=0)
+
+
+def test_aflush_and_ashutdown_do_not_block_the_event_loop(default_writer: None) -> None:
+    import asyncio
+
+    # Nothing listens there: the entry stays pending, and flush waits out its timeout.
+    auditq.configure(NOWHERE, connect_timeout=1, retry_backoff_max=0.1)
+    assert auditq.log("pending")
+
+    async def main() -> tuple[bool, bool, int]:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticking = asyncio.create_task(ticker())
+        flushing = asyncio.create_task(auditq.aflush(timeout=0.5))
+        await asyncio.sleep(0.1)
+        still_waiting = not flushing.done()  # the loop ran other tasks meanwhile
+        flushed = await flushing
+        closed = await auditq.ashutdown(timeout=0.2)
+        ticking.cancel()
+        return still_waiting and not flushed, closed, ticks
+
+    waited, closed, ticks = asyncio.run(main())
+    assert waited and not closed and ticks > 0
