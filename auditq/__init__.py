@@ -12,6 +12,7 @@ from .default import (
 )
 from .entry import AuditEntry, InvalidEntry, Outcome
 from .ids import uuid7
+from .memory import prefault_memory as prefault_memory
 from .stats import WriterStats
 from .writer import AuditWriter, DeadLetter
 

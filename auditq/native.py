@@ -9,12 +9,25 @@ did build it.
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Sequence
 from types import ModuleType
 
 
+def gil_disabled() -> bool:
+    """True on a free-threaded build running with the GIL off (3.13t and later)."""
+    is_enabled = getattr(sys, "_is_gil_enabled", None)
+    return is_enabled is not None and not is_enabled()
+
+
 def _load() -> ModuleType | None:
     if os.environ.get("AUDITQ_NO_SPEEDUPS", "") not in ("", "0"):
+        return None
+    if gil_disabled():
+        # The extension relies on the GIL (the caller path appends to the queue, the encoder's
+        # caches and the fork counter are unguarded), and importing a module that does not
+        # declare itself free-threading safe would turn the GIL back on for the whole
+        # process: the pure-Python path serves instead. Checked before the import for that.
         return None
     try:
         from . import _speedups
@@ -42,17 +55,9 @@ FORKS: Sequence[int] | _PidProbe = _PidProbe() if speedups is None else speedups
 
 
 def prefault_arenas() -> bool:
-    """Have the interpreter take each new 1 MiB pymalloc arena from the OS in one
-    `madvise(MADV_POPULATE_WRITE)` call, instead of a page fault per 4 KiB page on first touch.
-    True if in effect (C extension built, Linux 5.14+).
+    """Whether the allocator hook of `auditq.prefault_memory()` is in effect; installs nothing.
 
-    Why: a queue that grows while the server is stopped takes fresh memory every ~15 calls,
-    and a page fault costs ~5 µs on a virtual machine: that alone put `log()`'s p99 above
-    5 µs (`benchmarks/queue_growth.py`). Populated in one call, a page costs ~1.4 µs and the
-    call that takes a new arena pays ~0.35 ms, about once per 3,500 entries. The hook is
-    process-wide, installed once and never removed, and chains to the allocator it replaced;
-    opt out with `AuditWriter(prefault_memory=False)` (`AUDITQ_PREFAULT_MEMORY=0`).
+    Kept for the writer's call at its first `log()` (being removed with its `prefault_memory`
+    option): the hook is now the application's choice, never a writer's.
     """
-    if speedups is None or os.environ.get("PYTHONMALLOC", "").startswith("malloc"):
-        return False  # with PYTHONMALLOC=malloc, pymalloc's arenas are not used at all
-    return bool(speedups.prefault_arenas())
+    return speedups is not None and bool(speedups.prefault_installed())
