@@ -74,7 +74,7 @@ class BenchResult:
     entries_per_second: float
     #: Calls per second the producers made (the pace when paced; all they could when not).
     offered_per_second: float
-    #: The most entries waiting in the queue at once (sampled every 10 ms).
+    #: The most entries waiting in the queue at once (sampled every 50 ms).
     peak_pending: int
     #: `log()` durations, the first call after each pacing sleep left out (reported apart).
     latency_ns: dict[str, float]
@@ -224,8 +224,9 @@ def _producer(
 
 
 class _Monitor:
-    """Samples the writer's queue depth every 10 ms (its peak is the "kept up" figure), and
-    draws a progress line now and then when asked to."""
+    """Samples the writer's queue depth every 50 ms (its peak is the "kept up" figure), and
+    draws a progress line now and then when asked to. Not more often: each sample takes the
+    GIL from the producers and the writer being measured."""
 
     def __init__(self, writer: AuditWriter, total: int, stream: TextIO | None) -> None:
         self.peak_pending = 0
@@ -248,7 +249,7 @@ class _Monitor:
         tty = stream is not None and stream.isatty()
         every = 0.5 if tty else 2.0
         started = last = time.monotonic()
-        while not self._done.wait(0.01):
+        while not self._done.wait(0.05):
             s = self._writer.stats()
             self.peak_pending = max(self.peak_pending, s.pending)
             now = time.monotonic()
@@ -334,7 +335,7 @@ def run_bench(dsn: str, cfg: BenchConfig, *, stream: TextIO = sys.stderr) -> Ben
         enqueue_seconds=enqueue_seconds,
         entries_per_second=stats.written / seconds if seconds else 0.0,
         offered_per_second=stats.calls / enqueue_seconds if enqueue_seconds else 0.0,
-        # A drop means the queue was full, whether or not a 10 ms sample caught it.
+        # A drop means the queue was full, whether or not a sample caught it.
         peak_pending=cfg.max_queue if stats.dropped_overflow else monitor.peak_pending,
         latency_ns=percentiles(steady, (50, 99, 99.9)),
         latency_after_sleep_ns=percentiles(after_sleep, (50, 99)),

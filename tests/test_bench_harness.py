@@ -10,10 +10,11 @@ import json
 import os
 import subprocess
 import sys
+import tomllib
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
-from setuptools import find_packages
 
 from benchmarks.compare import THROUGHPUT_CASES, CompareConfig, Harness, prefault_in_effect
 from benchmarks.harness import build_parser
@@ -44,8 +45,17 @@ def test_harness_parses() -> None:
 def test_the_package_holds_no_harness() -> None:
     """What `pip install .` installs (pyproject's package selection): auditq, without the
     harness; `auditq bench`'s own job is one module."""
-    packages = find_packages(where=str(ROOT), include=["auditq*"])
-    assert packages == ["auditq"]
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    include = config["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = [
+        ".".join(found.parent.relative_to(ROOT).parts)
+        for top in ROOT.iterdir()
+        if top.is_dir() and not top.name.startswith(".") and top.name != "build"
+        for found in top.glob("**/__init__.py")
+    ]
+    installed = sorted(p for p in packages if any(fnmatch(p, rule) for rule in include))
+    assert installed == ["auditq"], installed
+    assert "benchmarks" in packages  # importable from a checkout, not installed
     assert not (ROOT / "auditq" / "bench").exists()
     assert (ROOT / "auditq" / "benchjob.py").is_file()
     for module in (ROOT / "auditq").glob("*.py"):
