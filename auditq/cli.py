@@ -82,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--no-metadata", action="store_true", help="log entries without metadata")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--quiet", action="store_true", help="no progress display")
+    bench.add_argument("--compare", action="store_true", help=argparse.SUPPRESS)  # moved
 
     spool = commands.add_parser("spool", help="look into or replay a disk spool")
     spool_commands = spool.add_subparsers(dest="spool_command", required=True)
@@ -161,6 +162,13 @@ def _bench(args: argparse.Namespace, env: dict[str, object], schema: str) -> int
     from .benchjob import BenchConfig, format_result, run_bench, write_json
     from .embedded import EmbeddedUnavailable
 
+    if args.compare:
+        print(
+            "auditq bench: --compare moved out of the package: from a checkout, run "
+            "python -m benchmarks.harness (see benchmarks/README.md)",
+            file=sys.stderr,
+        )
+        return 2
     table = args.table or "auditq_bench"
     for flag, name in (("--schema", schema), ("--table", table)):
         if len(name.encode()) > MAX_IDENTIFIER_BYTES:

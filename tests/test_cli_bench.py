@@ -60,6 +60,13 @@ def test_a_name_postgresql_would_truncate_is_refused(
     assert f"{flag} {long_name!r} is longer than PostgreSQL's 63-byte limit" in err
 
 
+def test_compare_points_to_the_harness(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["bench", "--compare"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "python -m benchmarks.harness" in err
+    assert "benchmarks/README.md" in err
+
+
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_:
         main(["--version"])
