@@ -15,6 +15,7 @@ from .default import (
 from .entry import AuditEntry, InvalidEntry, Outcome
 from .ids import uuid7
 from .ledger import DeadLetter
+from .memory import prefault_memory
 from .stats import WriterStats
 from .writer import AuditWriter
 
@@ -34,6 +35,7 @@ __all__ = [
     "get_context",
     "get_writer",
     "log",
+    "prefault_memory",
     "shutdown",
     "unbind",
     "uuid7",

@@ -12,8 +12,15 @@ from 1 call in ~15 to 1 call in ~3,500, which pays ~0.35 ms once.
 The hook is process-wide (pymalloc has one arena allocator) and chains to the allocator it
 replaced, so arenas are still mapped and unmapped by it; it changes when pages are faulted
 in, not which memory is used. An arena that is never filled costs its whole 1 MiB of RSS
-instead of the pages touched. Installed at most once, never removed. The interpreter's own
-smaller blocks that share this allocator (16 KiB frame-stack chunks) are left alone.
+instead of the pages touched. Because it changes the whole process, nothing in auditq installs
+it unasked: an application opts in with `auditq.prefault_memory()` (auditq/memory.py).
+Installed at most once, never removed. The interpreter's own smaller blocks that share this
+allocator (16 KiB frame-stack chunks) are left alone.
+
+"At most once" is a flag of its own, not a look at the allocator in place: another library may
+have chained its own hook on top of this one since. Installing again would then put this hook
+above that one, whose predecessor is this hook: each would call the other until the stack ran
+out.
 
 Counters and flags are atomics: from 3.12 isolated subinterpreters each have their own GIL
 but share this allocator, so two threads can be in the hook at once. */
@@ -31,10 +38,13 @@ but share this allocator, so two threads can be in the hook at once. */
 #define PREFAULT_MIN_BYTES (256 * 1024)
 
 static PyObjectArenaAllocator previous;
+static int hooked = 0;                   /* the hook is in the chain (never taken out) */
 static int populate_works = 0;           /* set by the install probe, cleared on refusal */
 static unsigned long long populated = 0; /* arenas populated, for tests and diagnostics */
 
 #ifdef MADV_POPULATE_WRITE
+static int installed = 0; /* the first install has run, whatever it found (never cleared) */
+
 static void *prefault_alloc(void *ctx, size_t size) {
     (void)ctx;
     void *arena = previous.alloc(previous.ctx, size);
@@ -81,25 +91,43 @@ PyObject *auditq_prefault_arenas(PyObject *module, PyObject *unused) {
     (void)module;
     (void)unused;
 #ifdef MADV_POPULATE_WRITE
-    PyObjectArenaAllocator current;
-    PyObject_GetArenaAllocator(&current);
-    /* Installed already (this process, or before a re-initialisation that kept it)? The
-       check is on the allocator itself: a second install would chain the hook to itself. */
-    if (current.alloc == prefault_alloc) {
-        return PyBool_FromLong(__atomic_load_n(&populate_works, __ATOMIC_RELAXED));
+    /* Installed already (by this process, or before a re-initialisation that kept it)? The
+       flag, not the allocator on top, says so: see the note at the top of this file. The
+       callers hold the GIL; the compare-and-swap keeps two subinterpreters from both
+       installing. */
+    int expected = 0;
+    if (!__atomic_compare_exchange_n(&installed, &expected, 1, 0, __ATOMIC_ACQ_REL,
+                                     __ATOMIC_ACQUIRE)) {
+        return PyBool_FromLong(__atomic_load_n(&populate_works, __ATOMIC_ACQUIRE));
     }
     if (!populate_supported()) {
+        /* Nothing installed, and the answer will not change in this process: the flag stays
+           set so the probe is not repeated, and later calls report False. */
         Py_RETURN_FALSE;
     }
+    PyObjectArenaAllocator current;
+    PyObject_GetArenaAllocator(&current);
     previous = current;
     __atomic_store_n(&populate_works, 1, __ATOMIC_RELAXED);
     __atomic_thread_fence(__ATOMIC_RELEASE); /* `previous` before the hook that reads it */
     PyObjectArenaAllocator mine = {NULL, prefault_alloc, prefault_free};
     PyObject_SetArenaAllocator(&mine);
+    __atomic_store_n(&hooked, 1, __ATOMIC_RELEASE);
     Py_RETURN_TRUE;
 #else
     Py_RETURN_FALSE;
 #endif
+}
+
+PyDoc_STRVAR(prefault_installed_doc,
+             "prefault_installed() -> bool\n\n"
+             "Whether prefault_arenas() put its hook in the arena allocator chain of this "
+             "process (it is never taken out).");
+
+PyObject *auditq_prefault_installed(PyObject *module, PyObject *unused) {
+    (void)module;
+    (void)unused;
+    return PyBool_FromLong(__atomic_load_n(&hooked, __ATOMIC_ACQUIRE));
 }
 
 PyDoc_STRVAR(prefaulted_arenas_doc,
@@ -114,6 +142,7 @@ PyObject *auditq_prefaulted_arenas(PyObject *module, PyObject *unused) {
 static PyMethodDef prefault_methods[] = {
     {"prefault_arenas", auditq_prefault_arenas, METH_NOARGS, prefault_arenas_doc},
     {"prefaulted_arenas", auditq_prefaulted_arenas, METH_NOARGS, prefaulted_arenas_doc},
+    {"prefault_installed", auditq_prefault_installed, METH_NOARGS, prefault_installed_doc},
     {NULL, NULL, 0, NULL},
 };
 

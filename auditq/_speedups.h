@@ -11,7 +11,8 @@ uint64_t auditq_fork_count(void);
 /* Adds the CallerPath type (_caller.c) to the module. */
 int auditq_add_caller_path(PyObject *module);
 
-/* Adds prefault_arenas() and prefaulted_arenas() (_prefault.c) to the module. */
+/* Adds prefault_arenas(), prefault_installed() and prefaulted_arenas() (_prefault.c) to the
+ * module. */
 int auditq_add_prefault(PyObject *module);
 
 #endif

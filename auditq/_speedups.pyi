@@ -1,6 +1,6 @@
 """Types of the C extension: the row encoder (_speedups.c, used by binary.py), the
 caller path of `AuditWriter.log()` (_caller.c, made by native.py) and the arena prefault
-hook (_prefault.c, installed through native.prefault_arenas)."""
+hook (_prefault.c, installed by auditq.prefault_memory())."""
 
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,6 +31,7 @@ def encode_block(
 ) -> bytes: ...
 def prefault_arenas() -> bool: ...
 def prefaulted_arenas() -> int: ...
+def prefault_installed() -> bool: ...
 
 class CallerPath:
     def __init__(

@@ -8,11 +8,14 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any, TypeVar
 
 import psycopg
 
+from . import __version__
+from .benchjob import DEFAULT_RATE
 from .config import DEFAULT_BATCH_SIZE, ConfigError, dsn_from_env, options_from_env
 from .dsn import Dsn
 from .schema import DEFAULT_SCHEMA, DEFAULT_TABLE, create
@@ -33,6 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="auditq", description="Fire-and-forget audit logging to PostgreSQL."
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     init = commands.add_parser("init-db", help="create the audit table and its index")
@@ -41,52 +45,43 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench",
         help="push entries through a writer and account for each one in the database",
-        description="With no --dsn, $AUDITQ_DSN or $DATABASE_URL, runs on an embedded "
-        "PostgreSQL that is created for the run and deleted afterwards.",
+        description="Paced by default at a rate a writer sustains, so the run shows it keeping "
+        "up; --flat-out shows overload instead (drops, by design). With no --dsn, $AUDITQ_DSN "
+        "or $DATABASE_URL, runs on an embedded PostgreSQL that is created for the run and "
+        "deleted afterwards. The comparison harness (COPY ceiling, INSERTs, frozen server, "
+        "overload) runs from a checkout: see benchmarks/README.md.",
     )
     _add_target(bench, table="auditq_bench")
-    bench.add_argument("-n", "--entries", type=int, default=200_000, help="calls (200000)")
-    bench.add_argument("-t", "--threads", type=int, default=1, help="producer threads (1)")
     bench.add_argument(
-        "--rate", type=float, default=0.0, help="pace producers to this many calls/s in total"
+        "-n", "--entries", type=_positive(int), default=200_000, help="calls (200000)"
     )
-    bench.add_argument("--batch-size", type=int, help=f"writer batch_size ({DEFAULT_BATCH_SIZE})")
-    bench.add_argument("--max-queue", type=int, help="writer max_queue (100000)")
-    bench.add_argument("--flush-interval", type=float, help="writer flush_interval (1.0)")
+    bench.add_argument(
+        "-t", "--threads", type=_positive(int), default=1, help="producer threads (1)"
+    )
+    pace = bench.add_mutually_exclusive_group()
+    pace.add_argument(
+        "--rate",
+        type=_positive(float),
+        default=DEFAULT_RATE,
+        help=f"pace producers to this many calls/s in total ({DEFAULT_RATE:.0f})",
+    )
+    pace.add_argument(
+        "--flat-out",
+        action="store_true",
+        help="no pacing: callers log as fast as they can, faster than any writer writes, "
+        "so the queue fills and log() refuses (drops) entries",
+    )
+    bench.add_argument(
+        "--batch-size", type=_positive(int), help=f"writer batch_size ({DEFAULT_BATCH_SIZE})"
+    )
+    bench.add_argument("--max-queue", type=_positive(int), help="writer max_queue (100000)")
+    bench.add_argument(
+        "--flush-interval", type=_positive(float), help="writer flush_interval (1.0)"
+    )
     bench.add_argument("--no-metadata", action="store_true", help="log entries without metadata")
     bench.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     bench.add_argument("--quiet", action="store_true", help="no progress display")
-    compare = bench.add_argument_group(
-        "--compare",
-        "auditq against the binary COPY ceiling, naive INSERTs and executemany, in one run "
-        "(cases interleaved over rounds, medians), plus caller latency, overload and idle CPU; "
-        "the writer runs with its default settings (-n, -t, --rate, --batch-size, --max-queue "
-        "and --flush-interval apply to the single bench only)",
-    )
-    compare.add_argument(
-        "--compare", action="store_true", help="run the comparison instead of a single bench"
-    )
-    compare.add_argument("--rounds", type=int, default=3, help="rounds of every case (3)")
-    compare.add_argument(
-        "--compare-entries",
-        type=int,
-        default=200_000,
-        help="rows per round for the ceiling and each auditq case (200000)",
-    )
-    compare.add_argument("--naive-entries", type=int, default=5_000, help="naive rows (5000)")
-    compare.add_argument(
-        "--executemany-entries", type=int, default=50_000, help="executemany rows (50000)"
-    )
-    compare.add_argument(
-        "--freeze-seconds", type=float, default=3.0, help="server SIGSTOP duration (3)"
-    )
-    compare.add_argument(
-        "--overload-seconds", type=float, default=10.0, help="overload duration (10)"
-    )
-    compare.add_argument("--idle-seconds", type=float, default=10.0, help="idle duration (10)")
-    compare.add_argument(
-        "--chart", metavar="PATH", help="also draw a PNG chart (needs auditq[bench])"
-    )
+    bench.add_argument("--compare", action="store_true", help=argparse.SUPPRESS)  # moved
 
     spool = commands.add_parser("spool", help="look into or replay a disk spool")
     spool_commands = spool.add_subparsers(dest="spool_command", required=True)
@@ -163,19 +158,34 @@ def _init_db(dsn: str | None, schema: str, table: str) -> int:
 
 
 def _bench(args: argparse.Namespace, env: dict[str, object], schema: str) -> int:
-    if args.compare:
-        return _bench_compare(args, schema)
-    from .bench.run import BenchConfig, format_result, run_bench, write_json
+    from .benchjob import BenchConfig, format_result, run_bench, write_json
     from .embedded import EmbeddedUnavailable
 
+    if args.compare:
+        print(
+            "auditq bench: --compare moved out of the package: from a checkout, run "
+            "python -m benchmarks.harness (see benchmarks/README.md)",
+            file=sys.stderr,
+        )
+        return 2
+    table = args.table or "auditq_bench"
+    for flag, name in (("--schema", schema), ("--table", table)):
+        if len(name.encode()) > MAX_IDENTIFIER_BYTES:
+            # PostgreSQL would truncate it and the run would report on another name.
+            print(
+                f"auditq bench: {flag} {name!r} is longer than PostgreSQL's "
+                f"{MAX_IDENTIFIER_BYTES}-byte limit for a name",
+                file=sys.stderr,
+            )
+            return 2
     cfg = BenchConfig(
         entries=args.entries,
-        threads=max(1, args.threads),
-        rate=args.rate,
-        batch_size=args.batch_size or int(env.get("batch_size", DEFAULT_BATCH_SIZE)),  # type: ignore[call-overload]
-        max_queue=args.max_queue or int(env.get("max_queue", 100_000)),  # type: ignore[call-overload]
-        flush_interval=args.flush_interval or float(env.get("flush_interval", 1.0)),  # type: ignore[arg-type]
-        table=args.table or "auditq_bench",
+        threads=args.threads,
+        rate=0.0 if args.flat_out else args.rate,
+        batch_size=_option(args.batch_size, env, "batch_size", DEFAULT_BATCH_SIZE),
+        max_queue=_option(args.max_queue, env, "max_queue", 100_000),
+        flush_interval=_option(args.flush_interval, env, "flush_interval", 1.0),
+        table=table,
         schema=schema,
         metadata=not args.no_metadata,
         progress=not args.quiet,
@@ -199,48 +209,35 @@ def _bench(args: argparse.Namespace, env: dict[str, object], schema: str) -> int
     return 0 if result.consistent else 1
 
 
-def _bench_compare(args: argparse.Namespace, schema: str) -> int:
-    from .bench.compare import CompareConfig, run_compare
-    from .bench.report import format_report, write_chart, write_json
-    from .embedded import EmbeddedUnavailable
+#: PostgreSQL's limit on a name (NAMEDATALEN - 1); a longer one is silently truncated.
+MAX_IDENTIFIER_BYTES = 63
 
-    cfg = CompareConfig(
-        rounds=max(1, args.rounds),
-        entries=args.compare_entries,
-        naive_entries=args.naive_entries,
-        executemany_entries=args.executemany_entries,
-        freeze_seconds=args.freeze_seconds,
-        overload_seconds=args.overload_seconds,
-        idle_seconds=args.idle_seconds,
-        table=args.table or "auditq_bench",
-        schema=schema,
-        progress=not args.quiet,
-    )
-    given = args.dsn or dsn_from_env()
-    try:
-        # Only a server the harness started may be frozen (SIGSTOP) for the latency case.
-        with _target(args.dsn, embedded_ok=True) as found:
-            assert found is not None
-            safe = Dsn(found)
-            target = str(safe) if given else "embedded PostgreSQL"
-            try:
-                result = run_compare(found, cfg, server_owned=not given)
-            except psycopg.Error as exc:
-                print(f"auditq: bench failed: {safe.scrub(str(exc))}", file=sys.stderr)
-                return 1
-    except EmbeddedUnavailable as exc:
-        print(f"auditq: {exc}", file=sys.stderr)
-        return 2
-    print(format_report(result, target))
-    if args.json:
-        write_json(result, args.json, target)
-    if args.chart:
+_Number = TypeVar("_Number", int, float)
+
+
+def _positive(kind: Callable[[str], _Number]) -> Callable[[str], _Number]:
+    """An argparse `type=` for a number > 0: anything else is one line and exit status 2."""
+
+    def parse(text: str) -> _Number:
         try:
-            write_chart(result, args.chart)
-        except RuntimeError as exc:
-            print(f"auditq: {exc}", file=sys.stderr)
-            return 2
-    return 0 if result.consistent else 1
+            value = kind(text)
+        except ValueError:
+            what = "a whole number" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"{text!r} is not {what}") from None
+        if not value > 0:  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be greater than 0, not {text}")
+        return value
+
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+def _option(given: _Number | None, env: dict[str, object], key: str, default: _Number) -> _Number:
+    """A flag's value, else the `AUDITQ_*` variable's, else the writer's default."""
+    if given is not None:
+        return given
+    found: Any = env.get(key, default)  # options_from_env has parsed it already
+    return type(default)(found)
 
 
 def _spool(args: argparse.Namespace, env: dict[str, object], schema: str) -> int:

@@ -10,12 +10,25 @@ from __future__ import annotations
 
 import importlib
 import os
+import sys
 from collections.abc import Sequence
 from types import ModuleType
 
 
+def gil_disabled() -> bool:
+    """True on a free-threaded build running with the GIL off (3.13t and later)."""
+    is_enabled = getattr(sys, "_is_gil_enabled", None)
+    return is_enabled is not None and not is_enabled()
+
+
 def _load() -> ModuleType | None:
     if os.environ.get("AUDITQ_NO_SPEEDUPS", "") not in ("", "0"):
+        return None
+    if gil_disabled():
+        # The extension relies on the GIL (the caller path appends to the queue, the encoder's
+        # caches and the fork counter are unguarded), and importing a module that does not
+        # declare itself free-threading safe would turn the GIL back on for the whole
+        # process: the pure-Python path serves instead. Checked before the import for that.
         return None
     try:
         # By name: a C module, which the import-layer checker cannot see as a module file.
@@ -40,20 +53,3 @@ class _PidProbe:
 #: without them). With the extension it is a counter its `pthread_atfork` child handler
 #: bumps, read in ~22 ns; without it, the pid.
 FORKS: Sequence[int] | _PidProbe = _PidProbe() if speedups is None else speedups.FORKS.cast("Q")
-
-
-def prefault_arenas() -> bool:
-    """Have the interpreter take each new 1 MiB pymalloc arena from the OS in one
-    `madvise(MADV_POPULATE_WRITE)` call, instead of a page fault per 4 KiB page on first touch.
-    True if in effect (C extension built, Linux 5.14+).
-
-    Why: a queue that grows while the server is stopped takes fresh memory every ~15 calls,
-    and a page fault costs ~5 µs on a virtual machine: that alone put `log()`'s p99 above
-    5 µs (`benchmarks/queue_growth.py`). Populated in one call, a page costs ~1.4 µs and the
-    call that takes a new arena pays ~0.35 ms, about once per 3,500 entries. The hook is
-    process-wide, installed once and never removed, and chains to the allocator it replaced;
-    opt out with `AuditWriter(prefault_memory=False)` (`AUDITQ_PREFAULT_MEMORY=0`).
-    """
-    if speedups is None or os.environ.get("PYTHONMALLOC", "").startswith("malloc"):
-        return False  # with PYTHONMALLOC=malloc, pymalloc's arenas are not used at all
-    return bool(speedups.prefault_arenas())

@@ -2,7 +2,7 @@
 while 4 other threads hold the GIL, if it waits for nothing it does not have to? And is it
 the GIL at all, or only a busy core (one spinning process, which shares no GIL)?
 
-    python benchmarks/ceiling_overlap.py   (embedded PostgreSQL)
+    python -m benchmarks.ceiling_overlap   (from the checkout; embedded PostgreSQL)
 
 Pre-encoded rows (as the `ceiling` case), 50,000 per COPY, sent raw as one CopyData message by
 a blocking `sendall` (one GIL release per COPY). With one connection, each COPY's result is
@@ -28,11 +28,11 @@ from multiprocessing.synchronize import Event
 import psycopg
 from psycopg import generators, pq, waiting
 
-from auditq.bench.compare import CompareConfig, Harness, _spin, encode_ceiling, spinning
-from auditq.bench.run import prepare_table
+from auditq.benchjob import prepare_table
 from auditq.binary import HEADER, TRAILER
 from auditq.connection import widen_send_buffer
 from auditq.embedded import embedded_postgres
+from benchmarks.compare import CompareConfig, Harness, _spin, encode_ceiling, spinning
 
 SPINNERS = 4
 ROUNDS = 3

@@ -1,7 +1,7 @@
 """The `ceiling` case (pre-encoded rows, psycopg `copy.write`, no queue) alone and while 4
 threads that never touch the database spin in pure Python, alternating, 3 rounds.
 
-    python benchmarks/ceiling_spinning.py   (embedded PostgreSQL)
+    python -m benchmarks.ceiling_spinning   (from the checkout; embedded PostgreSQL)
 
 Why: it separates the two costs of a Python writer under busy threads. This path does no
 per-row work at all, yet it collapses: psycopg releases the GIL whenever the socket is full
@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import sys
 
-from auditq.bench.compare import CompareConfig, Harness, encode_ceiling, spinning
-from auditq.bench.run import prepare_table
+from auditq.benchjob import prepare_table
 from auditq.embedded import embedded_postgres
+from benchmarks.compare import CompareConfig, Harness, encode_ceiling, spinning
 
 SPINNERS = 4
 

@@ -2,7 +2,7 @@
 spends per row (Linux: read from /proc for the writer thread alone).
 
 Fills a queue of 200k typical entries while the writer sleeps, then times `flush()`.
-Run: python benchmarks/drain_alone.py  (embedded PostgreSQL; or pass a DSN as argument).
+Run from the checkout: python -m benchmarks.drain_alone [DSN]  (embedded PostgreSQL without one).
 """
 
 from __future__ import annotations
@@ -14,9 +14,10 @@ import time
 from contextlib import nullcontext
 
 from auditq import AuditWriter
-from auditq.bench.run import metadata_for, timed_log
+from auditq.benchjob import metadata_for, timed_log
 from auditq.embedded import embedded_postgres
 from auditq.schema import create
+from benchmarks.system import writer_thread
 
 ENTRIES = 200_000
 
@@ -38,18 +39,22 @@ def main() -> None:
     with target as dsn:
         create(dsn, table="auditq_drain")
         for _ in range(3):
+            # Asleep while the queue fills: no wake-up by count, none by time.
             writer = AuditWriter(
-                dsn, table="auditq_drain", max_queue=ENTRIES * 2, flush_interval=3600
+                dsn,
+                table="auditq_drain",
+                max_queue=ENTRIES * 2,
+                wake_rows=ENTRIES * 2,
+                flush_interval=3600,
             )
-            writer._wake_every = writer._buffer._batch_size = 10**9  # keep it asleep
-            writer._bind_caller_path()  # the C caller path copies the wake-up count
             for n in range(ENTRIES):
                 timed_log(writer.log, metadata_for(n))
-            cpu_before = thread_cpu_seconds(writer._thread)
+            thread = writer_thread(writer.name)
+            cpu_before = thread_cpu_seconds(thread)
             started = time.perf_counter()
             writer.flush()
             seconds = time.perf_counter() - started
-            cpu_after = thread_cpu_seconds(writer._thread)
+            cpu_after = thread_cpu_seconds(thread)
             written = writer.stats().written
             line = f"drain alone: {written / seconds:,.0f} rows/s"
             if cpu_before is not None and cpu_after is not None and written:

@@ -1,7 +1,7 @@
 """Instructions per encoded row, repeatable on a noisy machine.
 
-    valgrind --tool=callgrind python benchmarks/encode_cost.py      # one pass
-    valgrind --tool=callgrind python benchmarks/encode_cost.py x    # two passes
+    valgrind --tool=callgrind python -m benchmarks.encode_cost      # one pass
+    valgrind --tool=callgrind python -m benchmarks.encode_cost x    # two passes
 The difference of the two totals, divided by 5,000, is the cost of `encode_row` per row.
 """
 
@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import sys
 
-from auditq.bench.run import typical_row
 from auditq.binary import encode_row
+from benchmarks.compare import typical_row
 
 ROWS = [typical_row(n) for n in range(5000)]
 

@@ -1,6 +1,6 @@
 """Where the time goes when 4 threads call `log()` flat out: the CPU each side used.
 
-    python benchmarks/four_producers.py [DSN]   (embedded PostgreSQL without a DSN)
+    python -m benchmarks.four_producers [DSN]   (from the checkout; embedded PostgreSQL without one)
 
 Writer options come from `AUDITQ_*` variables, as `auditq.configure()` reads them (e.g.
 `AUDITQ_BATCH_SIZE=200000`); the defaults otherwise.
@@ -14,7 +14,7 @@ Why: on the 2-core VMs this project is measured on, neither side is saturated in
 The process runs Python ~50-75 % of the time with four threads that want to run all the
 time, because the GIL passes between five threads and each hand-off wakes a thread and waits
 for it. The writer gets the GIL for ~10 % of the time. The server idles while its socket is
-empty. Compare `auditq-drain-4spin` in `auditq bench --compare`: four threads that never call
+empty. Compare `auditq-drain-4spin` in `python -m benchmarks.harness`: four threads that never call
 auditq slow the writer even more.
 """
 
@@ -30,10 +30,11 @@ import psycopg
 from psycopg import sql
 
 from auditq import AuditWriter
-from auditq.bench.run import metadata_for, timed_log
+from auditq.benchjob import metadata_for, timed_log
 from auditq.config import options_from_env
 from auditq.embedded import embedded_postgres
 from auditq.schema import create
+from benchmarks.system import writer_thread
 
 ENTRIES = 200_000
 THREADS = 4
@@ -89,8 +90,9 @@ def one_run(dsn: str) -> str:
     producers = [threading.Thread(target=produce) for _ in range(THREADS)]
     for thread in producers:
         thread.start()
-    assert writer._thread is not None and writer._thread.native_id is not None
-    writer_stat = f"/proc/self/task/{writer._thread.native_id}/stat"
+    thread = writer_thread(writer.name)
+    assert thread is not None and thread.native_id is not None
+    writer_stat = f"/proc/self/task/{thread.native_id}/stat"
     before = (_stat_cpu(writer_stat), time.process_time(), postgres_cpu(), machine_idle())
     started = time.perf_counter()
     gate.set()

@@ -10,8 +10,8 @@ touches new pages (a minor page fault each: the kernel zeroes and charges a page
 is drained reuses freed memory. No database is involved; the DSN is never connected.
 
 It runs twice, each time in a fresh interpreter: once as the interpreter comes, and once with
-`prefault_memory`'s hook installed (`native.prefault_arenas()`, which a writer's first call
-installs by default), where each new arena is populated in one call. The hook's page faults
+the hook of `auditq.prefault_memory()` installed (an application's opt-in; auditq never
+installs it by itself), where each new arena is populated in one call. The hook's page faults
 still count as minor faults, but are taken in bulk, one call in ~3,500 instead of one in ~15.
 """
 
@@ -25,8 +25,8 @@ import threading
 import time
 from array import array
 
-from auditq import AuditWriter, native
-from auditq.bench.run import metadata_for, timed_log
+from auditq import AuditWriter, prefault_memory
+from auditq.benchjob import metadata_for, timed_log
 
 CALLS = 48_000
 BURST = 64
@@ -63,7 +63,7 @@ def run(drained: bool) -> tuple[float, float, int]:
 
 
 def child(rounds: int, prefault: bool) -> None:
-    if prefault and not native.prefault_arenas():
+    if prefault and not prefault_memory():
         print("prefault hook not available (no C extension, or Linux < 5.14)")
         return
     for _ in range(rounds):

