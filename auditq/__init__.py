@@ -12,6 +12,7 @@ from .default import (
 )
 from .entry import AuditEntry, InvalidEntry, Outcome
 from .ids import uuid7
+from .reader import read
 from .stats import WriterStats
 from .writer import AuditWriter, DeadLetter
 
@@ -29,6 +30,7 @@ __all__ = [
     "get_context",
     "get_writer",
     "log",
+    "read",
     "shutdown",
     "unbind",
     "uuid7",

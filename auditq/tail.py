@@ -28,7 +28,7 @@ from psycopg import IsolationLevel, sql
 from psycopg.types.json import set_json_loads
 
 from .filters import Filters, NoTable, scope_session, table_columns
-from .read import ENTRY_COLUMNS, PAGE_ROWS, StoredEntry, entry_from_row
+from .reader import ENTRY_COLUMNS, PAGE_ROWS, StoredEntry, entry_from_row
 from .schema import qualified
 
 #: How far back each poll looks again for rows whose transaction committed late.

@@ -22,7 +22,7 @@ from psycopg.pq import TransactionStatus
 import auditq
 from auditq.cli import main
 from auditq.filters import FilterError, Filters
-from auditq.read import StoredEntry, read
+from auditq.reader import StoredEntry, read
 from auditq.schema import qualified
 from auditq.tail import Follower, format_entry, printable
 
@@ -55,8 +55,12 @@ def insert(table: Table, rows: list[dict[str, Any]]) -> list[uuid.UUID]:
 
 @pytest.fixture
 def reader_role(table: Table) -> Iterator[str]:
+    yield from make_reader_role(table)
+
+
+def make_reader_role(table: Table) -> Iterator[str]:
     """A role (unique, dropped after) that may only SELECT, under row-level security keyed
-    on `auditq.tenant`, as H2's policy will be."""
+    on `auditq.tenant` as the audit trail's policy is."""
     role = f"auditq_reader_{uuid.uuid4().hex[:10]}"
     target = qualified(table.schema, table.name)
     with psycopg.connect(table.dsn, autocommit=True) as conn:
@@ -116,7 +120,7 @@ def test_read_returns_typed_entries_written_by_the_writer(
     assert writer.log("doc.shared", occurred_at=occurred, tenant_id="other")
     assert writer.flush(timeout=30)
 
-    entries = _read(table, tenant="acme")
+    entries = list(auditq.read(table.dsn, tenant="acme", schema=table.schema, table=table.name))
 
     assert [e.actor_id for e in entries] == ["user-0", "user-1", "user-2"]
     first = entries[0]
