@@ -96,6 +96,7 @@ def run_export(args: argparse.Namespace, schema: str, table: str) -> int:
     if not found:
         return _refuse("export", "no database: pass --dsn or set AUDITQ_DSN / DATABASE_URL")
     safe = Dsn(found)
+    to_stdout = args.output in {None, "-"}
     try:
         with psycopg.connect(found) as conn, open_output(args.output) as out:
             export(
@@ -105,7 +106,8 @@ def run_export(args: argparse.Namespace, schema: str, table: str) -> int:
                 out,
                 schema=schema,
                 table=table,
-                progress=progress_wanted(),
+                # Not over the data itself when that goes to the same terminal.
+                progress=progress_wanted() and not (to_stdout and sys.stdout.isatty()),
             )
     except NoTable as exc:
         return _fail("export", str(exc))
