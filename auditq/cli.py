@@ -1,4 +1,4 @@
-"""The `auditq` command: `init-db`, `bench`, `spool`, `export`, `tail`.
+"""The `auditq` command: `init-db`, `bench`.
 
 Configuration comes from flags, then `AUDITQ_*` environment variables, then `DATABASE_URL`.
 """
