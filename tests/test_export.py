@@ -17,9 +17,13 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from psycopg import sql
 
 from auditq.cli import main
+from auditq.export import Format, export
+from auditq.filters import Filters
 from auditq.reader import read
 from auditq.schema import qualified
 
@@ -119,6 +123,53 @@ def test_csv_round_trips_through_a_csv_reader(
     assert rows[0]["outcome"] == ""  # NULL
 
 
+# Any text PostgreSQL can store: no NUL, no lone surrogates.
+_STORABLE = st.text(st.characters(exclude_categories=("Cs",), exclude_characters="\x00"))
+
+
+@settings(
+    max_examples=40,
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
+@given(texts=st.lists(_STORABLE, min_size=1, max_size=8))
+def test_any_storable_text_survives_both_formats(table: Table, texts: list[str]) -> None:
+    tenant = uuid.uuid4().hex  # each example its own tenant: the table is shared
+    ids = insert(
+        table,
+        [
+            {
+                "tenant_id": tenant,
+                "occurred_at": T0 + timedelta(seconds=i),
+                "user_agent": text,
+                "metadata": {text: [text]},
+            }
+            for i, text in enumerate(texts)
+        ],
+    )
+    outputs = {}
+    for fmt in Format:
+        buffer = io.BytesIO()
+        with psycopg.connect(table.dsn) as conn:
+            written = export(
+                conn,
+                Filters.checked(tenant=tenant),
+                fmt,
+                buffer,
+                schema=table.schema,
+                table=table.name,
+            )
+        assert written == len(texts)
+        outputs[fmt] = buffer.getvalue().decode("utf-8")
+    objects = [json.loads(line) for line in outputs[Format.JSONL].split("\n")[:-1]]
+    assert [uuid.UUID(o["id"]) for o in objects] == ids
+    assert [o["user_agent"] for o in objects] == texts
+    assert [o["metadata"] for o in objects] == [{t: [t]} for t in texts]
+    rows = list(csv.DictReader(io.StringIO(outputs[Format.CSV], newline="")))
+    assert [r["user_agent"] for r in rows] == texts
+    assert [json.loads(r["metadata"]) for r in rows] == [{t: [t]} for t in texts]
+
+
 def test_filters_select_what_read_selects(table: Table, tmp_path: Path) -> None:
     insert(
         table,
@@ -169,9 +220,6 @@ def test_output_file_is_private_and_replaced_only_when_complete(
 def test_export_under_row_level_security(table: Table, reader_role: str, tmp_path: Path) -> None:
     # The policy shows rows only when auditq.tenant is set: the export sets it.
     insert(table, [{"tenant_id": "a", "actor_id": "1"}, {"tenant_id": "b", "actor_id": "2"}])
-    from auditq.export import Format, export
-    from auditq.filters import Filters
-
     buffer = io.BytesIO()
     with as_role(table.dsn, reader_role) as conn:
         written = export(
