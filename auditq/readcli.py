@@ -140,8 +140,14 @@ def run_tail(args: argparse.Namespace, schema: str, table: str) -> int:
     def emit(entry: Any) -> None:
         print(format_entry(entry, show_tenant=show_tenant), flush=True)
 
+    def say(text: str) -> None:
+        print(f"auditq tail: {safe.scrub(text)}", file=sys.stderr, flush=True)
+
+    def connect() -> psycopg.Connection[Any]:
+        return psycopg.connect(found, application_name="auditq tail")
+
     try:
-        with psycopg.connect(found) as conn:
+        with connect() as conn:
             follower = None
             if args.follow:
                 # Seen first, latest second: a row landing in between is printed once,
@@ -153,7 +159,10 @@ def run_tail(args: argparse.Namespace, schema: str, table: str) -> int:
                 emit(entry)
             if follower is not None:
                 follower.mark_seen(entries)
-                follow(follower, emit, interval=interval)
+                try:
+                    follow(follower, emit, interval=interval, connect=connect, say=say)
+                finally:
+                    follower.close()  # after a reconnect, not `conn`
     except KeyboardInterrupt:
         pass  # Ctrl-C is how a person ends a tail.
     except NoTable as exc:

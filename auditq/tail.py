@@ -15,6 +15,7 @@ Everything printed passes through `printable()`: audit rows carry attacker-contr
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 import uuid
@@ -27,6 +28,7 @@ import psycopg
 from psycopg import IsolationLevel, sql
 from psycopg.types.json import set_json_loads
 
+from .backoff import Backoff
 from .filters import Filters, NoTable, scope_session, table_columns
 from .reader import ENTRY_COLUMNS, PAGE_ROWS, StoredEntry, entry_from_row
 from .schema import qualified
@@ -131,13 +133,28 @@ class Follower:
         # Ids printed (or present at the start) whose recorded_at is still inside the window.
         self._seen: dict[uuid.UUID, datetime] = {}
         self._lower: datetime | None = None
+        self._prepare(conn)
+        self._present = _columns(conn, schema, table)
+
+    @staticmethod
+    def _prepare(conn: psycopg.Connection[Any]) -> None:
         conn.autocommit = False
         conn.isolation_level = IsolationLevel.READ_COMMITTED
-        self._present = _columns(conn, schema, table)
 
     def start(self) -> None:
         """Take every row visible now as already shown (the caller printed the latest)."""
         self._poll(emit=False)
+
+    def reattach(self, conn: psycopg.Connection[Any]) -> None:
+        """Go on over a new connection (the old one was lost), with the same bookkeeping."""
+        with contextlib.suppress(psycopg.Error):
+            self._conn.close()
+        self._conn = conn
+        self._prepare(conn)
+
+    def close(self) -> None:
+        """Close the connection this follower is on now."""
+        self._conn.close()
 
     def mark_seen(self, entries: list[StoredEntry]) -> None:
         """Entries printed by other means (the latest N), not to be printed again."""
@@ -197,10 +214,31 @@ def follow(
     emit: Callable[[StoredEntry], None],
     *,
     interval: float = DEFAULT_INTERVAL,
+    connect: Callable[[], psycopg.Connection[Any]] | None = None,
+    say: Callable[[str], None] = lambda _text: None,
     sleep: Callable[[float], None] = time.sleep,
 ) -> None:
-    """Poll forever, handing each new entry to `emit`; ends only by an exception (Ctrl-C)."""
+    """Poll forever, handing each new entry to `emit`; ends only by an exception (Ctrl-C).
+
+    With `connect`, a lost connection (a server restart) is replaced, with backoff, instead
+    of ending the tail; the bookkeeping carries over, so rows stored meanwhile still show.
+    """
+    backoff = Backoff(base=0.5, cap=10.0)
     while True:
-        for entry in follower.poll():
-            emit(entry)
+        try:
+            for entry in follower.poll():
+                emit(entry)
+        except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
+            if connect is None:
+                raise
+            say(f"connection lost ({str(exc).strip().splitlines()[0]}); reconnecting")
+            while True:
+                sleep(backoff.next_delay())
+                try:
+                    follower.reattach(connect())
+                except psycopg.OperationalError:
+                    continue
+                say("reconnected")
+                backoff.reset()
+                break
         sleep(interval)

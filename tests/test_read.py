@@ -378,12 +378,23 @@ def test_tail_follow_prints_new_entries_and_ends_cleanly_on_ctrl_c(table: Table)
         insert(table, [{"tenant_id": "a", "actor_id": "third"}])
         assert "actor=second" in lines.get(timeout=30)
         assert "actor=third" in lines.get(timeout=30)
+        # The server drops the tail's connection (as in a restart): it reconnects and goes on.
+        with psycopg.connect(table.dsn, autocommit=True) as admin:
+            ended = admin.execute(
+                "SELECT pg_terminate_backend(pid) FROM pg_stat_activity "
+                "WHERE application_name = 'auditq tail' AND datname = current_database() "
+                "AND pid <> pg_backend_pid()"
+            ).fetchall()
+        assert ended
+        insert(table, [{"tenant_id": "a", "actor_id": "after-reconnect"}])
+        assert "actor=after-reconnect" in lines.get(timeout=60)
     finally:
         proc.send_signal(signal.SIGINT)
         code = proc.wait(timeout=30)
     assert code == 0
     assert proc.stderr is not None
-    assert "Traceback" not in proc.stderr.read()
+    err = proc.stderr.read()
+    assert "Traceback" not in err and "reconnected" in err
     assert lines.empty()
 
 
