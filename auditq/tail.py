@@ -38,8 +38,9 @@ DEFAULT_OVERLAP: Final = timedelta(seconds=60)
 #: Seconds between polls.
 DEFAULT_INTERVAL: Final = 1.0
 
-# C0 and C1 controls, DEL, and the bidirectional overrides that can reorder a line on screen.
-_UNPRINTABLE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+# C0 and C1 controls, DEL, line and paragraph separators, and the bidirectional overrides
+# that can reorder a line on screen.
+_UNPRINTABLE: Final = re.compile(r"[\x00-\x1f\x7f-\x9f\u200e\u200f\u2028-\u202e\u2066-\u2069]")
 
 
 def printable(text: str) -> str:

@@ -305,6 +305,7 @@ def test_tail_prints_the_latest_n_oldest_first_and_escapes_control_characters(
 
 def test_printable_leaves_ordinary_text_alone() -> None:
     assert printable("ünïcode 日本 🎉 tab\there") == "ünïcode 日本 🎉 tab\\there"
+    assert printable("a\u2028b\x85c") == "a\\u2028b\\x85c"
 
 
 @pytest.mark.parametrize(
