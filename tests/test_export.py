@@ -346,3 +346,11 @@ def test_memory_stays_flat_from_100k_to_1m_rows(table: Table) -> None:
     assert (small_lines, big_lines) == (100_000, 1_000_000)
     # Holding the rows would cost hundreds of MiB for 900k more (each line is ~430 bytes).
     assert big_rss - small_rss < 16 * 1024, (small_rss, big_rss)
+
+
+def test_failures_exit_1_without_the_dsn_secret(capsys: pytest.CaptureFixture[str]) -> None:
+    dsn = "postgresql://auditor:sekrit-pw@127.0.0.1:1/none?connect_timeout=2"
+    for command in (["export", "--tenant", "a"], ["tail"]):
+        assert main([*command, "--dsn", dsn]) == 1
+        err = capsys.readouterr().err
+        assert err.startswith(f"auditq {command[0]}: failed") and "sekrit-pw" not in err
