@@ -16,6 +16,7 @@ from .entry import AuditEntry, InvalidEntry, Outcome
 from .ids import uuid7
 from .ledger import DeadLetter
 from .memory import prefault_memory
+from .reader import StoredEntry, read
 from .stats import WriterStats
 from .writer import AuditWriter
 
@@ -25,6 +26,7 @@ __all__ = [
     "DeadLetter",
     "InvalidEntry",
     "Outcome",
+    "StoredEntry",
     "WriterStats",
     "aflush",
     "ashutdown",
@@ -36,6 +38,7 @@ __all__ = [
     "get_writer",
     "log",
     "prefault_memory",
+    "read",
     "shutdown",
     "unbind",
     "uuid7",

@@ -99,7 +99,38 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_argument("--timeout", type=float, default=300.0, help="give up after (300s)")
         else:
             sub.set_defaults(dsn=None, schema=None, table=None)  # main() reads them
+    _add_read_commands(commands)
     return parser
+
+
+def _add_read_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    # Values are taken as text and checked by the handlers, so each bad one is refused in
+    # one line (argparse would add its usage block) with exit status 2.
+    when = "ISO 8601 (2026-01-31, 2026-01-31T12:00Z; UTC when no offset) or back from now (24h, 7d)"
+    export = commands.add_parser(
+        "export",
+        help="stream one tenant's entries as JSON Lines or CSV",
+        description="Streams through COPY in constant memory, oldest first. A file is "
+        "created private (0600) and appears only once the export is complete.",
+    )
+    _add_target(export)
+    export.add_argument("--tenant", help="the tenant whose entries to export (required)")
+    tail = commands.add_parser(
+        "tail", help="print the latest entries; --follow prints new ones as they land"
+    )
+    _add_target(tail)
+    tail.add_argument("--tenant", help="only this tenant's entries")
+    for sub in (export, tail):
+        sub.add_argument("--since", help=f"occurred at or after: {when}")
+        sub.add_argument("--until", help=f"occurred before: {when}")
+        sub.add_argument("--action", help="only this action")
+        sub.add_argument("--actor", help="only this actor_id")
+    export.add_argument("--format", default="jsonl", help="jsonl (default) or csv")
+    export.add_argument("--output", "-o", help="write to this file instead of stdout")
+    export.add_argument("--limit", help="at most this many entries (the oldest first)")
+    tail.add_argument("-n", "--lines", default="20", help="how many of the latest to print (20)")
+    tail.add_argument("-f", "--follow", action="store_true", help="keep printing new entries")
+    tail.add_argument("--interval", default="1", help="seconds between polls (1)")
 
 
 @contextmanager
@@ -134,6 +165,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _bench(args, env, schema)
         if args.command == "spool":
             return _spool(args, env, schema)
+        if args.command in {"export", "tail"}:
+            from .readcli import run_export, run_tail
+
+            table = args.table or str(env.get("table") or DEFAULT_TABLE)
+            run = run_export if args.command == "export" else run_tail
+            return run(args, schema, table)
     except KeyboardInterrupt:
         return 130
     return 2
