@@ -2,8 +2,9 @@
  * The caller's path of AuditWriter.log(), in C, for the common call.
  *
  * Why: log() is what every caller pays on every event. In Python its keyword binding, the
- * attribute reads and the tuple build cost ~1 us; here the same steps cost a fraction of
- * that, which is both the caller's latency and GIL time the writer thread gets back.
+ * attribute reads and the tuple build dominate it; here the same steps cost a fraction of
+ * that (benchmarks/README.md), which is both the caller's latency and GIL time the writer
+ * thread gets back.
  *
  * Why it stays small: it takes the calls the Python log() takes without its slow paths
  * (one positional str action, known keywords, not in a forked child) and does its steps

@@ -1,13 +1,12 @@
 /* Fresh interpreter memory taken in one system call instead of a page fault per page.
 
 Why: while the server is stopped the writer's queue only grows, so every few `log()` calls
-touch a page the process has never used. Each first touch is a minor page fault, and on the
-virtual machines this runs on one costs ~5 us (the host backs the page too), which put the
-frozen-server p99 of `log()` at 6-12 us against ~1.5 us for the same calls on a drained queue
-(benchmarks/queue_growth.py). pymalloc takes its memory from the OS in arenas (1 MiB on 64-bit
-3.10+); this wraps the arena allocator so that each new arena is populated at once with
-madvise(MADV_POPULATE_WRITE) (Linux 5.14+), ~1.4 us a page inside the kernel: the cost moves
-from 1 call in ~15 to 1 call in ~3,500, which pays ~0.35 ms once.
+touch a page the process has never used. Each first touch is a minor page fault, which on
+virtual machines is dear (the host backs the page too) and shows in `log()`'s tail latency
+(benchmarks/queue_growth.py and benchmarks/README.md have the figures). pymalloc takes its
+memory from the OS in arenas (1 MiB on 64-bit 3.10+); this wraps the arena allocator so that
+each new arena is populated at once with madvise(MADV_POPULATE_WRITE) (Linux 5.14+): one call
+in a few thousand pays for a whole arena instead of one in a few dozen paying for a page.
 
 The hook is process-wide (pymalloc has one arena allocator) and chains to the allocator it
 replaced, so arenas are still mapped and unmapped by it; it changes when pages are faulted

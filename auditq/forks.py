@@ -7,7 +7,7 @@ parent. Three rules make that hold:
 1. **Noticing a fork.** Python's at-fork hook runs `reset` of every registered owner in the
    child. uWSGI forks without running Python's hooks, so every public entry point also asks
    `ForkMark.forked()`: a fork count bumped by a `pthread_atfork` handler of the C extension
-   (`native.FORKS`, ~20 ns to read), or the pid without the extension. Whichever notices
+   (`native.FORKS`, a memory read), or the pid without the extension. Whichever notices
    first resets; the other then finds nothing to do.
 2. **What the child keeps of the parent.** Nothing it would act on: the queue, the counters,
    the thread, the locks and events are made anew; inherited connections are parked, never

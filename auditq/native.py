@@ -43,7 +43,7 @@ speedups = _load()
 
 class _PidProbe:
     """`FORKS` without the extension: item 0 is the pid, which changes in a child however it
-    was forked (a system call per read, ~190 ns)."""
+    was forked (a system call per read)."""
 
     def __getitem__(self, index: int) -> int:
         return os.getpid()
@@ -51,5 +51,5 @@ class _PidProbe:
 
 #: `FORKS[0]` changes in a forked child whether or not Python's fork hooks ran (uWSGI forks
 #: without them). With the extension it is a counter its `pthread_atfork` child handler
-#: bumps, read in ~22 ns; without it, the pid.
+#: bumps (a memory read); without it, the pid (a system call).
 FORKS: Sequence[int] | _PidProbe = _PidProbe() if speedups is None else speedups.FORKS.cast("Q")
