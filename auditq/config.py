@@ -1,24 +1,37 @@
-"""Writer options: one definition of each, one check of each, wherever it comes from.
+"""Writer options: one definition of each (a pydantic model), one check of each, wherever it
+comes from.
 
 An option is given as a keyword (`AuditWriter(batch_size=...)`, `auditq.configure(...)`) or
-read from `AUDITQ_<OPTION>` (by `configure()` without arguments and the CLI); the DSN comes
-from the argument, then `AUDITQ_DSN`, then `DATABASE_URL`. Explicit arguments always win over
-the environment, and an empty variable counts as unset.
+read from `AUDITQ_<OPTION>` (by `configure()` and the CLI, through pydantic-settings, also
+from a `.env` file when one is named); the DSN comes from the argument, then `AUDITQ_DSN`,
+then `DATABASE_URL`. Explicit arguments always win over the environment, and an empty
+variable counts as unset.
 
 Every value is checked here, so a bad one fails at construction with one `ConfigError`
-naming the option (or the variable it came from), instead of deep inside the writer.
+naming the option (or the variable it came from) and what it expects, instead of deep inside
+the writer. Keywords are checked strictly (`batch_size="5"` is a mistake in code); variables
+are text and parsed.
 """
 
 from __future__ import annotations
 
 import difflib
-import math
+import ipaddress
 import os
 import socket
 import sys
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, fields, replace
-from typing import Any, Final, Literal, NamedTuple
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .schema import DEFAULT_SCHEMA, DEFAULT_TABLE
 
@@ -36,171 +49,76 @@ class ConfigError(ValueError):
     """A setting that does not make sense; the message names it and where it came from."""
 
 
-# -- checks of values (keywords and parsed variables alike) ------------------------------------
-
-
-def _positive_int(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-        raise ValueError("expected a whole number > 0")
-    return value
-
-
-def _optional_positive_int(value: Any) -> int | None:
-    return None if value is None else _positive_int(value)
-
-
-def _seconds(*, allow_zero: bool) -> Callable[[Any], float]:
-    wanted = f"expected a number of seconds {'>= 0' if allow_zero else '> 0'}"
-
-    def check(value: Any) -> float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(wanted)
-        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-            raise ValueError(wanted)
-        return float(value)
-
-    return check
-
-
-def _bool(value: Any) -> bool:
-    if not isinstance(value, bool):
-        raise ValueError("expected True or False")
-    return value
-
-
-def _name(value: Any) -> str:
-    if not isinstance(value, str) or not value.strip() or "\x00" in value:
-        raise ValueError("expected a non-empty name")
-    return value
-
-
-def _optional_name(value: Any) -> str | None:
-    return None if value is None else _name(value)
-
-
-def _identifier(value: Any) -> str:
-    name = _name(value)
+def _identifier(value: Any) -> Any:
     # PostgreSQL silently truncates longer identifiers (NAMEDATALEN - 1), to another table.
-    if len(name.encode()) > 63:
-        raise ValueError("expected a PostgreSQL identifier of at most 63 bytes")
-    return name
-
-
-def _path(value: Any) -> str | None:
-    if value is None:
-        return None
-    try:
-        path = os.fspath(value)
-    except TypeError:
-        raise ValueError("expected a directory path") from None
-    if not isinstance(path, str) or not path or "\x00" in path:
-        raise ValueError("expected a directory path")
-    return path
-
-
-def _fsync_policy(value: Any) -> str:
-    if value not in ("always", "interval", "never"):
-        raise ValueError("expected always, interval or never")
-    return str(value)
-
-
-def _callable(value: Any) -> Any:
-    if value is not None and not callable(value):
-        raise ValueError("expected a callable or None")
+    if isinstance(value, str) and len(value.encode()) > 63:
+        raise ValueError("longer than 63 bytes")
     return value
 
 
-# -- text from the environment ---------------------------------------------------------------
+def _path(value: Any) -> Any:
+    return os.fspath(value) if isinstance(value, os.PathLike) else value
 
 
-def _text_bool(text: str) -> bool:
-    lowered = text.strip().lower()
-    if lowered in {"1", "true", "yes", "on"}:
-        return True
-    if lowered in {"0", "false", "no", "off"}:
-        return False
-    raise ValueError("expected one of 1/0, true/false, yes/no, on/off")
+_Count = Annotated[int, Field(gt=0)]
+_Seconds = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+_SecondsOrZero = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+_Name = Annotated[str, Field(min_length=1, pattern=r"^[^\x00]*\S[^\x00]*$")]
+_Identifier = Annotated[_Name, BeforeValidator(_identifier)]
 
-
-def _text_int(text: str) -> int:
-    try:
-        return int(text.strip())
-    except ValueError:
-        raise ValueError("expected a whole number > 0") from None
-
-
-def _text_float(text: str) -> float:
-    try:
-        return float(text.strip())
-    except ValueError:
-        raise ValueError("expected a number of seconds") from None
-
-
-def _text(text: str) -> str:
-    return text.strip()
-
-
-def _text_lower(text: str) -> str:
-    return text.strip().lower()
-
-
-class Option(NamedTuple):
-    """How an option is read from its variable's text, and how any value of it is checked."""
-
-    parse: Callable[[str], Any]
-    check: Callable[[Any], Any]
-
-
-#: Every option that can come from `AUDITQ_<NAME>`, with its parser and check (all of the
-#: writer's options but `on_dead_letter`, a callable).
-OPTIONS: Final[dict[str, Option]] = {
-    "table": Option(_text, _identifier),
-    "schema": Option(_text, _identifier),
-    "name": Option(_text, _optional_name),
-    "origin": Option(_text, _optional_name),
-    "max_queue": Option(_text_int, _positive_int),
-    "batch_size": Option(_text_int, _positive_int),
-    "wake_rows": Option(_text_int, _optional_positive_int),
-    "flush_interval": Option(_text_float, _seconds(allow_zero=False)),
-    "shutdown_timeout": Option(_text_float, _seconds(allow_zero=True)),
-    "write_timeout": Option(_text_float, _seconds(allow_zero=False)),
-    "connect_timeout": Option(_text_float, _seconds(allow_zero=False)),
-    "retry_backoff_max": Option(_text_float, _seconds(allow_zero=False)),
-    "warn_interval": Option(_text_float, _seconds(allow_zero=True)),
-    "strict": Option(_text_bool, _bool),
-    "spool_dir": Option(_text, _path),
-    "spool_after": Option(_text_float, _seconds(allow_zero=True)),
-    "spool_max_bytes": Option(_text_int, _positive_int),
-    "spool_fsync": Option(_text_lower, _fsync_policy),
+#: What each option expects, for the one line a bad value gets.
+EXPECTED: Final = {
+    "table": "a PostgreSQL identifier of at most 63 bytes",
+    "schema": "a PostgreSQL identifier of at most 63 bytes",
+    "name": "a non-empty name",
+    "origin": "a non-empty name",
+    "max_queue": "a whole number > 0",
+    "batch_size": "a whole number > 0",
+    "wake_rows": "a whole number > 0",
+    "flush_interval": "a number of seconds > 0",
+    "shutdown_timeout": "a number of seconds >= 0",
+    "write_timeout": "a number of seconds > 0",
+    "connect_timeout": "a number of seconds > 0",
+    "retry_backoff_max": "a number of seconds > 0",
+    "warn_interval": "a number of seconds >= 0",
+    "strict": "true or false (1/0, yes/no, on/off)",
+    "on_dead_letter": "a callable or None",
+    "spool_dir": "a directory path",
+    "spool_after": "a number of seconds >= 0",
+    "spool_max_bytes": "a whole number > 0",
+    "spool_fsync": "always, interval or never",
 }
-#: Options only code can give.
-_CODE_ONLY: Final[dict[str, Callable[[Any], Any]]] = {"on_dead_letter": _callable}
 
 
-@dataclass(frozen=True, slots=True)
-class WriterOptions:
+class WriterOptions(BaseModel):
     """A writer's settings, checked; read-only once the writer is made (its parts are sized
     from them)."""
 
-    table: str = DEFAULT_TABLE
-    schema: str = DEFAULT_SCHEMA
-    name: str | None = None
-    origin: str | None = None
-    max_queue: int = 100_000
-    batch_size: int = DEFAULT_BATCH_SIZE
-    wake_rows: int | None = None
-    flush_interval: float = 1.0
-    shutdown_timeout: float = 10.0
-    write_timeout: float = 15.0
-    connect_timeout: float = 5.0
-    retry_backoff_max: float = 5.0
-    warn_interval: float = 10.0
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    table: _Identifier = DEFAULT_TABLE
+    schema_: _Identifier = Field(DEFAULT_SCHEMA, alias="schema")
+    name: _Name | None = None
+    origin: _Name | None = None
+    max_queue: _Count = 100_000
+    batch_size: _Count = DEFAULT_BATCH_SIZE
+    wake_rows: _Count | None = None
+    flush_interval: _Seconds = 1.0
+    shutdown_timeout: _SecondsOrZero = 10.0
+    write_timeout: _Seconds = 15.0
+    connect_timeout: _Seconds = 5.0
+    retry_backoff_max: _Seconds = 5.0
+    warn_interval: _SecondsOrZero = 10.0
     strict: bool = False
-    on_dead_letter: Callable[[Any], None] | None = None
-    spool_dir: str | None = None
-    spool_after: float = 5.0
-    spool_max_bytes: int = 1024**3
+    on_dead_letter: Callable[[Any], None] | None = Field(None, exclude=True)
+    spool_dir: Annotated[str, Field(min_length=1), BeforeValidator(_path)] | None = None
+    spool_after: _SecondsOrZero = 5.0
+    spool_max_bytes: _Count = 1024**3
     spool_fsync: FsyncPolicy = "interval"
+
+    @property
+    def schema(self) -> str:  # type: ignore[override]  # BaseModel.schema() is deprecated
+        return self.schema_
 
     @property
     def wake_every(self) -> int:
@@ -221,27 +139,44 @@ class WriterOptions:
         """NIST AU-3's "where the event occurred": given, or `<program>@<hostname>`."""
         return self.origin or default_origin()
 
+    def given(self) -> dict[str, Any]:
+        """Every option by its keyword name (what `AuditWriter(**...)` takes)."""
+        values = {name: getattr(self, _field(name)) for name in OPTION_NAMES}
+        return values
+
+
+def _field(name: str) -> str:
+    return "schema_" if name == "schema" else name
+
 
 #: The names `AuditWriter(...)` and `configure(...)` accept as options.
-OPTION_NAMES: Final = tuple(f.name for f in fields(WriterOptions))
+OPTION_NAMES: Final = tuple(
+    "schema" if name == "schema_" else name for name in WriterOptions.model_fields
+)
+#: Options that can come from `AUDITQ_<NAME>` (all but `on_dead_letter`, a callable).
+OPTIONS: Final = tuple(name for name in OPTION_NAMES if name != "on_dead_letter")
+
+
+def _one_line(exc: ValidationError, describe: Callable[[str, Any], str]) -> ConfigError:
+    """The first problem of a validation error, as one line naming the option."""
+    error = exc.errors()[0]
+    field = str(error["loc"][0]) if error["loc"] else "?"
+    field = field.removeprefix("AUDITQ_").lower()
+    name = "schema" if field == "schema_" else field
+    return ConfigError(f"{describe(name, error.get('input'))}: expected {EXPECTED.get(name, '?')}")
 
 
 def check_options(given: Mapping[str, Any], *, source: str = "") -> WriterOptions:
     """`WriterOptions` from keyword values; `ConfigError` naming the first bad one (and
-    `source`, e.g. the variable, when given), `TypeError` listing the accepted names for an
-    unknown one."""
+    `source` when given), `TypeError` listing the accepted names for an unknown one."""
     unknown = sorted(set(given) - set(OPTION_NAMES))
     if unknown:
         raise TypeError(unknown_option_message(unknown[0]))
-    checked: dict[str, Any] = {}
-    for name, value in given.items():
-        check = OPTIONS[name].check if name in OPTIONS else _CODE_ONLY[name]
-        try:
-            checked[name] = check(value)
-        except ValueError as exc:
-            where = f" (from {source})" if source else ""
-            raise ConfigError(f"{name}={value!r}{where} is not valid: {exc}") from None
-    return replace(WriterOptions(), **checked)
+    where = f" (from {source})" if source else ""
+    try:
+        return WriterOptions.model_validate(dict(given), strict=True, by_alias=True)
+    except ValidationError as exc:
+        raise _one_line(exc, lambda name, value: f"{name}={value!r}{where} is not valid") from None
 
 
 def unknown_option_message(name: str) -> str:
@@ -252,17 +187,55 @@ def unknown_option_message(name: str) -> str:
 
 
 def default_origin() -> str:
-    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
     return f"{program or 'python'}@{socket.gethostname()}"
 
 
 # -- the environment ----------------------------------------------------------------------------
 
+_FROM_ENV: Final = SettingsConfigDict(
+    env_prefix="AUDITQ_",
+    env_ignore_empty=True,
+    extra="ignore",
+    frozen=True,
+    populate_by_name=True,
+)
 
-def _networks(text: str) -> tuple[str, ...]:
-    import ipaddress
 
-    items = tuple(item.strip() for item in text.split(",") if item.strip())
+class _WriterEnv(BaseSettings):
+    """The writer options `AUDITQ_<NAME>` variables (or a `.env` file) set, parsed as text."""
+
+    model_config = _FROM_ENV
+
+    table: _Identifier | None = None
+    schema_: _Identifier | None = Field(None, validation_alias="AUDITQ_SCHEMA")
+    name: _Name | None = None
+    origin: _Name | None = None
+    max_queue: _Count | None = None
+    batch_size: _Count | None = None
+    wake_rows: _Count | None = None
+    flush_interval: _Seconds | None = None
+    shutdown_timeout: _SecondsOrZero | None = None
+    write_timeout: _Seconds | None = None
+    connect_timeout: _Seconds | None = None
+    retry_backoff_max: _Seconds | None = None
+    warn_interval: _SecondsOrZero | None = None
+    strict: bool | None = None
+    spool_dir: Annotated[str, Field(min_length=1)] | None = None
+    spool_after: _SecondsOrZero | None = None
+    spool_max_bytes: _Count | None = None
+    spool_fsync: FsyncPolicy | None = None
+
+    @field_validator("spool_fsync", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+
+def _networks(value: Any) -> Any:
+    if not isinstance(value, str):
+        return value
+    items = tuple(item.strip() for item in value.split(",") if item.strip())
     for item in items:
         try:
             ipaddress.ip_network(item, strict=False)
@@ -271,58 +244,77 @@ def _networks(text: str) -> tuple[str, ...]:
     return items
 
 
-def _header(text: str) -> str:
-    value = text.strip()
-    if not value or not all(c.isalnum() or c in "-_" for c in value) or not value.isascii():
-        raise ValueError("expected an HTTP header name such as X-Request-ID")
-    return value
+class _MiddlewareEnv(BaseSettings):
+    """The web middleware's options (`auditq.middleware`), from `AUDITQ_<NAME>` too."""
+
+    model_config = _FROM_ENV
+
+    request_id_header: Annotated[str, Field(pattern=r"^[A-Za-z0-9_-]+$")] | None = None
+    trusted_proxies: Annotated[tuple[str, ...], BeforeValidator(_networks)] | None = None
+    log_requests: bool | None = None
 
 
-#: The web middleware's options (`auditq.middleware`), also from `AUDITQ_<NAME>`.
-MIDDLEWARE_OPTIONS: Final[dict[str, Callable[[str], Any]]] = {
-    "request_id_header": _header,
-    "trusted_proxies": _networks,
-    "log_requests": lambda text: _text_bool(text),
-}
+EXPECTED.update(
+    request_id_header="an HTTP header name such as X-Request-ID",
+    trusted_proxies="IP addresses or CIDRs, comma-separated (not an IP address or CIDR)",
+    log_requests="true or false (1/0, yes/no, on/off)",
+)
+
+
+def environment(env_file: str | os.PathLike[str] | None = None) -> dict[str, str]:
+    """The process environment, over the variables of `env_file` (a `.env` file) if given:
+    a variable set in the process wins, as with pydantic-settings."""
+    if env_file is None:
+        return dict(os.environ)
+    from dotenv import dotenv_values  # pydantic-settings' own dependency
+
+    if not os.path.isfile(env_file):
+        raise ConfigError(f"env_file={os.fspath(env_file)!r} is not a file")
+    from_file = {k: v for k, v in dotenv_values(env_file).items() if v is not None}
+    return {**from_file, **os.environ}
+
+
+def _from_env(model: type[BaseSettings], environ: Mapping[str, str] | None) -> dict[str, Any]:
+    env = os.environ if environ is None else environ
+    try:
+        if environ is None:
+            settings = model()
+        else:  # an explicit mapping (a .env file over the environment, tests, the CLI)
+            names = {f"AUDITQ_{name.upper()}": name for name in model.model_fields}
+            names["AUDITQ_SCHEMA"] = "schema_"
+            given = {
+                field: value
+                for variable, field in names.items()
+                if (value := env.get(variable)) is not None and value.strip()
+            }
+            settings = model.model_validate(given)
+    except ValidationError as exc:
+
+        def describe(name: str, value: Any) -> str:
+            variable = f"AUDITQ_{name.upper()}"
+            raw = env.get(variable, value)
+            return f"{variable}={raw!r} is not a valid {name}"
+
+        raise _one_line(exc, describe) from None
+    found = settings.model_dump(exclude_none=True)
+    if "schema_" in found:
+        found["schema"] = found.pop("schema_")
+    return found
+
+
+def options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Writer options set in the environment (or `environ`), parsed and checked; raises
+    `ConfigError` naming a bad variable."""
+    return _from_env(_WriterEnv, environ)
+
+
+def middleware_options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """Middleware options set in the environment, parsed; raises `ConfigError` naming a bad
+    variable."""
+    return _from_env(_MiddlewareEnv, environ)
 
 
 def dsn_from_env(environ: Mapping[str, str] | None = None) -> str | None:
     """The DSN the environment gives: `AUDITQ_DSN`, else `DATABASE_URL`."""
     env = os.environ if environ is None else environ
     return env.get("AUDITQ_DSN") or env.get("DATABASE_URL") or None
-
-
-def _parse_all(
-    parsers: Mapping[str, Callable[[str], Any]], environ: Mapping[str, str] | None
-) -> dict[str, Any]:
-    env = os.environ if environ is None else environ
-    found: dict[str, Any] = {}
-    for name, parse in parsers.items():
-        variable = f"AUDITQ_{name.upper()}"
-        raw = env.get(variable)
-        if raw is None or not raw.strip():
-            continue
-        try:
-            found[name] = parse(raw)
-        except ValueError as exc:
-            raise ConfigError(f"{variable}={raw!r} is not a valid {name}: {exc}") from None
-    return found
-
-
-def _parse_and_check(option: Option) -> Callable[[str], Any]:
-    def parse(text: str) -> Any:
-        return option.check(option.parse(text))
-
-    return parse
-
-
-def options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Writer options set in the environment, parsed and checked; raises `ConfigError`
-    naming a bad variable."""
-    return _parse_all({name: _parse_and_check(o) for name, o in OPTIONS.items()}, environ)
-
-
-def middleware_options_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """Middleware options set in the environment, parsed; raises `ConfigError` naming a bad
-    variable."""
-    return _parse_all(MIDDLEWARE_OPTIONS, environ)

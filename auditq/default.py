@@ -10,13 +10,14 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Concatenate, ParamSpec, TypeVar
 
 from psycopg_pool import ConnectionPool
 
-from .config import dsn_from_env, options_from_env
+from .config import dsn_from_env, environment, options_from_env
 from .entry import AuditEntry
 from .writer import AuditWriter
 
@@ -33,16 +34,24 @@ _env_failed = False
 
 
 def configure(
-    dsn_or_pool: str | ConnectionPool[Any] | None = None, /, **options: Any
+    dsn_or_pool: str | ConnectionPool[Any] | None = None,
+    /,
+    *,
+    env_file: str | os.PathLike[str] | None = None,
+    **options: Any,
 ) -> AuditWriter:
     """Create the default writer (closing any previous one) and return it.
 
     Takes what `AuditWriter` takes (`dsn=...` or `pool=...` or a positional DSN, and its
     options). The DSN defaults to `AUDITQ_DSN`, then `DATABASE_URL`, and each option to
-    `AUDITQ_<OPTION>`; arguments given here win.
+    `AUDITQ_<OPTION>`, read from the environment and from `env_file` (a `.env` file) when
+    given; arguments given here win.
     """
     global _writer
-    merged = {**options_from_env(), **options}
+    env = environment(env_file)
+    merged = {**options_from_env(env), **options}
+    if dsn_or_pool is None and "dsn" not in options and "pool" not in options:
+        dsn_or_pool = dsn_from_env(env)
     writer = AuditWriter(dsn_or_pool, **merged)
     with _lock:
         previous, _writer = _writer, writer

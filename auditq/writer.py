@@ -32,7 +32,6 @@ from . import otel as _otel
 from .buffer import Buffer, Gate
 from .config import (
     DEFAULT_BATCH_SIZE,
-    OPTION_NAMES,
     FsyncPolicy,
     WriterOptions,
     check_options,
@@ -515,7 +514,7 @@ class AuditWriter:
 
     @strict.setter
     def strict(self, value: bool) -> None:
-        self._options = check_options({**_as_dict(self._options), "strict": value})
+        self._options = check_options({**self._options.given(), "strict": value})
         self._bind_caller_path()  # a strict writer takes every call in Python
 
     @property
@@ -526,7 +525,7 @@ class AuditWriter:
 
     @on_dead_letter.setter
     def on_dead_letter(self, handler: DeadLetterHandler | None) -> None:
-        self._options = check_options({**_as_dict(self._options), "on_dead_letter": handler})
+        self._options = check_options({**self._options.given(), "on_dead_letter": handler})
         self._ledger.on_dead_letter = handler
 
     @property
@@ -625,10 +624,6 @@ class AuditWriter:
         self._init_state()
         self._gate.closed = closed
         self._delivery.closing = closed
-
-
-def _as_dict(options: WriterOptions) -> dict[str, Any]:
-    return {name: getattr(options, name) for name in OPTION_NAMES}
 
 
 def _target(

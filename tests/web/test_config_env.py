@@ -4,6 +4,7 @@ value fails at configure time with one error naming the variable."""
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 
 import pytest
 
@@ -143,3 +144,30 @@ def test_bad_environment_never_makes_log_raise(
     assert auditq.log("lazy.configure") is False  # discarded with a warning, no exception
     with pytest.raises(ConfigError, match="AUDITQ_MAX_QUEUE"):
         auditq.configure()
+
+
+def test_configure_reads_a_dotenv_file_and_the_environment_wins(
+    table: Table, default_writer: None, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text(
+        f"AUDITQ_DSN={table.dsn}\nAUDITQ_SCHEMA={table.schema}\nAUDITQ_TABLE={table.name}\n"
+        "AUDITQ_BATCH_SIZE=77\nAUDITQ_MAX_QUEUE=900\n"
+    )
+    monkeypatch.setenv("AUDITQ_MAX_QUEUE", "800")
+    writer = auditq.configure(env_file=env_file)
+    assert (writer.batch_size, writer.max_queue, writer.table) == (77, 800, table.name)
+    assert auditq.log("from.dotenv")
+    assert auditq.flush(10)
+    assert table.count() == 1
+
+
+def test_a_bad_value_in_a_dotenv_file_names_the_variable(
+    default_writer: None, tmp_path: Path
+) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("AUDITQ_FLUSH_INTERVAL=soon\n")
+    with pytest.raises(ConfigError, match=r"AUDITQ_FLUSH_INTERVAL='soon'.*expected"):
+        auditq.configure("postgresql://nobody@127.0.0.1:1/none", env_file=env_file)
+    with pytest.raises(ConfigError, match="is not a file"):
+        auditq.configure("postgresql://nobody@127.0.0.1:1/none", env_file=tmp_path / "nope")
