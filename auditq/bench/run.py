@@ -100,7 +100,7 @@ def machine_info() -> dict[str, Any]:
 
 def prepare_table(dsn: str, schema: str, table: str) -> str:
     """Create the bench table if needed and empty it; returns the server version."""
-    create(dsn, schema=schema, table=table)
+    create(dsn, schema=schema, table=table, guarded=False)  # emptied with TRUNCATE
     with psycopg.connect(dsn, autocommit=True) as conn:
         conn.execute(psycopg.sql.SQL("TRUNCATE {}").format(qualified(schema, table)))
         version = conn.execute("SHOW server_version").fetchone()
