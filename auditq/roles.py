@@ -208,6 +208,8 @@ def apply(conn: psycopg.Connection[Any], schema: str, table: str, names: RoleNam
     owner, writer, reader = (sql.Identifier(n) for n in (names.owner, names.writer, names.reader))
     s = sql.Identifier(schema)
     target = qualified(schema, table)
+    # The owner creates months (the partition function runs as it) in this schema.
+    conn.execute(sql.SQL("GRANT USAGE, CREATE ON SCHEMA {} TO {}").format(s, owner))
     set_owner(conn, schema, table, names.owner)
     for meta in (VERSION_TABLE, RETENTION_TABLE):
         set_owner(conn, schema, meta, names.owner)
