@@ -119,9 +119,11 @@ def become_owner(conn: psycopg.Connection[Any], schema: str, table: str) -> str:
         (regclass_text(schema, table),),
     ).fetchone()
     assert row is not None
-    owner, member, usage, current = row
-    if owner == current or usage:
-        return str(owner)  # its privileges already apply (a superuser is a member of all)
+    owner, member, _, current = row
+    if owner == current:
+        return str(owner)
+    # A member (a superuser is a member of every role) acts as the owner, so the record
+    # names the owner as the role and the login as the session user.
     if not member:
         raise RetentionError(
             f"retention must run as the owner of {schema}.{table} ({owner}) or a member of "

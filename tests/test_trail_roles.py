@@ -130,14 +130,17 @@ def test_a_role_subject_to_rls_cannot_copy_in(roled: Trail) -> None:
         admin.execute(
             sql.SQL("ALTER ROLE {} NOBYPASSRLS").format(sql.Identifier(roled.roles.writer))
         )
-    with roled.connect(roled.roles.writer) as conn, conn.cursor() as cur:
-        with pytest.raises(psycopg.errors.FeatureNotSupported):
-            with cur.copy(
-                sql.SQL("COPY {} (id, occurred_at, action) FROM STDIN").format(
-                    qualified(roled.schema, roled.table)
-                )
-            ) as copy:
-                copy.write_row(("01890000-0000-7000-8000-000000000001", datetime.now(UTC), "x"))
+    copy_in = sql.SQL("COPY {} (id, occurred_at, action) FROM STDIN").format(
+        qualified(roled.schema, roled.table)
+    )
+    row = ("01890000-0000-7000-8000-000000000001", datetime.now(UTC), "x")
+    with (
+        roled.connect(roled.roles.writer) as conn,
+        conn.cursor() as cur,
+        pytest.raises(psycopg.errors.FeatureNotSupported),
+        cur.copy(copy_in) as copy,
+    ):
+        copy.write_row(row)
     with roled.connect() as admin:  # init-db --roles again restores it
         apply(admin, roled.schema, roled.table, roled.roles)
         assert admin.execute(
