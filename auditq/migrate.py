@@ -199,7 +199,7 @@ def to_partitioned(
          parent, ATTACH it (no scan: the CHECK proves the range), move grants, policies and
          guards to the parent. Writers wait for this step only (bounded by lock_timeout);
          their next COPY goes to the parent by name.
-    The old table keeps its own primary key on id. Views or foreign keys that referenced
+    The old table's primary key becomes (id, occurred_at), like every partition's. Views or foreign keys that referenced
     the table follow it to `<table>_legacy`: recreate them on the parent.
     """
     report = Report()
@@ -323,6 +323,22 @@ def _swap(
         )
     )
     conn.execute(sql.SQL("ALTER TABLE {} ADD PRIMARY KEY (id, occurred_at)").format(target))
+    # The parent's key attaches only to a partition index that backs a constraint: the
+    # concurrently built (id, occurred_at) index becomes the old table's primary key in
+    # place of the one on id (no scan: both columns are NOT NULL already).
+    old_key = conn.execute(
+        "SELECT conname FROM pg_constraint WHERE conrelid = %s AND contype = 'p'", (relid,)
+    ).fetchone()
+    conn.execute(sql.SQL("ALTER TABLE {} ALTER COLUMN id SET NOT NULL").format(old))
+    if old_key is not None:
+        conn.execute(
+            sql.SQL("ALTER TABLE {} DROP CONSTRAINT {}").format(old, sql.Identifier(old_key[0]))
+        )
+    conn.execute(
+        sql.SQL("ALTER TABLE {} ADD CONSTRAINT {} PRIMARY KEY USING INDEX {}").format(
+            old, sql.Identifier(short_name(table, "_legacy_pkey")), sql.Identifier(unique)
+        )
+    )
     conn.execute(
         sql.SQL("ALTER TABLE {} ATTACH PARTITION {} FOR VALUES FROM (MINVALUE) TO ({})").format(
             target, old, sql.Literal(boundary)
