@@ -199,8 +199,9 @@ def to_partitioned(
          parent, ATTACH it (no scan: the CHECK proves the range), move grants, policies and
          guards to the parent. Writers wait for this step only (bounded by lock_timeout);
          their next COPY goes to the parent by name.
-    The old table's primary key becomes (id, occurred_at), like every partition's. Views or foreign keys that referenced
-    the table follow it to `<table>_legacy`: recreate them on the parent.
+    The old table's primary key becomes (id, occurred_at), like every partition's. Views
+    or foreign keys that referenced the table follow it to `<table>_legacy`: recreate
+    them on the parent.
     """
     report = Report()
     report.steps.extend(migrate(conn, schema, table).steps)
