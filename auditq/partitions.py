@@ -54,7 +54,7 @@ DECLARE
 BEGIN
     SELECT v.layout INTO lay FROM {s}.{versions} v
         WHERE v.table_name = tbl ORDER BY v.applied_at DESC, v.version DESC LIMIT 1;
-    IF lay IS NULL OR lay NOT LIKE '%%partitioned' THEN
+    IF lay IS NULL OR lay NOT LIKE '%partitioned' THEN
         RAISE EXCEPTION 'auditq: %.% is not a partitioned auditq table', sch, tbl
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -75,7 +75,7 @@ BEGIN
         -- an unpartitioned table): nothing to create. The subtransaction is rolled back.
         RETURN NULL;
     END;
-    IF lay NOT LIKE 'distributed%%' THEN
+    IF lay NOT LIKE 'distributed%' THEN
         EXECUTE format('CREATE TRIGGER auditq_no_truncate BEFORE TRUNCATE ON %I.%I '
                        'FOR EACH STATEMENT EXECUTE FUNCTION %I.auditq_refuse_change()',
                        sch, part, sch);
