@@ -209,6 +209,10 @@ def recorded(conn: psycopg.Connection[Any], schema: str, table: str) -> tuple[in
     return None if row is None else (int(row[0]), str(row[1]))
 
 
+class SchemaError(ValueError):
+    """The table exists in another layout than the one asked for; one line."""
+
+
 def create(
     conn_or_dsn: psycopg.Connection[Any] | str | Dsn,
     *,
@@ -256,9 +260,18 @@ def _create(
         existed = conn.execute(
             "SELECT to_regclass(%s) IS NOT NULL", (regclass_text(schema, table),)
         ).fetchone()
+        exists = bool(existed and existed[0])
+        if exists and partitions.is_partitioned(conn, schema, table) != partitioned:
+            have = "partitioned" if not partitioned else "not partitioned"
+            fix = (
+                "convert it with `auditq migrate --to-partitioned`"
+                if partitioned
+                else "pass --partitioned"
+            )
+            raise SchemaError(f"{schema}.{table} exists and is {have}: {fix}")
         for statement in table_ddl(schema, table, layout):
             conn.execute(statement)
-        if recorded(conn, schema, table) is None and not (existed and existed[0]):
+        if recorded(conn, schema, table) is None and not exists:
             record_version(conn, schema, table, layout, "created by auditq init-db")
         if partitioned:
             partitions.install_function(conn, schema)

@@ -159,6 +159,7 @@ def _run(args: argparse.Namespace, dsn: str | None, schema: str, table: str) -> 
     from .migrate import MigrateError
     from .retention import RetentionError, parse_keep
     from .roles import RoleError
+    from .schema import SchemaError
 
     command = args.command
     if command in ("init-db", "migrate"):
@@ -209,7 +210,7 @@ def _run(args: argparse.Namespace, dsn: str | None, schema: str, table: str) -> 
                 return _partitions(conn, args, schema, table)
             assert keep is not None
             return _retention(conn, args, schema, table, keep)
-    except (RoleError, RetentionError) as exc:
+    except (RoleError, RetentionError, SchemaError) as exc:
         print(f"auditq {command}: {exc}", file=sys.stderr)
         return 2
     except MigrateError as exc:

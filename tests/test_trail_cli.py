@@ -77,6 +77,7 @@ def test_commands_refused_by_the_database_state(
     target = ["--dsn", made.dsn, "--schema", made.schema, "--table", made.table]
     assert "not a partitioned table" in _refused(capsys, ["partitions", *target])
     assert "not partitioned" in _refused(capsys, ["retention", "--keep", "1mo", *target])
+    assert "migrate --to-partitioned" in _refused(capsys, ["init-db", "--partitioned", *target])
     assert made.run("SELECT count(*) FROM {table}") == [(1,)]
 
 
