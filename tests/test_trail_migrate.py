@@ -209,3 +209,25 @@ def test_migrate_refuses_a_missing_table(pg_dsn: str) -> None:
             f"audit table {made.schema}.{made.table} does not exist: run "
             f"`auditq init-db --schema {made.schema} --table {made.table}`"
         )
+
+
+def test_check_version_lines(pg_dsn: str) -> None:
+    with trail(pg_dsn) as made:
+        create(pg_dsn, schema=made.schema, table=made.table, partitioned=True)
+        with made.connect() as conn:
+            assert check_version(conn, made.schema, made.table) is None
+            conn.execute(
+                sql.SQL(
+                    "INSERT INTO {}.auditq_schema_version (table_name, version, layout) "
+                    "VALUES (%s, %s, 'partitioned')"
+                ).format(sql.Identifier(made.schema)),
+                (made.table, SCHEMA_VERSION + 1),
+            )
+            line = check_version(conn, made.schema, made.table)
+            assert line is not None and "upgrade auditq" in line and "\n" not in line
+            # It never raises, and leaves the connection usable: in a transaction too.
+            conn.autocommit = False
+            conn.execute("SELECT 1")
+            assert check_version(conn, made.schema, "missing") is not None
+            assert conn.execute("SELECT 2").fetchone() == (2,)
+            conn.rollback()

@@ -13,7 +13,7 @@ from psycopg import sql
 
 from auditq import AuditWriter
 from auditq.cli import main
-from auditq.partitions import list_partitions
+from auditq.partitions import is_partitioned, list_partitions
 from auditq.roles import RoleError, RoleNames, apply
 from auditq.schema import create, qualified
 
@@ -82,6 +82,8 @@ def test_the_writer_role_cannot_change_or_unguard(roled: Trail) -> None:
         for part in parts:  # partitions hold no grants at all
             target = qualified(roled.schema, part.name)
             assert refused(conn, sql.SQL("TRUNCATE {}").format(target)) == "42501"
+            disable = sql.SQL("ALTER TABLE {} DISABLE TRIGGER auditq_no_truncate").format(target)
+            assert refused(conn, disable) == "42501"
             assert refused(conn, sql.SQL("SELECT 1 FROM {}").format(target)) == "42501"
     assert roled.run("SELECT count(*) FROM {table}") == [(1,)]
 
@@ -189,6 +191,8 @@ def test_a_duplicate_id_is_settled_by_the_insert_only_role(roled: Trail) -> None
 
 
 def test_roles_are_idempotent(roled: Trail) -> None:
+    with roled.connect() as conn:
+        layout = ["--partitioned"] if is_partitioned(conn, roled.schema, roled.table) else []
     for _ in range(2):
         assert (
             main(
@@ -200,6 +204,7 @@ def test_roles_are_idempotent(roled: Trail) -> None:
                     roled.schema,
                     "--table",
                     roled.table,
+                    *layout,
                     "--roles",
                     "--role-prefix",
                     roled.schema,
@@ -298,3 +303,65 @@ def test_partitioned_writes_create_a_missing_month_as_the_writer(pg_dsn: str) ->
             ).fetchone()
         assert parts[f"{made.table}_p203303"].rows == 50
         assert owner == (made.roles.owner,)  # made by the owner's function, not the writer
+
+
+def test_a_month_the_writer_cannot_create_waits_and_is_not_lost(pg_dsn: str) -> None:
+    """If the month cannot be created (here: EXECUTE revoked), the batch is retried with
+    backoff, not dead-lettered; once the function may run again, it is written."""
+    with trail(pg_dsn) as made:
+        create(pg_dsn, schema=made.schema, table=made.table, partitioned=True, roles=made.roles)
+        allow_login(made)
+        function = sql.SQL("{}.auditq_ensure_partition(text, timestamptz)").format(
+            sql.Identifier(made.schema)
+        )
+        writer_role = sql.Identifier(made.roles.writer)
+        made.run(
+            sql.SQL("REVOKE EXECUTE ON FUNCTION {} FROM {}")
+            .format(function, writer_role)
+            .as_string(None)
+        )
+        writer = _writer(made, retry_backoff_max=0.2)
+        try:
+            for i in range(10):
+                assert writer.log(
+                    "role.blocked", occurred_at=datetime(2035, 1, 2, tzinfo=UTC), resource_id=str(i)
+                )
+            assert not writer.flush(timeout=1.5)
+            stats = writer.stats()
+            assert (stats.written, stats.dead_lettered, stats.pending) == (0, 0, 10)
+            assert stats.retries >= 1
+            made.run(
+                sql.SQL("GRANT EXECUTE ON FUNCTION {} TO {}")
+                .format(function, writer_role)
+                .as_string(None)
+            )
+            assert writer.flush(timeout=30)
+        finally:
+            writer.close(timeout=10)
+        assert (writer.stats().written, writer.stats().dead_lettered) == (10, 0)
+        assert made.run("SELECT count(*) FROM {table}") == [(10,)]
+
+
+def test_two_writers_need_the_same_missing_month(pg_dsn: str) -> None:
+    with trail(pg_dsn) as made:
+        create(pg_dsn, schema=made.schema, table=made.table, partitioned=True, roles=made.roles)
+        allow_login(made)
+        month = datetime(2036, 6, 6, tzinfo=UTC)
+        writers = [_writer(made), _writer(made)]
+        try:
+            for writer in writers:
+                assert writer.log("role.first")  # both connected before the race
+            for writer in writers:
+                assert writer.flush(timeout=30)
+            for i in range(100):
+                for writer in writers:
+                    assert writer.log("role.race", occurred_at=month, resource_id=str(i))
+            for writer in writers:
+                assert writer.flush(timeout=30)
+        finally:
+            for writer in writers:
+                writer.close(timeout=10)
+        assert [(w.stats().written, w.stats().dead_lettered) for w in writers] == [(101, 0)] * 2
+        with made.connect() as conn:
+            parts = {p.name: p.rows for p in list_partitions(conn, made.schema, made.table)}
+        assert parts[f"{made.table}_p203606"] == 200
