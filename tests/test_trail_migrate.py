@@ -14,6 +14,7 @@ from auditq import AuditWriter, guards
 from auditq.cli import main
 from auditq.migrate import MigrateError, migrate, to_partitioned
 from auditq.partitions import add_months, is_partitioned, list_partitions, month_start
+from auditq.retention import parse_keep, plan
 from auditq.schema import SCHEMA_VERSION, check_version, create, qualified
 
 from .trail_support import Trail, allow_login, refused, trail
@@ -231,3 +232,19 @@ def test_check_version_lines(pg_dsn: str) -> None:
             assert check_version(conn, made.schema, "missing") is not None
             assert conn.execute("SELECT 2").fetchone() == (2,)
             conn.rollback()
+
+
+def test_the_cli_converts_and_retention_sees_the_old_table_as_one_partition(
+    old: Trail, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["--dsn", old.dsn, "--schema", old.schema, "--table", old.table]
+    assert main(["migrate", "--to-partitioned", *args]) == 0
+    assert "converted to monthly partitions" in capsys.readouterr().out
+    assert main(["migrate", "--to-partitioned", *args]) == 0
+    assert "already up to date" in capsys.readouterr().out
+    with old.connect() as conn:
+        legacy = f"{old.table}_legacy"
+        assert [p.name for p in plan(conn, old.schema, old.table, parse_keep("13mo"))] == []
+        later = add_months(month_start(NOW), 2 + 13)
+        doomed = plan(conn, old.schema, old.table, parse_keep("13mo"), now=later)
+        assert [p.name for p in doomed] == [legacy]
