@@ -29,7 +29,7 @@ import psycopg
 
 from .config import DEFAULT_BATCH_SIZE
 from .dsn import Dsn
-from .schema import create, qualified
+from .schema import create, qualified, regclass_text
 from .stats import WriterStats
 from .writer import AuditWriter
 
@@ -126,11 +126,44 @@ def machine_info() -> dict[str, Any]:
     return info
 
 
+#: The comment `prepare_table` puts on a table it creates: the bench empties only such a
+#: table, or one that is already empty.
+BENCH_MARK = "auditq bench scratch table: emptied before each run"
+
+
+class NotBenchTable(Exception):
+    """The table holds rows the bench did not write: it will not empty it."""
+
+
 def prepare_table(dsn: str, schema: str, table: str) -> str:
-    """Create the bench table if needed and empty it; returns the server version."""
-    create(dsn, schema=schema, table=table)
+    """Create the bench table if needed and empty it; returns the server version.
+
+    It TRUNCATEs, so it refuses a table it did not make that holds rows: `--table` naming
+    the application's audit table must never cost its rows."""
+    target = qualified(schema, table)
     with psycopg.connect(dsn, autocommit=True) as conn:
-        conn.execute(psycopg.sql.SQL("TRUNCATE {}").format(qualified(schema, table)))
+        name = regclass_text(schema, table)
+        found = conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL, obj_description(to_regclass(%s), 'pg_class')",
+            (name, name),
+        ).fetchone()
+        exists, ours = bool(found and found[0]), bool(found and found[1] == BENCH_MARK)
+        if exists and not ours:
+            rows = conn.execute(psycopg.sql.SQL("SELECT EXISTS (SELECT FROM {})").format(target))
+            held = rows.fetchone()
+            if held and held[0]:
+                raise NotBenchTable(
+                    f"{schema}.{table} holds rows the bench did not write; it empties its "
+                    "table before each run, so pick another --table"
+                )
+    if not exists:
+        create(dsn, schema=schema, table=table, guarded=False)  # emptied by the next run
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        if not exists:
+            mark = psycopg.sql.Literal(BENCH_MARK)
+            conn.execute(psycopg.sql.SQL("COMMENT ON TABLE {} IS {}").format(target, mark))
+        elif ours:
+            conn.execute(psycopg.sql.SQL("TRUNCATE {}").format(target))
         version = conn.execute("SHOW server_version").fetchone()
     return str(version[0]) if version else "?"
 

@@ -1,4 +1,4 @@
-"""The `auditq` command: `init-db`, `bench`.
+"""The `auditq` command: `init-db`, `migrate`, `partitions`, `retention`, `bench`, `spool`.
 
 Configuration comes from flags, then `AUDITQ_*` environment variables, then `DATABASE_URL`.
 """
@@ -10,15 +10,15 @@ import logging
 import sys
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, TypeVar
+from typing import Any, NoReturn, TypeVar
 
 import psycopg
 
-from . import __version__
+from . import __version__, trail_cli
 from .benchjob import DEFAULT_RATE
 from .config import DEFAULT_BATCH_SIZE, ConfigError, dsn_from_env, options_from_env
 from .dsn import Dsn
-from .schema import DEFAULT_SCHEMA, DEFAULT_TABLE, create
+from .tables import DEFAULT_SCHEMA, DEFAULT_TABLE
 
 
 def _add_target(parser: argparse.ArgumentParser, *, table: str | None = None) -> None:
@@ -31,16 +31,20 @@ def _add_target(parser: argparse.ArgumentParser, *, table: str | None = None) ->
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad options end with one line (not the usage block) and exit status 2."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="auditq", description="Fire-and-forget audit logging to PostgreSQL."
-    )
+    parser = _Parser(prog="auditq", description="Fire-and-forget audit logging to PostgreSQL.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    init = commands.add_parser("init-db", help="create the audit table and its index")
-    _add_target(init)
+    trail_cli.add_commands(commands, _add_target)
 
     bench = commands.add_parser(
         "bench",
@@ -103,7 +107,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_read_commands(commands: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+def _add_read_commands(commands: argparse._SubParsersAction[_Parser]) -> None:
     # Values are taken as text and checked by the handlers, so each bad one is refused in
     # one line (argparse would add its usage block) with exit status 2.
     when = "ISO 8601 (2026-01-31, 2026-01-31T12:00Z; UTC when no offset) or back from now (24h, 7d)"
@@ -159,8 +163,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     schema = args.schema or env.get("schema") or DEFAULT_SCHEMA
     try:
-        if args.command == "init-db":
-            return _init_db(args.dsn, schema, args.table or env.get("table") or DEFAULT_TABLE)
+        if args.command in trail_cli.COMMANDS:
+            table = args.table or str(env.get("table") or DEFAULT_TABLE)
+            return trail_cli.run(args, args.dsn or dsn_from_env(), schema, table)
         if args.command == "bench":
             return _bench(args, env, schema)
         if args.command == "spool":
@@ -176,26 +181,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 2
 
 
-def _init_db(dsn: str | None, schema: str, table: str) -> int:
-    with _target(dsn, embedded_ok=False) as found:
-        if not found:
-            print(
-                "auditq: no database: pass --dsn or set AUDITQ_DSN / DATABASE_URL",
-                file=sys.stderr,
-            )
-            return 2
-        safe = Dsn(found)
-        try:
-            create(safe, schema=schema, table=table)
-        except psycopg.Error as exc:
-            print(f"auditq: init-db failed: {safe.scrub(str(exc))}", file=sys.stderr)
-            return 1
-        print(f"auditq: table {schema}.{table} is ready on {safe}")
-    return 0
-
-
 def _bench(args: argparse.Namespace, env: dict[str, object], schema: str) -> int:
-    from .benchjob import BenchConfig, format_result, run_bench, write_json
+    from .benchjob import BenchConfig, NotBenchTable, format_result, run_bench, write_json
     from .embedded import EmbeddedUnavailable
 
     if args.compare:
@@ -233,6 +220,9 @@ def _bench(args: argparse.Namespace, env: dict[str, object], schema: str) -> int
             safe = Dsn(found)
             try:
                 result = run_bench(found, cfg)
+            except NotBenchTable as exc:
+                print(f"auditq bench: {exc}", file=sys.stderr)
+                return 2
             except psycopg.Error as exc:
                 print(f"auditq: bench failed: {safe.scrub(str(exc))}", file=sys.stderr)
                 return 1

@@ -33,7 +33,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .schema import DEFAULT_SCHEMA, DEFAULT_TABLE
+from .tables import DEFAULT_SCHEMA, DEFAULT_TABLE
 
 #: Rows per COPY transaction at most (`batch_size`): large, so the two round trips between
 #: COPYs (each a wait for the GIL under load) are rare.

@@ -27,7 +27,7 @@ from psycopg import IsolationLevel, sql
 
 from .filters import Filters, NoTable, scope_session, table_columns
 from .progress import ProgressBar
-from .schema import qualified
+from .tables import qualified
 
 #: Rows between progress checks: a clock read per row would cost more than the write.
 _PROGRESS_EVERY: Final = 4096

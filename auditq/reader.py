@@ -23,7 +23,7 @@ from psycopg.types.json import set_json_loads
 from .dsn import Dsn
 from .entry import AuditEntry
 from .filters import TENANT_SETTING, Filters, Moment, NoTable, scope_session, table_columns
-from .schema import DEFAULT_SCHEMA, DEFAULT_TABLE, qualified
+from .tables import DEFAULT_SCHEMA, DEFAULT_TABLE, qualified
 
 #: Rows fetched per round trip by the server-side cursor: the memory a read holds.
 PAGE_ROWS: Final = 2000

@@ -28,6 +28,7 @@ from typing import Any, Final, Literal, NamedTuple, Protocol
 import psycopg
 from psycopg import sql
 
+from . import partitions
 from .backoff import Backoff
 from .binary import (
     COPY_COLUMNS,
@@ -43,13 +44,13 @@ from .connection import Connection, ConnectionSource
 from .dsn import Dsn
 from .entry import Row
 from .ledger import RowReport
-from .schema import qualified
+from .tables import check_version, qualified
 from .watchdog import Watchdog
 
 logger = logging.getLogger("auditq")
 
 Mode = Literal["copy", "replay", "dedupe"]
-Kind = Literal["transient", "ambiguous", "data", "duplicate", "config"]
+Kind = Literal["transient", "ambiguous", "data", "duplicate", "config", "partition"]
 
 #: SQLSTATE classes whose errors are about the rows, not the connection or the server.
 _DATA_CLASSES: Final = frozenset({"22", "23"})
@@ -131,6 +132,7 @@ class Sink:
         self._config_error_logged = False
         # True once COMMIT may be in flight: a failure after it leaves the outcome unknown.
         self._committing = False
+        self._schema, self._table = schema, table
         target = qualified(schema, table)
         columns = sql.SQL(", ").join(map(sql.Identifier, COPY_COLUMNS))
         self._copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(target, columns)
@@ -141,9 +143,13 @@ class Sink:
         self._copy_staging = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
             staging, columns
         )
+        # No conflict target: a partitioned table's key is (id, occurred_at), a
+        # distributed one's starts with tenant_id; any of them names the same stored row.
         self._merge = sql.SQL(
-            "INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT (id) DO NOTHING RETURNING id"
+            "INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT DO NOTHING RETURNING id"
         ).format(target, columns, columns, staging)
+        self._schema = schema
+        self._table = table
 
     def deliver(
         self,
@@ -292,6 +298,14 @@ class Sink:
         would keep the server idle while the queue fills (about 0.2 s with 4 busy callers)."""
         self._watchdog.start()
         self._source.warm_up()
+        try:
+            with self._connection() as conn:
+                behind = check_version(conn, self._schema, self._table)
+        except psycopg.Error:
+            return  # down: the first batch reports it
+        if behind is not None:
+            # Entries keep queueing (and are retried, or spooled) meanwhile: nothing is lost.
+            logger.warning("%s", behind)
 
     def probe(self) -> bool:
         """One cheap round trip: is the database answering again?"""
@@ -383,6 +397,9 @@ class Sink:
         state = getattr(exc, "sqlstate", None)
         if state == "23505":
             return "duplicate"
+        if state == "23514" and _no_partition(exc):
+            # Not a bad row: the whole COPY failed because a month has no partition yet.
+            return "partition"
         if state and state[:2] in _DATA_CLASSES:
             return "data"
         if state in _CONFIG_STATES:
@@ -417,11 +434,29 @@ class Sink:
         if kind == "duplicate":
             work.append((batch, "replay" if mode == "replay" else "dedupe", attempts))
             return False
+        if kind == "partition":
+            try:
+                self._create_months(batch)
+            except Exception as ensure_exc:
+                # Retried with backoff, like a missing table, until someone fixes it.
+                message = f"{message}; creating it failed: {self._describe(ensure_exc)}"
+                kind = "config"
+            else:
+                if attempts + 1 < MAX_UNKNOWN_ATTEMPTS:
+                    work.append((batch, mode, attempts + 1))
+                    return False
+                # Created, yet still refused: back off rather than spin.
         report.retrying(message)
         self._enter_outage(kind, message)
         next_mode: Mode = "replay" if kind == "ambiguous" or mode == "replay" else mode
         work.append((batch, next_mode, attempts + 1))
         return True
+
+    def _create_months(self, batch: list[Item]) -> None:
+        """Create the partitions the batch's rows need (see `auditq.partitions`)."""
+        months = partitions.months_of(item[DATA] for item in batch)
+        with self._connection() as conn:
+            partitions.ensure_months(conn, self._schema, self._table, months)
 
     def _pause(self, divert: Callable[[], bool] | None = None) -> bool:
         """Back off before a retry; close() cuts the wait short. True (at once, or as soon
@@ -486,6 +521,13 @@ class Sink:
             self._outage_since = None
             self._outage_retries = 0
             self._config_error_logged = False
+
+
+def _no_partition(exc: BaseException) -> bool:
+    """SQLSTATE 23514 without a constraint: "no partition of relation ... found for row"
+    (a CHECK constraint's violation names its constraint), whatever the server's language."""
+    diag = getattr(exc, "diag", None)
+    return diag is not None and diag.constraint_name is None
 
 
 def _chunks(batch: list[Item]) -> Iterator[bytes]:

@@ -31,7 +31,7 @@ from psycopg.types.json import set_json_loads
 from .backoff import Backoff
 from .filters import Filters, NoTable, scope_session, table_columns
 from .reader import ENTRY_COLUMNS, PAGE_ROWS, StoredEntry, entry_from_row
-from .schema import qualified
+from .tables import qualified
 
 #: How far back each poll looks again for rows whose transaction committed late.
 DEFAULT_OVERLAP: Final = timedelta(seconds=60)

@@ -44,10 +44,10 @@ from .delivery import Delivery
 from .dsn import Dsn
 from .entry import COLUMNS, AuditEntry, InvalidEntry, Row, dump_metadata
 from .ledger import DeadLetter, DeadLetterHandler, Ledger
-from .schema import DEFAULT_SCHEMA, DEFAULT_TABLE
 from .sink import Sink
 from .spool import DEAD_LETTER_FILE, Spool
 from .stats import WriterStats
+from .tables import DEFAULT_SCHEMA, DEFAULT_TABLE
 from .watchdog import Watchdog
 
 __all__ = ["AuditWriter", "DeadLetter", "DeadLetterHandler", "live_writers"]

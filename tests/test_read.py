@@ -240,7 +240,6 @@ def test_explicit_tenant_filter_holds_under_a_loose_policy(table: Table, reader_
 
 
 def test_stored_rows_that_break_todays_input_rules_are_still_read(table: Table) -> None:
-    table.execute(f"ALTER TABLE {{table}} DROP CONSTRAINT {table.name}_outcome_check")
     long_action = "a" * 5000
     insert(table, [{"tenant_id": "a", "outcome": "denied", "action": long_action}])
     (entry,) = _read(table, tenant="a")
@@ -248,10 +247,9 @@ def test_stored_rows_that_break_todays_input_rules_are_still_read(table: Table) 
     assert entry.action == long_action
 
 
-def test_origin_is_read_when_the_column_exists(table: Table) -> None:
+def test_origin_is_read(table: Table) -> None:
     insert(table, [{"tenant_id": "a"}])
     assert _read(table)[0].origin is None
-    table.execute("ALTER TABLE {table} ADD COLUMN origin text")
     insert(table, [{"tenant_id": "a", "origin": "api@host-1", "occurred_at": T0 + timedelta(1)}])
     assert [e.origin for e in _read(table)] == [None, "api@host-1"]
 
