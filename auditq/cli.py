@@ -142,6 +142,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _spool(args, env, schema)
     except KeyboardInterrupt:
         return 130
+    except ConfigError as exc:  # a malformed DSN, say: one line, no traceback
+        print(f"auditq: {exc}", file=sys.stderr)
+        return 2
     return 2
 
 

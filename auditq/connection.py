@@ -63,9 +63,37 @@ def widen_send_buffer(fd: int, size: int = SEND_BUFFER_BYTES) -> None:
         sock.close()  # closes the duplicate only
 
 
+def session_timeouts(write_timeout: float) -> dict[str, int]:
+    """The server-side timeouts (milliseconds) the writer sets on its own sessions.
+
+    Why: a role's low `statement_timeout` (common for application roles on managed
+    platforms) cancels every large COPY, and the same batch retried meets the same fate. The
+    writer bounds its own statements by `write_timeout` instead, a little below it so the
+    server's cancel (which keeps the connection, and makes the sink shrink the batch) comes
+    before the watchdog's cut. The writer's own connection idles between batches by design,
+    so a role's `idle_session_timeout` must not close it (0 turns it off)."""
+    bound = max(1, int(write_timeout * 1000 * 0.9))
+    return {
+        "statement_timeout": bound,
+        "idle_in_transaction_session_timeout": bound,
+        "idle_session_timeout": 0,
+    }
+
+
+def session_options(write_timeout: float) -> str:
+    """`session_timeouts` as libpq `options` (applied at connection start, over the role's
+    defaults)."""
+    return " ".join(f"-c {name}={value}" for name, value in session_timeouts(write_timeout).items())
+
+
 class ConnectionSource(Protocol):
     """What the sink needs: a connection per attempt and a way to give it back."""
 
+    #: True when the sink must set `session_timeouts` in each transaction itself (borrowed
+    #: connections, whose session settings are the application's).
+    per_transaction_timeouts: bool
+
+    def bound_session(self, write_timeout: float) -> None: ...
     def warm_up(self) -> None: ...
     def acquire(self) -> Connection: ...
     def release(self, conn: Connection, *, broken: bool) -> None: ...
@@ -76,9 +104,15 @@ class ConnectionSource(Protocol):
 class DsnSource:
     """One long-lived connection of the writer's own, reopened after any failure."""
 
+    per_transaction_timeouts = False
+
     def __init__(self, dsn: Dsn) -> None:
         self._dsn = dsn
         self._conn: Connection | None = None
+
+    def bound_session(self, write_timeout: float) -> None:
+        """Open every later connection with the writer's `session_timeouts`."""
+        self._dsn = self._dsn.with_options(session_options(write_timeout))
 
     def warm_up(self) -> None:
         """Open the connection before the first batch is due (best effort: a failure here
@@ -133,6 +167,13 @@ class PoolSource:
     The pool is the caller's: auditq never closes it, and after a fork the caller must make a
     new one in the child (psycopg pools cannot cross a fork).
     """
+
+    #: A pool's sessions are the application's: the sink sets its timeouts per transaction
+    #: (`SET LOCAL`), so they end with it.
+    per_transaction_timeouts = True
+
+    def bound_session(self, write_timeout: float) -> None:
+        """Nothing here: see `per_transaction_timeouts`."""
 
     def __init__(self, pool: ConnectionPool[Any], timeout: float) -> None:
         self._pool = pool

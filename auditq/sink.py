@@ -40,7 +40,7 @@ from .binary import (
     item_id,
     items_of_block,
 )
-from .connection import Connection, ConnectionSource
+from .connection import Connection, ConnectionSource, session_timeouts
 from .dsn import Dsn
 from .entry import Row
 from .schema import qualified
@@ -49,12 +49,20 @@ from .watchdog import Watchdog
 logger = logging.getLogger("auditq")
 
 Mode = Literal["copy", "replay", "dedupe"]
-Kind = Literal["transient", "ambiguous", "data", "duplicate", "config"]
+Kind = Literal["transient", "ambiguous", "data", "duplicate", "config", "cancelled"]
 
 #: SQLSTATE classes whose errors are about the rows, not the connection or the server.
 _DATA_CLASSES: Final = frozenset({"22", "23"})
 #: SQLSTATEs that mean the table is not there or not writable: retrying will not help soon.
 _CONFIG_STATES: Final = frozenset({"42P01", "42703", "42501", "3F000", "0A000", "42804", "42P10"})
+#: The server cancelled the statement (its `statement_timeout`, or an operator's cancel).
+_CANCELLED: Final = "57014"
+#: After this many batches in a row written whole under a row cap, the cap doubles.
+_CAP_GROWTH_AFTER: Final = 10
+#: What `_describe` keeps of a server's message (log lines and `last_error`).
+_MESSAGE_CHARS: Final = 500
+#: Separates a dead-letter reason's summary from the server's DETAIL (see `loggable`).
+DETAIL_MARK: Final = "\nDETAIL: "
 #: Unclassified server errors are retried this often before the rows are blamed and split.
 MAX_UNKNOWN_ATTEMPTS: Final = 3
 
@@ -124,6 +132,21 @@ class Sink:
         retry_backoff_max: float,
     ) -> None:
         self._source = source
+        # The writer's own session bounds (see connection.session_timeouts): set at connect
+        # time on its own connections, per transaction on borrowed ones.
+        source.bound_session(write_timeout)
+        self._local_timeouts = source.per_transaction_timeouts
+        timeouts = session_timeouts(write_timeout)
+        self._set_timeouts = sql.SQL(", ").join(
+            sql.SQL("set_config({}, {}, true)").format(sql.Literal(name), sql.Literal(str(ms)))
+            for name, ms in timeouts.items()
+            if name != "idle_session_timeout"  # meaningless within a transaction
+        )
+        self._set_timeouts = sql.SQL("SELECT ") + self._set_timeouts
+        # Rows per COPY while the server keeps cancelling large ones (None: no cap). Halved
+        # at each cancel, doubled again after _CAP_GROWTH_AFTER whole batches.
+        self.row_cap: int | None = None
+        self._capped_successes = 0
         self._ledger = ledger
         # Set by close() past its deadline: stop retrying and hand rows back.
         self._abort = abort
@@ -142,7 +165,12 @@ class Sink:
         target = qualified(schema, table)
         columns = sql.SQL(", ").join(map(sql.Identifier, COPY_COLUMNS))
         self._copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(target, columns)
-        staging = sql.Identifier(f"auditq_staging_{zlib.crc32(f'{schema}.{table}'.encode()):08x}")
+        # In pg_temp by name: resolved through search_path, a table of the same name in a
+        # schema listed before pg_temp (`search_path = public, pg_temp`, a common hardening)
+        # would receive the rows, and whatever was planted in it would be merged.
+        staging = sql.Identifier(
+            "pg_temp", f"auditq_staging_{zlib.crc32(f'{schema}.{table}'.encode()):08x}"
+        )
         self._create_staging = sql.SQL(
             "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
         ).format(staging, target)
@@ -169,7 +197,7 @@ class Sink:
         report = ledger or self._ledger
         work: list[tuple[list[Item], Mode, int]] = []
         if failed is None:
-            work.append((items, mode, 0))
+            work.extend(reversed([(part, mode, 0) for part in self._capped(items)]))
         else:
             kind = self._classify(failed, 0)
             if self._on_failure(items, mode, 0, kind, failed, work, report) and (
@@ -195,6 +223,7 @@ class Sink:
                     return Handed([item for chunk, _, _ in work for item in chunk], "divert")
                 continue
             self._recovered()
+            self._grow_cap(len(batch))
             if inserted is None or mode == "replay":
                 report.committed(len(batch))
             else:
@@ -225,7 +254,9 @@ class Sink:
         bad: list[tuple[Row, str]] = []
         consumed = [0]  # rows the first attempt has encoded so far
         error: Exception | None = None
-        attempted = not self.stopping()
+        cap = self.row_cap
+        # Over the cap, the first attempt is skipped: deliver() writes the rows cap by cap.
+        attempted = not self.stopping() and (cap is None or len(rows) <= cap)
         if attempted:
             try:
                 self._attempt_rows(rows, blocks, bad, consumed, more)
@@ -236,6 +267,7 @@ class Sink:
         # would let it return while rows queued before it are still in flight.
         if attempted and error is None:
             self._recovered()
+            self._grow_cap(len(rows))
             written = sum(len(kept) for _, kept in blocks)
             if written:
                 self._ledger.committed(written)
@@ -281,7 +313,7 @@ class Sink:
                     yield data
             # Rows taken by more() join `rows` first, so a failed attempt finds each of them
             # in `blocks`, in `bad` or past `consumed`, like the others.
-            while more is not None and (extra := more()):
+            while more is not None and not self._at_cap(len(rows)) and (extra := more()):
                 rows.extend(extra)
                 data = block(extra)
                 consumed[0] = len(rows)
@@ -344,7 +376,7 @@ class Sink:
             return self._merge_rows(conn, batch)
 
     def _copy_chunks(self, conn: Connection, chunks: Iterable[bytes]) -> None:
-        if conn.autocommit:
+        if conn.autocommit and not self._local_timeouts:
             # The writer's own connection: a lone COPY is its own transaction and commits
             # when the server acknowledges the end of the data. That saves the BEGIN and
             # COMMIT round trips, and each round trip costs the writer a wait for the GIL
@@ -352,6 +384,8 @@ class Sink:
             self._stream(conn, self._copy, chunks, ends_transaction=True)
             return
         with conn.transaction():  # a pooled connection, left in the mode its pool gave
+            if self._local_timeouts:
+                conn.execute(self._set_timeouts)
             self._stream(conn, self._copy, chunks)
             # From here the transaction's exit sends COMMIT: a lost connection now leaves
             # the outcome unknown, and the retry must not write these rows twice.
@@ -359,6 +393,8 @@ class Sink:
 
     def _merge_rows(self, conn: Connection, batch: list[Item]) -> set[Any]:
         with conn.transaction():
+            if self._local_timeouts:
+                conn.execute(self._set_timeouts)
             conn.execute(self._create_staging)
             self._stream(conn, self._copy_staging, _chunks(batch))
             with conn.cursor() as cur:
@@ -391,6 +427,8 @@ class Sink:
         state = getattr(exc, "sqlstate", None)
         if state == "23505":
             return "duplicate"
+        if state == _CANCELLED:
+            return "cancelled"
         if state and state[:2] in _DATA_CLASSES:
             return "data"
         if state in _CONFIG_STATES:
@@ -414,9 +452,16 @@ class Sink:
     ) -> bool:
         """Queue what to try next; True when that is a retry of the same rows."""
         message = self._describe(exc)
+        if kind == "cancelled" and len(batch) > 1:
+            # Too big to write within the server's time limit: smaller batches, no blame,
+            # no backoff (the server is answering).
+            self._shrink_cap(len(batch), message)
+            for part in reversed(self._capped(batch)):
+                work.append((part, mode, attempts))
+            return False
         if kind == "data":
             if len(batch) == 1:
-                report.dead(batch, f"rejected by the server: {message}")
+                report.dead(batch, self._dead_reason(exc, message))
             else:
                 half = len(batch) // 2
                 work.append((batch[half:], mode, 0))
@@ -459,10 +504,64 @@ class Sink:
         )
 
     def _describe(self, exc: BaseException) -> str:
+        """What log lines and `last_error` say of a failure: the SQLSTATE and the server's
+        primary message, control characters escaped (a newline in a value must not forge a
+        log line) and cut. Never the DETAIL: "Failing row contains (...)" is the row itself,
+        emails and addresses included; it goes to the dead letters only."""
         state = getattr(exc, "sqlstate", None)
-        text = str(exc).strip() or type(exc).__name__
+        diag = getattr(exc, "diag", None)
+        primary = getattr(diag, "message_primary", None) if state else None
+        text = str(primary or exc).strip() or type(exc).__name__
+        if len(text) > _MESSAGE_CHARS:
+            text = text[:_MESSAGE_CHARS] + "..."
+        text = escape_controls(text)
         text = f"{type(exc).__name__}: {text}" if not state else f"[{state}] {text}"
         return self._dsn.scrub(text) if self._dsn is not None else text
+
+    def _dead_reason(self, exc: BaseException, message: str) -> str:
+        """A rejected row's dead-letter reason: the summary, then the server's DETAIL after
+        DETAIL_MARK (the dead-letter file is private; `loggable()` cuts it off for logs)."""
+        reason = f"rejected by the server: {message}"
+        diag = getattr(exc, "diag", None)
+        detail = getattr(diag, "message_detail", None)
+        if detail:
+            detail = escape_controls(str(detail))
+            reason += DETAIL_MARK + (self._dsn.scrub(detail) if self._dsn else detail)
+        return reason
+
+    # -- row cap (the server cancelling large batches) -------------------------------------
+
+    def _capped(self, items: list[Item]) -> list[list[Item]]:
+        cap = self.row_cap
+        if cap is None or len(items) <= cap:
+            return [items]
+        return [items[i : i + cap] for i in range(0, len(items), cap)]
+
+    def _at_cap(self, rows: int) -> bool:
+        return self.row_cap is not None and rows >= self.row_cap
+
+    def _shrink_cap(self, rows: int, message: str) -> None:
+        cap = max(1, rows // 2)
+        self._capped_successes = 0
+        if self.row_cap is None or cap < self.row_cap:
+            self.row_cap = cap
+            logger.warning(
+                "the server cancelled a write of %d rows (%s); writing at most %d rows "
+                "per statement for now (raise the role's statement_timeout or lower "
+                "batch_size)",
+                rows,
+                message,
+                cap,
+            )
+
+    def _grow_cap(self, rows: int) -> None:
+        cap = self.row_cap
+        if cap is None or rows < cap:
+            return
+        self._capped_successes += 1
+        if self._capped_successes >= _CAP_GROWTH_AFTER:
+            self._capped_successes = 0
+            self.row_cap = cap * 2
 
     def _enter_outage(self, kind: Kind, message: str) -> None:
         self._outage_retries += 1
@@ -494,6 +593,27 @@ class Sink:
             self._outage_since = None
             self._outage_retries = 0
             self._config_error_logged = False
+
+
+def escape_controls(text: str) -> str:
+    """`text` with control characters (and Unicode line breaks) written as escapes."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() or c == " " else _escape(c) for c in text)
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    named = {"\n": "\\n", "\r": "\\r", "\t": "\\t"}.get(char)
+    if named:
+        return named
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
+
+
+def loggable(reason: str) -> str:
+    """What a log line may show of a dead-letter reason: not the server's DETAIL (see
+    `Sink._dead_reason`), and no raw control characters."""
+    return escape_controls(reason.split(DETAIL_MARK, 1)[0])
 
 
 def _chunks(batch: list[Item]) -> Iterator[bytes]:
