@@ -86,6 +86,23 @@ def session_options(write_timeout: float) -> str:
     return " ".join(f"-c {name}={value}" for name, value in session_timeouts(write_timeout).items())
 
 
+def system_identifier(conn: Connection) -> str | None:
+    """The database system's identifier (`pg_control_system()`), which names the cluster
+    whatever host name reaches it: spool segments record it (`Spool.identify`). None when
+    the server will not say; the connection is left as it was (no transaction open)."""
+    try:
+        with conn.cursor() as cur:
+            cur.execute("SELECT system_identifier::text FROM pg_control_system()")
+            row = cur.fetchone()
+        if not conn.autocommit:
+            conn.rollback()
+    except psycopg.Error:
+        if not conn.closed and not conn.autocommit:
+            conn.rollback()
+        return None
+    return None if row is None else str(row[0])
+
+
 class ConnectionSource(Protocol):
     """What the sink needs: a connection per attempt and a way to give it back."""
 

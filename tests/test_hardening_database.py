@@ -18,7 +18,7 @@ from psycopg.conninfo import make_conninfo
 
 from auditq import AuditWriter
 from auditq.binary import Item
-from auditq.connection import DsnSource
+from auditq.connection import DsnSource, system_identifier
 from auditq.dsn import Dsn
 from auditq.entry import Row
 from auditq.sink import make_items
@@ -192,3 +192,13 @@ def test_staging_table_is_pg_temp_whatever_the_search_path(table: Table) -> None
     finally:
         with psycopg.connect(table.dsn, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(planted))
+
+
+def test_system_identifier_names_the_cluster(table: Table) -> None:
+    with psycopg.connect(table.dsn, autocommit=True) as conn:
+        expected = conn.execute("SELECT system_identifier FROM pg_control_system()").fetchone()
+        assert expected is not None
+        assert system_identifier(conn) == str(expected[0])
+    with psycopg.connect(table.dsn) as conn:  # not autocommit: no transaction left open
+        assert system_identifier(conn) == str(expected[0])
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
