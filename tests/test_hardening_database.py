@@ -202,3 +202,25 @@ def test_system_identifier_names_the_cluster(table: Table) -> None:
     with psycopg.connect(table.dsn) as conn:  # not autocommit: no transaction left open
         assert system_identifier(conn) == str(expected[0])
         assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+
+
+def test_a_pool_of_the_applications_keeps_its_session_settings(table: Table) -> None:
+    # Borrowed connections get the writer's timeouts for its own transactions only.
+    from psycopg_pool import ConnectionPool
+
+    with (
+        _role(table, "statement_timeout = '86ms'") as dsn,
+        ConnectionPool(dsn, min_size=1, max_size=1, open=True) as pool,
+    ):
+        writer = AuditWriter(pool, schema=table.schema, table=table.name, batch_size=50_000)
+        try:
+            for i in range(60_000):
+                assert writer.log("timeout.pool", resource_id=str(i))
+            assert writer.flush(timeout=120)
+        finally:
+            writer.close(timeout=10)
+        with pool.connection() as conn:
+            shown = conn.execute("SHOW statement_timeout").fetchone()
+    assert writer.stats().written == 60_000 and writer.stats().dead_lettered == 0
+    assert table.count() == 60_000
+    assert shown == ("86ms",)  # the application's session is as its role set it
