@@ -70,12 +70,16 @@ def session_timeouts(write_timeout: float) -> dict[str, int]:
     platforms) cancels every large COPY, and the same batch retried meets the same fate. The
     writer bounds its own statements by `write_timeout` instead, a little below it so the
     server's cancel (which keeps the connection, and makes the sink shrink the batch) comes
-    before the watchdog's cut. The writer's own connection idles between batches by design,
+    before the watchdog's cut; a lock wait, which no batch size helps, fails sooner
+    (`lock_timeout`). The writer's own connection idles between batches by design,
     so a role's `idle_session_timeout` must not close it (0 turns it off)."""
     bound = max(1, int(write_timeout * 1000 * 0.9))
     return {
         "statement_timeout": bound,
         "idle_in_transaction_session_timeout": bound,
+        # A wait for a lock (DDL on the table) fails first, as a transient error retried
+        # with backoff, instead of as a cancel that would shrink the batches for nothing.
+        "lock_timeout": max(1, bound // 2),
         "idle_session_timeout": 0,
     }
 

@@ -58,7 +58,7 @@ _CONFIG_STATES: Final = frozenset({"42P01", "42703", "42501", "3F000", "0A000", 
 #: The server cancelled the statement (its `statement_timeout`, or an operator's cancel).
 _CANCELLED: Final = "57014"
 #: After this many batches in a row written whole under a row cap, the cap doubles.
-_CAP_GROWTH_AFTER: Final = 10
+_CAP_GROWTH_AFTER: Final = 4
 #: What `_describe` keeps of a server's message (log lines and `last_error`).
 _MESSAGE_CHARS: Final = 500
 #: Separates a dead-letter reason's summary from the server's DETAIL (see `loggable`).
@@ -453,12 +453,15 @@ class Sink:
         """Queue what to try next; True when that is a retry of the same rows."""
         message = self._describe(exc)
         if kind == "cancelled" and len(batch) > 1:
-            # Too big to write within the server's time limit: smaller batches, no blame,
-            # no backoff (the server is answering).
+            # Too big to write within the server's time limit: smaller batches, no blame.
+            # Still a failure like any other (backoff, and the spool may take the rows): a
+            # server that cancels every size is in trouble, not busy.
             self._shrink_cap(len(batch), message)
             for part in reversed(self._capped(batch)):
                 work.append((part, mode, attempts))
-            return False
+            report.retrying(message)
+            self._enter_outage(kind, message)
+            return True
         if kind == "data":
             if len(batch) == 1:
                 report.dead(batch, self._dead_reason(exc, message))

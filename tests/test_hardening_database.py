@@ -63,6 +63,7 @@ def test_the_writer_sets_its_own_session_timeouts(table: Table) -> None:
                 name: conn.execute(sql.SQL("SHOW {}").format(sql.Identifier(name))).fetchone()
                 for name in (
                     "statement_timeout",
+                    "lock_timeout",
                     "idle_in_transaction_session_timeout",
                     "idle_session_timeout",
                 )
@@ -71,6 +72,7 @@ def test_the_writer_sets_its_own_session_timeouts(table: Table) -> None:
             source.close()
     assert show["statement_timeout"] == ("1800ms",)
     assert show["idle_in_transaction_session_timeout"] == ("1800ms",)
+    assert show["lock_timeout"] == ("900ms",)
     assert show["idle_session_timeout"] == ("0",)
 
 
