@@ -276,6 +276,8 @@ def _spool(args: argparse.Namespace, env: dict[str, object], schema: str) -> int
                         "bytes": sum(s["bytes"] for s in segments),
                         "owned_by_live_writers": sum(s["owned_by_live_writer"] for s in segments),
                         "damaged_bytes": sum(s["damaged_bytes"] for s in segments),
+                        # Segments no writer here will replay (see `inspect` for why).
+                        "refused": sum(1 for s in segments if s.get("refused")),
                         "dead_letters": dead,
                         "dead_letter_bytes": dead_bytes,
                     },

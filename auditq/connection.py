@@ -107,6 +107,10 @@ def system_identifier(conn: Connection) -> str | None:
     return None if row is None else str(row[0])
 
 
+#: What PgBouncer answers a startup packet carrying `options` it was not told to ignore.
+_STARTUP_OPTIONS_REFUSED: Final = "unsupported startup parameter"
+
+
 class ConnectionSource(Protocol):
     """What the sink needs: a connection per attempt and a way to give it back."""
 
@@ -129,11 +133,35 @@ class DsnSource:
 
     def __init__(self, dsn: Dsn) -> None:
         self._dsn = dsn
+        # The DSN without the writer's startup options, while they may still be refused.
+        self._plain: Dsn | None = None
         self._conn: Connection | None = None
 
     def bound_session(self, write_timeout: float) -> None:
         """Open every later connection with the writer's `session_timeouts`."""
+        self._plain = self._dsn
         self._dsn = self._dsn.with_options(session_options(write_timeout))
+
+    def _connect(self) -> Connection:
+        try:
+            # Autocommit: each COPY is one transaction by itself (see Sink._copy_chunks).
+            return psycopg.connect(self._dsn.secret_value, autocommit=True)
+        except psycopg.Error as exc:
+            plain = self._plain
+            if plain is None or _STARTUP_OPTIONS_REFUSED not in str(exc):
+                raise
+        # A connection pooler (PgBouncer) that refuses startup options: without them, the
+        # role's timeouts apply and the sink's shrinking of cancelled batches is what is
+        # left. Not SET instead: behind transaction pooling a SET would change whichever
+        # server session runs it, other clients' included.
+        logger.warning(
+            "the server refused the writer's session settings (%s): a connection pooler? "
+            "The role's statement_timeout applies; set `ignore_startup_parameters = "
+            "options` in PgBouncer to let the writer bound its own statements",
+            _STARTUP_OPTIONS_REFUSED,
+        )
+        self._dsn, self._plain = plain, None
+        return psycopg.connect(self._dsn.secret_value, autocommit=True)
 
     def warm_up(self) -> None:
         """Open the connection before the first batch is due (best effort: a failure here
@@ -147,8 +175,7 @@ class DsnSource:
         conn = self._conn
         if conn is None or conn.closed:
             try:
-                # Autocommit: each COPY is one transaction by itself (see Sink._copy_chunks).
-                conn = psycopg.connect(self._dsn.secret_value, autocommit=True)
+                conn = self._connect()
             except psycopg.Error as exc:
                 # libpq quotes malformed conninfo strings verbatim: scrub before it travels.
                 raise type(exc)(self._dsn.scrub(str(exc))) from None

@@ -4,17 +4,21 @@ that puts `public` before `pg_temp` neither lose entries nor let a planted row i
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import socket
+import threading
 import time
 import uuid
 import zlib
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 import psycopg
 import pytest
 from psycopg import sql
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from auditq import AuditWriter
 from auditq.binary import Item
@@ -226,3 +230,102 @@ def test_a_pool_of_the_applications_keeps_its_session_settings(table: Table) -> 
     assert writer.stats().written == 60_000 and writer.stats().dead_lettered == 0
     assert table.count() == 60_000
     assert shown == ("86ms",)  # the application's session is as its role set it
+
+
+class _OptionsRefusingPooler:
+    """Answers a startup packet that carries `options` as PgBouncer does by default (an
+    error, `unsupported startup parameter: options`); passes any other connection through
+    to the real server."""
+
+    SSL_REQUEST = 80877103
+    GSSENC_REQUEST = 80877104
+
+    def __init__(self, dsn: str) -> None:
+        params = conninfo_to_dict(dsn)
+        host, port = str(params.get("host") or "127.0.0.1"), int(params.get("port") or 5432)
+        self._upstream: tuple[int, Any] = (
+            (socket.AF_UNIX, f"{host}/.s.PGSQL.{port}")
+            if host.startswith("/")
+            else (socket.AF_INET, (host, port))
+        )
+        self.refused = 0
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self._listener.getsockname()[1]
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def close(self) -> None:
+        self._listener.close()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._handle, args=(client,), daemon=True).start()
+
+    @staticmethod
+    def _exact(sock: socket.socket, size: int) -> bytes:
+        data = b""
+        while len(data) < size:
+            chunk = sock.recv(size - len(data))
+            if not chunk:
+                raise ConnectionError("closed")
+            data += chunk
+        return data
+
+    def _handle(self, client: socket.socket) -> None:
+        with contextlib.suppress(OSError, ConnectionError):
+            while True:
+                head = self._exact(client, 4)
+                body = self._exact(client, int.from_bytes(head, "big") - 4)
+                if int.from_bytes(body[:4], "big") in (self.SSL_REQUEST, self.GSSENC_REQUEST):
+                    client.sendall(b"N")
+                    continue
+                break
+            keys = body[4:].split(b"\0")[0::2]
+            if b"options" in keys:
+                self.refused += 1
+                fields = b"SFATAL\0C08P01\0Munsupported startup parameter: options\0\0"
+                client.sendall(b"E" + (len(fields) + 4).to_bytes(4, "big") + fields)
+                client.close()
+                return
+            family, address = self._upstream
+            upstream = socket.socket(family, socket.SOCK_STREAM)
+            upstream.connect(address)
+            upstream.sendall(head + body)
+            threading.Thread(target=self._pipe, args=(upstream, client), daemon=True).start()
+            self._pipe(client, upstream)
+
+    @staticmethod
+    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(65536):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+
+def test_a_pooler_that_refuses_startup_options_still_gets_the_rows(
+    table: Table, caplog: pytest.LogCaptureFixture
+) -> None:
+    pooler = _OptionsRefusingPooler(table.dsn)
+    params = conninfo_to_dict(table.dsn)
+    dsn = make_conninfo(
+        "", host="127.0.0.1", port=pooler.port, dbname=params.get("dbname"),
+        user=params.get("user"), password=params.get("password"), sslmode="disable",
+    )  # fmt: skip
+    caplog.set_level(logging.WARNING, logger="auditq")
+    try:
+        writer = AuditWriter(dsn, schema=table.schema, table=table.name, retry_backoff_max=0.2)
+        try:
+            for i in range(100):
+                assert writer.log("pooler.options", resource_id=str(i))
+            assert writer.flush(timeout=30)
+        finally:
+            writer.close(timeout=5)
+    finally:
+        pooler.close()
+    assert table.count() == 100
+    assert pooler.refused == 1  # refused once, then connected without the options
+    assert caplog.text.count("refused the writer's session settings") == 1
