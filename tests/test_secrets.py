@@ -7,7 +7,7 @@ import logging
 import re
 import traceback
 import uuid
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
 import psycopg
 import pytest
@@ -255,14 +255,8 @@ def test_resolve_dsn_reads_argument_then_auditq_dsn_then_database_url() -> None:
 
 @pytest.mark.parametrize("driver", ["psycopg", "psycopg2"])
 def test_sqlalchemy_driver_spelling_is_accepted(pg_dsn: str, table: Table, driver: str) -> None:
-    url = conninfo_to_dict(pg_dsn)
-    spelled = (
-        f"postgresql+{driver}://{url.get('user', 'postgres')}@{url.get('host', '127.0.0.1')}"
-        f":{url.get('port', 5432)}/{url.get('dbname', 'postgres')}"
-    )
-    if str(url.get("host", "")).startswith("/"):  # an embedded server on a Unix socket
-        spelled = f"postgresql+{driver}:///{url['dbname']}?host={url['host']}&port={url['port']}"
-        spelled += f"&user={url.get('user', 'postgres')}"
+    params = {k: str(v) for k, v in conninfo_to_dict(pg_dsn).items()}
+    spelled = f"postgresql+{driver}://?{urlencode(params, quote_via=quote)}"
     assert str(Dsn(spelled)).startswith("postgresql://")
     with AuditWriter(spelled, schema=table.schema, table=table.name) as writer:
         assert writer.log("driver.spelling")
