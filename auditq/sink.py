@@ -136,13 +136,12 @@ class Sink:
         # time on its own connections, per transaction on borrowed ones.
         source.bound_session(write_timeout)
         self._local_timeouts = source.per_transaction_timeouts
-        timeouts = session_timeouts(write_timeout)
-        self._set_timeouts = sql.SQL(", ").join(
+        settings = sql.SQL(", ").join(
             sql.SQL("set_config({}, {}, true)").format(sql.Literal(name), sql.Literal(str(ms)))
-            for name, ms in timeouts.items()
+            for name, ms in session_timeouts(write_timeout).items()
             if name != "idle_session_timeout"  # meaningless within a transaction
         )
-        self._set_timeouts = sql.SQL("SELECT ") + self._set_timeouts
+        self._set_timeouts = sql.SQL("SELECT {}").format(settings)
         # Rows per COPY while the server keeps cancelling large ones (None: no cap). Halved
         # at each cancel, doubled again after _CAP_GROWTH_AFTER whole batches.
         self.row_cap: int | None = None
