@@ -178,6 +178,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return run(args, schema, table)
     except KeyboardInterrupt:
         return 130
+    except ConfigError as exc:  # a malformed DSN, say: one line, no traceback
+        print(f"auditq: {exc}", file=sys.stderr)
+        return 2
     return 2
 
 
@@ -272,16 +275,20 @@ def _spool(args: argparse.Namespace, env: dict[str, object], schema: str) -> int
     from pathlib import Path
 
     from .binary import decode_row
-    from .spool import DEAD_LETTER_FILE, inspect_segments, read_records
+    from .spool import Refused, UnsafeSpoolDir, dead_letter_count, inspect_segments, read_records
 
     directory = Path(args.spool_dir)
     if not directory.is_dir():
         print(f"auditq: no spool at {directory}", file=sys.stderr)
         return 2
     if args.spool_command in {"status", "inspect"}:
-        segments = inspect_segments(directory)
-        dead_file = directory / DEAD_LETTER_FILE
-        dead = sum(1 for _ in dead_file.open("rb")) if dead_file.exists() else 0
+        # Read as a writer would: never through a symlink, never from a FIFO.
+        try:
+            segments = inspect_segments(directory)
+            dead, dead_bytes = dead_letter_count(directory)
+        except (UnsafeSpoolDir, Refused) as exc:
+            print(f"auditq: {exc.strerror or exc}", file=sys.stderr)
+            return 2
         if args.spool_command == "status":
             print(
                 json.dumps(
@@ -292,21 +299,23 @@ def _spool(args: argparse.Namespace, env: dict[str, object], schema: str) -> int
                         "bytes": sum(s["bytes"] for s in segments),
                         "owned_by_live_writers": sum(s["owned_by_live_writer"] for s in segments),
                         "damaged_bytes": sum(s["damaged_bytes"] for s in segments),
+                        # Segments no writer here will replay (see `inspect` for why).
+                        "refused": sum(1 for s in segments if s.get("refused")),
                         "dead_letters": dead,
-                        "dead_letter_bytes": dead_file.stat().st_size if dead else 0,
+                        "dead_letter_bytes": dead_bytes,
                     },
                     indent=2,
                 )
             )
             return 0
         for segment in segments:
-            print(json.dumps(segment))
-            if args.rows > 0:
+            print(json.dumps(segment))  # its header (target, created) or why it is refused
+            if args.rows > 0 and not segment.get("refused"):
                 shown = 0
                 try:
                     records = list(read_records(directory / segment["segment"], 0, _quiet))
-                except FileNotFoundError:
-                    continue  # replayed since it was listed
+                except (FileNotFoundError, Refused):
+                    continue  # replayed (or replaced) since it was listed
                 for record in records:
                     for row in record.rows[: args.rows - shown]:
                         print("  " + json.dumps(decode_row(row), ensure_ascii=False))
@@ -323,15 +332,19 @@ def _spool(args: argparse.Namespace, env: dict[str, object], schema: str) -> int
                 file=sys.stderr,
             )
             return 2
-        writer = AuditWriter(
-            found,
-            schema=schema,
-            table=args.table or str(env.get("table") or DEFAULT_TABLE),
-            spool_dir=str(directory),
-            # The application's bound (AUDITQ_SPOOL_MAX_BYTES), which the dead-letter file
-            # of a replay is held to as well.
-            spool_max_bytes=int(env.get("spool_max_bytes", 1024**3)),  # type: ignore[call-overload]
-        )
+        try:
+            writer = AuditWriter(
+                found,
+                schema=schema,
+                table=args.table or str(env.get("table") or DEFAULT_TABLE),
+                spool_dir=str(directory),
+                # The application's bound (AUDITQ_SPOOL_MAX_BYTES), which the dead-letter
+                # file of a replay is held to as well.
+                spool_max_bytes=int(env.get("spool_max_bytes", 1024**3)),  # type: ignore[call-overload]
+            )
+        except UnsafeSpoolDir as exc:
+            print(f"auditq: {exc}", file=sys.stderr)
+            return 2
         try:
             done = writer.replay_spool(timeout=args.timeout)
         finally:

@@ -33,6 +33,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from .errors import ConfigError as ConfigError
 from .tables import DEFAULT_SCHEMA, DEFAULT_TABLE
 
 #: Rows per COPY transaction at most (`batch_size`): large, so the two round trips between
@@ -43,10 +44,6 @@ DEFAULT_BATCH_SIZE: Final = 50_000
 WAKE_ROWS: Final = 5_000
 
 FsyncPolicy = Literal["always", "interval", "never"]
-
-
-class ConfigError(ValueError):
-    """A setting that does not make sense; the message names it and where it came from."""
 
 
 def _identifier(value: Any) -> Any:

@@ -18,6 +18,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from psycopg_pool import ConnectionPool
 
 from .config import dsn_from_env, environment, options_from_env
+from .dsn import Dsn, resolve_dsn
 from .entry import AuditEntry
 from .writer import AuditWriter
 
@@ -34,7 +35,7 @@ _env_failed = False
 
 
 def configure(
-    dsn_or_pool: str | ConnectionPool[Any] | None = None,
+    dsn_or_pool: str | Dsn | ConnectionPool[Any] | None = None,
     /,
     *,
     env_file: str | os.PathLike[str] | None = None,
@@ -51,7 +52,7 @@ def configure(
     env = environment(env_file)
     merged = {**options_from_env(env), **options}
     if dsn_or_pool is None and "dsn" not in options and "pool" not in options:
-        dsn_or_pool = dsn_from_env(env)
+        dsn_or_pool = resolve_dsn(None, env)  # a bad one names its variable
     writer = AuditWriter(dsn_or_pool, **merged)
     with _lock:
         previous, _writer = _writer, writer
@@ -75,7 +76,7 @@ def get_writer() -> AuditWriter | None:
         problem = "not configured (call auditq.configure() or set AUDITQ_DSN)"
         if _writer is None and not _env_failed and dsn_from_env():
             try:
-                _writer = AuditWriter(dsn_from_env(), **options_from_env())
+                _writer = AuditWriter(None, **options_from_env())
             except ValueError as exc:  # ConfigError naming the variable, or a bad option
                 # log() must not raise; configure() is where a bad environment raises.
                 problem = f"not configured: {exc}"

@@ -31,6 +31,7 @@ from . import binary
 from .binary import Item
 from .buffer import Buffer
 from .entry import Row
+from .redact import loggable
 from .stats import WriterStats
 
 logger = logging.getLogger("auditq")
@@ -109,7 +110,7 @@ class _Tally:
         parts = []
         for reason, (count, action) in self.reasons.items():
             example = "" if action is None else f" (e.g. action {_short(action)})"
-            parts.append(f"{count} x {scrub(reason)}{example}")
+            parts.append(f"{count} x {scrub(loggable(reason))}{example}")
         return "; ".join(parts)
 
 
@@ -399,7 +400,7 @@ class Ledger:
                 letters_logger.error(
                     "%s",
                     orjson.dumps(
-                        {"entry": letter.entry, "reason": letter.reason, "at": letter.at},
+                        {"entry": letter.entry, "reason": loggable(letter.reason), "at": letter.at},
                         default=str,
                     ).decode(),
                 )

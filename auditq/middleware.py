@@ -59,6 +59,31 @@ DEFAULT_ACTION: Final = "http.request"
 MAX_REQUEST_ID: Final = 128
 #: The entry's limit for user agents; longer ones are cut rather than dead-lettered.
 MAX_USER_AGENT: Final = 1024
+#: The most of any one request value (path, route, method) an entry records, in UTF-8
+#: bytes: a client chooses these, and a 64 KiB path has no place in every entry.
+MAX_RECORDED_BYTES: Final = 2048
+#: What ends a value that was cut.
+_CUT: Final = "…"
+
+
+def recorded(value: str, limit: int = MAX_RECORDED_BYTES) -> str:
+    """`value` as an entry may record it: control characters (a NUL from `%00`, a newline),
+    lone surrogates and other unprintable characters escaped (`\\x00`), and at most `limit`
+    UTF-8 bytes. A client sends these; PostgreSQL refuses a NUL in text and JSON, and an
+    entry it refuses would take the request's other entries with it."""
+    if len(value) <= limit // 4 and value.isprintable():
+        return value  # the common case, at no cost
+    text = "".join(c if c.isprintable() else _escape(c) for c in value[:limit])
+    data = text.encode("utf-8")
+    if len(value) <= limit and len(data) <= limit:
+        return text
+    room = limit - len(_CUT.encode())
+    return data[:room].decode("utf-8", "ignore") + _CUT
+
+
+def _escape(char: str) -> str:
+    code = ord(char)
+    return f"\\x{code:02x}" if code < 0x100 else f"\\u{code:04x}"
 
 
 def _parse_ip(text: str | None) -> IPAddress | None:
@@ -167,7 +192,7 @@ class RequestAuditor:
             None,
             _request_id(request_id),
             client_ip(peer, xff, self.trusted_proxies),
-            ua[:MAX_USER_AGENT] if ua else None,
+            recorded(ua, MAX_USER_AGENT) if ua else None,
         )
 
     def log_request(
@@ -175,13 +200,13 @@ class RequestAuditor:
     ) -> None:
         """One `http.request` entry, in the request's context (the caller's path: cheap)."""
         metadata: dict[str, Any] = {
-            "method": method,
-            "path": path,
+            "method": recorded(method),
+            "path": recorded(path),
             "status": status,
             "duration_ms": round((time.perf_counter() - started) * 1000.0, 3),
         }
         if route is not None:
-            metadata["route"] = route
+            metadata["route"] = recorded(route)
         outcome = "success" if status < 400 else "failure"
         if self.writer is not None:
             self.writer.log(self.action, outcome=outcome, metadata=metadata)

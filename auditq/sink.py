@@ -40,22 +40,45 @@ from .binary import (
     item_id,
     items_of_block,
 )
-from .connection import Connection, ConnectionSource
+from .connection import Connection, ConnectionSource, session_timeouts
 from .dsn import Dsn
 from .entry import Row
 from .ledger import RowReport
+from .redact import DETAIL_MARK, escape_controls
 from .tables import check_version, qualified
 from .watchdog import Watchdog
 
 logger = logging.getLogger("auditq")
 
 Mode = Literal["copy", "replay", "dedupe"]
-Kind = Literal["transient", "ambiguous", "data", "duplicate", "config", "partition"]
+Kind = Literal["transient", "ambiguous", "data", "duplicate", "config", "partition", "cancelled"]
 
 #: SQLSTATE classes whose errors are about the rows, not the connection or the server.
 _DATA_CLASSES: Final = frozenset({"22", "23"})
 #: SQLSTATEs that mean the table is not there or not writable: retrying will not help soon.
-_CONFIG_STATES: Final = frozenset({"42P01", "42703", "42501", "3F000", "0A000", "42804", "42P10"})
+_CONFIG_STATES: Final = frozenset(
+    {"42P01", "42703", "42501", "3F000", "0A000", "42804", "42P10", "3D000", "28000", "28P01"}
+)
+#: What libpq says when it cannot log in (its connection errors carry no SQLSTATE): the
+#: server's FATAL message, matched on its English text, with the fix to name.
+_LOGIN_FAILURES: Final = (
+    ("password authentication failed", "check the user and password in the DSN"),
+    ('role "', "check the user in the DSN: that role does not exist"),
+    ("no pg_hba.conf entry", "allow this client in the server's pg_hba.conf"),
+    ('database "', "check the database name in the DSN"),
+    ("permission denied for database", "grant CONNECT on the database to this role"),
+)
+#: Configuration errors (a login refused, a missing table or grant) are retried at this
+#: many times the backoff cap: they will not clear until someone acts, so the writer
+#: keeps its entries and waits without hammering the server or the log.
+_CONFIG_PACE: Final = 6
+#: The server cancelled the statement (its `statement_timeout`, or an operator's cancel).
+_CANCELLED: Final = "57014"
+#: After this many batches in a row written whole under a row cap, the cap doubles.
+_CAP_GROWTH_AFTER: Final = 4
+#: What `_describe` keeps of a server's message (log lines and `last_error`).
+_MESSAGE_CHARS: Final = 500
+
 #: Unclassified server errors are retried this often before the rows are blamed and split.
 MAX_UNKNOWN_ATTEMPTS: Final = 3
 
@@ -117,6 +140,20 @@ class Sink:
         retry_backoff_max: float,
     ) -> None:
         self._source = source
+        # The writer's own session bounds (see connection.session_timeouts): set at connect
+        # time on its own connections, per transaction on borrowed ones.
+        source.bound_session(write_timeout)
+        self._local_timeouts = source.per_transaction_timeouts
+        settings = sql.SQL(", ").join(
+            sql.SQL("set_config({}, {}, true)").format(sql.Literal(name), sql.Literal(str(ms)))
+            for name, ms in session_timeouts(write_timeout).items()
+            if name != "idle_session_timeout"  # meaningless within a transaction
+        )
+        self._set_timeouts = sql.SQL("SELECT {}").format(settings)
+        # Rows per COPY while the server keeps cancelling large ones (None: no cap). Halved
+        # at each cancel, doubled again after _CAP_GROWTH_AFTER whole batches.
+        self.row_cap: int | None = None
+        self._capped_successes = 0
         self._ledger = ledger
         # Set by close() past its deadline: stop retrying and hand rows back.
         self._abort = abort
@@ -124,6 +161,8 @@ class Sink:
         self._dsn = dsn
         self._write_timeout = write_timeout
         self._backoff = Backoff(cap=retry_backoff_max)
+        # True while the failures are configuration errors: retried at a slower pace.
+        self._config_pace = False
         #: A monotonic time after which to stop retrying (close() draining inline).
         self.deadline: float | None = None
         # When the current run of failures began (monotonic), for one warning per outage.
@@ -136,7 +175,12 @@ class Sink:
         target = qualified(schema, table)
         columns = sql.SQL(", ").join(map(sql.Identifier, COPY_COLUMNS))
         self._copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(target, columns)
-        staging = sql.Identifier(f"auditq_staging_{zlib.crc32(f'{schema}.{table}'.encode()):08x}")
+        # In pg_temp by name: resolved through search_path, a table of the same name in a
+        # schema listed before pg_temp (`search_path = public, pg_temp`, a common hardening)
+        # would receive the rows, and whatever was planted in it would be merged.
+        staging = sql.Identifier(
+            "pg_temp", f"auditq_staging_{zlib.crc32(f'{schema}.{table}'.encode()):08x}"
+        )
         self._create_staging = sql.SQL(
             "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
         ).format(staging, target)
@@ -167,7 +211,7 @@ class Sink:
         report = ledger or self._ledger
         work: list[tuple[list[Item], Mode, int]] = []
         if failed is None:
-            work.append((items, mode, 0))
+            work.extend(reversed([(part, mode, 0) for part in self._capped(items)]))
         else:
             kind = self._classify(failed, 0)
             if self._on_failure(items, mode, 0, kind, failed, work, report) and (
@@ -193,6 +237,7 @@ class Sink:
                     return Handed([item for chunk, _, _ in work for item in chunk], "divert")
                 continue
             self._recovered()
+            self._grow_cap(len(batch))
             if inserted is None or mode == "replay":
                 report.committed(len(batch))
             else:
@@ -223,7 +268,9 @@ class Sink:
         bad: list[tuple[Row, str]] = []
         consumed = [0]  # rows the first attempt has encoded so far
         error: Exception | None = None
-        attempted = not self.stopping()
+        cap = self.row_cap
+        # Over the cap, the first attempt is skipped: deliver() writes the rows cap by cap.
+        attempted = not self.stopping() and (cap is None or len(rows) <= cap)
         if attempted:
             try:
                 self._attempt_rows(rows, blocks, bad, consumed, more)
@@ -234,6 +281,7 @@ class Sink:
         # would let it return while rows queued before it are still in flight.
         if attempted and error is None:
             self._recovered()
+            self._grow_cap(len(rows))
             written = sum(len(kept) for _, kept in blocks)
             if written:
                 self._ledger.committed(written)
@@ -279,7 +327,7 @@ class Sink:
                     yield data
             # Rows taken by more() join `rows` first, so a failed attempt finds each of them
             # in `blocks`, in `bad` or past `consumed`, like the others.
-            while more is not None and (extra := more()):
+            while more is not None and not self._at_cap(len(rows)) and (extra := more()):
                 rows.extend(extra)
                 data = block(extra)
                 consumed[0] = len(rows)
@@ -300,7 +348,7 @@ class Sink:
         self._source.warm_up()
         try:
             with self._connection() as conn:
-                behind = check_version(conn, self._schema, self._table)
+                behind = check_version(conn, self._schema, self._table, missing_ok=True)
         except psycopg.Error:
             return  # down: the first batch reports it
         if behind is not None:
@@ -350,7 +398,7 @@ class Sink:
             return self._merge_rows(conn, batch)
 
     def _copy_chunks(self, conn: Connection, chunks: Iterable[bytes]) -> None:
-        if conn.autocommit:
+        if conn.autocommit and not self._local_timeouts:
             # The writer's own connection: a lone COPY is its own transaction and commits
             # when the server acknowledges the end of the data. That saves the BEGIN and
             # COMMIT round trips, and each round trip costs the writer a wait for the GIL
@@ -358,6 +406,8 @@ class Sink:
             self._stream(conn, self._copy, chunks, ends_transaction=True)
             return
         with conn.transaction():  # a pooled connection, left in the mode its pool gave
+            if self._local_timeouts:
+                conn.execute(self._set_timeouts)
             self._stream(conn, self._copy, chunks)
             # From here the transaction's exit sends COMMIT: a lost connection now leaves
             # the outcome unknown, and the retry must not write these rows twice.
@@ -365,6 +415,8 @@ class Sink:
 
     def _merge_rows(self, conn: Connection, batch: list[Item]) -> set[Any]:
         with conn.transaction():
+            if self._local_timeouts:
+                conn.execute(self._set_timeouts)
             conn.execute(self._create_staging)
             self._stream(conn, self._copy_staging, _chunks(batch))
             with conn.cursor() as cur:
@@ -400,9 +452,11 @@ class Sink:
         if state == "23514" and _no_partition(exc):
             # Not a bad row: the whole COPY failed because a month has no partition yet.
             return "partition"
+        if state == _CANCELLED:
+            return "cancelled"
         if state and state[:2] in _DATA_CLASSES:
             return "data"
-        if state in _CONFIG_STATES:
+        if state in _CONFIG_STATES or (state is None and _login_fix(exc) is not None):
             return "config"
         if isinstance(exc, psycopg.OperationalError) or state is None:
             return "ambiguous" if self._committing else "transient"
@@ -423,9 +477,19 @@ class Sink:
     ) -> bool:
         """Queue what to try next; True when that is a retry of the same rows."""
         message = self._describe(exc)
+        if kind == "cancelled" and len(batch) > 1:
+            # Too big to write within the server's time limit: smaller batches, no blame.
+            # Still a failure like any other (backoff, and the spool may take the rows): a
+            # server that cancels every size is in trouble, not busy.
+            self._shrink_cap(len(batch), message)
+            for part in reversed(self._capped(batch)):
+                work.append((part, mode, attempts))
+            report.retrying(message)
+            self._enter_outage(kind, message)
+            return True
         if kind == "data":
             if len(batch) == 1:
-                report.dead(batch, f"rejected by the server: {message}")
+                report.dead(batch, self._dead_reason(exc, message))
             else:
                 half = len(batch) // 2
                 work.append((batch[half:], mode, 0))
@@ -466,6 +530,8 @@ class Sink:
         if divert is not None and divert():
             return True
         delay = self._backoff.next_delay()
+        if self._config_pace:
+            delay = max(delay, self._backoff.cap * _CONFIG_PACE * 0.5)
         if self.deadline is not None:
             delay = max(0.0, min(delay, self.deadline - time.monotonic()))
         if divert is None:
@@ -486,21 +552,83 @@ class Sink:
         )
 
     def _describe(self, exc: BaseException) -> str:
+        """What log lines and `last_error` say of a failure: the SQLSTATE and the server's
+        primary message, control characters escaped (a newline in a value must not forge a
+        log line) and cut. Never the DETAIL: "Failing row contains (...)" is the row itself,
+        emails and addresses included; it goes to the dead letters only."""
         state = getattr(exc, "sqlstate", None)
-        text = str(exc).strip() or type(exc).__name__
+        diag = getattr(exc, "diag", None)
+        primary = getattr(diag, "message_primary", None) if state else None
+        text = str(primary or exc).strip() or type(exc).__name__
+        if len(text) > _MESSAGE_CHARS:
+            text = text[:_MESSAGE_CHARS] + "..."
+        text = escape_controls(text)
         text = f"{type(exc).__name__}: {text}" if not state else f"[{state}] {text}"
         return self._dsn.scrub(text) if self._dsn is not None else text
+
+    def _dead_reason(self, exc: BaseException, message: str) -> str:
+        """A rejected row's dead-letter reason: the summary, then the server's DETAIL after
+        DETAIL_MARK (the dead-letter file is private; `loggable()` cuts it off for logs)."""
+        reason = f"rejected by the server: {message}"
+        diag = getattr(exc, "diag", None)
+        detail = getattr(diag, "message_detail", None)
+        if detail:
+            detail = escape_controls(str(detail))
+            reason += DETAIL_MARK + (self._dsn.scrub(detail) if self._dsn else detail)
+        return reason
+
+    # -- row cap (the server cancelling large batches) -------------------------------------
+
+    def _capped(self, items: list[Item]) -> list[list[Item]]:
+        cap = self.row_cap
+        if cap is None or len(items) <= cap:
+            return [items]
+        return [items[i : i + cap] for i in range(0, len(items), cap)]
+
+    def _at_cap(self, rows: int) -> bool:
+        return self.row_cap is not None and rows >= self.row_cap
+
+    def _shrink_cap(self, rows: int, message: str) -> None:
+        cap = max(1, rows // 2)
+        self._capped_successes = 0
+        if self.row_cap is None or cap < self.row_cap:
+            self.row_cap = cap
+            logger.warning(
+                "the server cancelled a write of %d rows (%s); writing at most %d rows "
+                "per statement for now (raise the role's statement_timeout or lower "
+                "batch_size)",
+                rows,
+                message,
+                cap,
+            )
+
+    def _grow_cap(self, rows: int) -> None:
+        cap = self.row_cap
+        if cap is None or rows < cap:
+            return
+        self._capped_successes += 1
+        if self._capped_successes >= _CAP_GROWTH_AFTER:
+            self._capped_successes = 0
+            self.row_cap = cap * 2
 
     def _enter_outage(self, kind: Kind, message: str) -> None:
         self._outage_retries += 1
         if kind == "config" and not self._config_error_logged:
             self._config_error_logged = True
-            logger.error(
-                "cannot write to the audit table (%s). Create it with "
-                "`auditq init-db` (or auditq.schema.create()) and grant INSERT to this "
-                "role; entries keep queueing meanwhile and are retried.",
-                message,
+            login = _login_fix(message)
+            fix = (
+                login
+                if login is not None
+                else "create it with `auditq init-db` (or auditq.schema.create()) and grant "
+                "INSERT to this role"
             )
+            logger.error(
+                "cannot write to the audit table (%s): %s. Entries are kept (queued, or "
+                "spooled) and retried every so often until this is fixed.",
+                message,
+                fix,
+            )
+        self._config_pace = kind == "config"
         if self._outage_since is None:
             self._outage_since = time.monotonic()
             if kind != "config":
@@ -512,6 +640,7 @@ class Sink:
 
     def _recovered(self) -> None:
         self._backoff.reset()
+        self._config_pace = False
         if self._outage_since is not None:
             logger.info(
                 "database writes recovered after %.1fs (%d retries)",
@@ -521,6 +650,17 @@ class Sink:
             self._outage_since = None
             self._outage_retries = 0
             self._config_error_logged = False
+
+
+def _login_fix(exc_or_text: BaseException | str) -> str | None:
+    """The fix for a refused login (connection errors carry no SQLSTATE), else None."""
+    text = str(exc_or_text)
+    if isinstance(exc_or_text, BaseException) and "FATAL" not in text:
+        return None
+    for phrase, fix in _LOGIN_FAILURES:
+        if phrase in text and (phrase != 'database "' or "does not exist" in text):
+            return fix
+    return None
 
 
 def _no_partition(exc: BaseException) -> bool:

@@ -8,6 +8,8 @@ module, so it imports none of them.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Final, Literal
 
 import psycopg
@@ -208,18 +210,24 @@ class SchemaError(ValueError):
     """The table exists in another layout than the one asked for; one line."""
 
 
-def check_version(conn: psycopg.Connection[Any], schema: str, table: str) -> str | None:
+def check_version(
+    conn: psycopg.Connection[Any], schema: str, table: str, *, missing_ok: bool = False
+) -> str | None:
     """None when `schema.table` is in the shape this auditq writes; otherwise one line
-    saying what to run. Never raises: a writer calls it at start and keeps accepting (and
+    saying what to run (`missing_ok`: None for a table that does not exist either, which a
+    writer reports itself when it first writes). Never raises, and never commits: a writer
+    calls it at start on its connection (a pool's, maybe) and keeps accepting (and
     retaining) entries whatever it says."""
     where = f"{schema}.{table}"
     target = f"--schema {schema} --table {table}"
     try:
-        with conn.transaction():
+        with _read_only(conn):
             found = conn.execute(
                 "SELECT to_regclass(%s) IS NOT NULL", (regclass_text(schema, table),)
             ).fetchone()
             if not found or not found[0]:
+                if missing_ok:
+                    return None
                 return f"audit table {where} does not exist: run `auditq init-db {target}`"
             state = recorded(conn, schema, table)
     except psycopg.Error as exc:
@@ -244,3 +252,18 @@ def check_version(conn: psycopg.Connection[Any], schema: str, table: str) -> str
             f"knows ({SCHEMA_VERSION}): upgrade auditq"
         )
     return None
+
+
+@contextmanager
+def _read_only(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """Reads that leave the connection as they found it: inside the caller's transaction a
+    savepoint, on an idle connection a transaction rolled back (no COMMIT is sent)."""
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        with conn.transaction():
+            yield
+        return
+    try:
+        yield
+    finally:
+        if not conn.autocommit:
+            conn.rollback()

@@ -35,17 +35,16 @@ from .config import (
     FsyncPolicy,
     WriterOptions,
     check_options,
-    dsn_from_env,
     unknown_option_message,
 )
 from .connection import ConnectionSource, DsnSource, PoolSource
 from .context import current as _current_context
 from .delivery import Delivery
-from .dsn import Dsn
+from .dsn import Dsn, resolve_dsn
 from .entry import COLUMNS, AuditEntry, InvalidEntry, Row, dump_metadata
 from .ledger import DeadLetter, DeadLetterHandler, Ledger
 from .sink import Sink
-from .spool import DEAD_LETTER_FILE, Spool
+from .spool import DEAD_LETTER_FILE, Spool, spool_target
 from .stats import WriterStats
 from .tables import DEFAULT_SCHEMA, DEFAULT_TABLE
 from .watchdog import Watchdog
@@ -119,10 +118,10 @@ class AuditWriter:
 
     def __init__(
         self,
-        dsn_or_pool: str | ConnectionPool[Any] | None = None,
+        dsn_or_pool: str | Dsn | ConnectionPool[Any] | None = None,
         /,
         *,
-        dsn: str | None = None,
+        dsn: str | Dsn | None = None,
         pool: ConnectionPool[Any] | None = None,
         table: str = DEFAULT_TABLE,
         schema: str = DEFAULT_SCHEMA,
@@ -207,7 +206,16 @@ class AuditWriter:
             None
             if options.spool_dir is None
             else Spool(
-                options.spool_dir, max_bytes=options.spool_max_bytes, fsync=options.spool_fsync
+                options.spool_dir,
+                max_bytes=options.spool_max_bytes,
+                fsync=options.spool_fsync,
+                # Segments name the database and table they belong to: another writer's
+                # spool directory never gets its rows replayed into this table.
+                target=spool_target(
+                    options.schema,
+                    options.table,
+                    self._dsn if self._dsn is not None else _conninfo(self._pool),
+                ),
             )
         )
         self._ledger = Ledger(
@@ -626,9 +634,14 @@ class AuditWriter:
         self._delivery.closing = closed
 
 
+def _conninfo(pool: ConnectionPool[Any] | None) -> str | None:
+    info = None if pool is None else pool.conninfo
+    return info if isinstance(info, str) else None  # a callable conninfo: the pool's own
+
+
 def _target(
-    dsn_or_pool: str | ConnectionPool[Any] | None,
-    dsn: str | None,
+    dsn_or_pool: str | Dsn | ConnectionPool[Any] | None,
+    dsn: str | Dsn | None,
     pool: ConnectionPool[Any] | None,
     connect_timeout: float,
 ) -> tuple[Dsn | None, ConnectionPool[Any] | None]:
@@ -641,10 +654,8 @@ def _target(
         return None, target
     if pool is not None:
         raise TypeError(f"pool must be a psycopg_pool.ConnectionPool, got {type(pool).__name__}")
-    raw = target or dsn_from_env()
-    if not raw:
-        raise ValueError("no database given: pass a DSN or pool, or set AUDITQ_DSN or DATABASE_URL")
-    return Dsn(raw).with_defaults(
+    resolved = target if isinstance(target, Dsn) else resolve_dsn(target)
+    return resolved.with_defaults(
         connect_timeout=max(2, round(connect_timeout)),
         application_name="auditq",
         keepalives=1,

@@ -16,6 +16,7 @@ from auditq.binary import decode_row, encode_row
 from auditq.entry import COLUMNS
 from auditq.spool import (
     DEAD_LETTER_FILE,
+    RECORD_OVERHEAD,
     SEGMENT_SUFFIX,
     Damage,
     Spool,
@@ -156,18 +157,31 @@ def test_a_segment_of_a_live_process_is_not_claimed_until_it_dies(tmp_path: Path
     spool.close()
 
 
+def header_bytes(directory: Path) -> int:
+    """The size of a segment header written by a Spool with no target (in `directory`)."""
+    probe = Spool(directory / "probe")
+    probe.append(rows(0, 1))
+    (path,) = segments(directory / "probe")
+    size = path.stat().st_size - RECORD_OVERHEAD - len(rows(0, 1)[0])
+    probe.close()
+    return size
+
+
 def test_size_bound(tmp_path: Path) -> None:
     batch = rows(0, 10)
-    record = 12 + sum(map(len, batch))
-    spool = Spool(tmp_path, max_bytes=3 * record + 10)
+    record = RECORD_OVERHEAD + sum(map(len, batch))
+    header = header_bytes(tmp_path / "elsewhere")
+    spool = Spool(tmp_path, max_bytes=header + 3 * record + 10)
     for _ in range(3):
         spool.append(batch)
     with pytest.raises(SpoolFull, match="spool_max_bytes"):
         spool.append(batch)
     (path,) = segments(tmp_path)
-    assert path.stat().st_size == 3 * record  # the refused record left nothing behind
+    assert path.stat().st_size == header + 3 * record  # the refused record left nothing
+
     assert spool.owned_rows() == 30 and spool.segment_rows(path) == 30
-    other = Spool(tmp_path, max_bytes=4 * record)  # the bound counts every writer's segments
+    # The bound counts every writer's segments.
+    other = Spool(tmp_path, max_bytes=2 * header + 4 * record)
     other.append(batch)
     with pytest.raises(SpoolFull):
         other.append(batch)
@@ -193,10 +207,10 @@ def test_the_dead_letter_file_has_a_bound_of_its_own(tmp_path: Path) -> None:
     own: old letters (the file is never trimmed) must not shut the spool, and a full spool
     must not refuse the letters of rows a replay gives up on."""
     batch = rows(0, 10)
-    record = 12 + sum(map(len, batch))
+    record = RECORD_OVERHEAD + sum(map(len, batch))
     letter = {"entry": {"action": "a", "n": 0}, "reason": "spool would exceed the bound"}
     line = len(orjson.dumps(letter)) + 1
-    spool = Spool(tmp_path, max_bytes=2 * record + 10)
+    spool = Spool(tmp_path, max_bytes=header_bytes(tmp_path / "elsewhere") + 2 * record + 10)
     assert line * 3 < spool.max_bytes
     spool.append(batch)
     spool.append(batch)

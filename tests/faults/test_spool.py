@@ -18,10 +18,11 @@ from typing import Any
 
 import orjson
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from auditq import AuditWriter, WriterStats
 from auditq.cli import main
-from auditq.spool import DEAD_LETTER_FILE, SEGMENT_SUFFIX, Spool
+from auditq.spool import DEAD_LETTER_FILE, SEGMENT_SUFFIX, Spool, SpoolTarget, spool_target
 from auditq.writer import DeadLetter
 
 from ..conftest import Table
@@ -66,12 +67,20 @@ def segments(directory: Path) -> list[Path]:
     return sorted(directory.glob(f"seg-*{SEGMENT_SUFFIX}"))
 
 
-def dead_port_dsn() -> str:
-    """A DSN nothing listens on: every connection is refused at once."""
+def dead_port_dsn(like: str | None = None) -> str:
+    """A DSN nothing listens on: every connection is refused at once. With `like`, it names
+    the same database (a spool segment names its database, and only a writer on that
+    database replays it)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    return f"postgresql://postgres@127.0.0.1:{port}/nowhere"
+    dbname = conninfo_to_dict(like).get("dbname", "postgres") if like else "nowhere"
+    return f"postgresql://postgres@127.0.0.1:{port}/{dbname}"
+
+
+def target_of(table: Table) -> SpoolTarget:
+    """What a writer on `table` names in its segments' headers."""
+    return spool_target(table.schema, table.name, table.dsn)
 
 
 def child_env() -> dict[str, str]:
@@ -267,7 +276,7 @@ def test_sigkill_with_a_spool_then_a_new_writer_replays_it(
     spool = tmp_path / "spool"
     child = spawn(
         SPOOLING_CHILD.format(
-            dsn=dead_port_dsn(),
+            dsn=dead_port_dsn(pg_dsn),
             schema=table.schema,
             table=table.name,
             spool=str(spool),
@@ -339,7 +348,7 @@ def test_two_live_writers_never_replay_the_same_segment(
 ) -> None:
     total = 0
     for _ in range(40):  # 40 orphaned segments of 2 records each
-        spool = Spool(tmp_path, fsync="never")
+        spool = Spool(tmp_path, fsync="never", target=target_of(table))
         spool.append(rows(total, 100))
         spool.append(rows(total + 100, 100))
         total += 200
@@ -433,7 +442,7 @@ def test_an_orphan_cut_midway_resumes_where_this_writer_left_it(
     """A replay of another process's segment that loses its connection midway hands the
     segment back, and the writer's next try goes on from where it was: the rows it already
     wrote are not counted in `replayed` a second time."""
-    spool = Spool(tmp_path)
+    spool = Spool(tmp_path, target=target_of(table))
     for start in (0, 100, 200):
         spool.append(rows(start, 100))  # three records
     spool.close()  # unlocked: an orphan
@@ -471,7 +480,7 @@ def test_an_orphan_cut_midway_resumes_where_this_writer_left_it(
 def test_a_damaged_segment_is_replayed_around_the_damage(
     pg_dsn: str, table: Table, writers: WriterMaker, tmp_path: Path
 ) -> None:
-    spool = Spool(tmp_path)
+    spool = Spool(tmp_path, target=target_of(table))
     for start in (0, 100, 200):
         spool.append(rows(start, 100))
     spool.close()
@@ -496,7 +505,7 @@ def test_spool_commands(
     pg_dsn: str, table: Table, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     writer = AuditWriter(
-        dead_port_dsn(),
+        dead_port_dsn(pg_dsn),
         schema=table.schema,
         table=table.name,
         spool_dir=tmp_path,

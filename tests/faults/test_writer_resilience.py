@@ -255,3 +255,43 @@ def test_a_spooled_record_the_server_keeps_refusing_is_isolated(
     assert [letter.entry["request_id"] for letter in letters] == ["150"]
     assert "gave up" in letters[0].reason
     assert stored_numbers(table) == [n for n in range(400) if n != 150]
+
+
+def test_a_refused_login_is_one_clear_error_and_entries_wait_for_the_fix(
+    table: Table, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A missing role (or wrong password) is configuration, not an outage: one error line
+    with the fix, no warning per retry, entries kept and written once the role exists."""
+    import uuid
+
+    import psycopg
+    from psycopg.conninfo import make_conninfo
+
+    role = f"aq_login_{uuid.uuid4().hex[:8]}"
+    caplog.set_level(logging.INFO, logger="auditq")
+    writer = AuditWriter(
+        make_conninfo(table.dsn, user=role),
+        schema=table.schema,
+        table=table.name,
+        retry_backoff_max=0.1,
+    )
+    try:
+        for n in range(10):
+            assert writer.log("waits.for.login", request_id=str(n))
+        assert not writer.flush(timeout=2)
+        stats = writer.stats()
+        assert stats.pending == 10 and stats.dead_lettered == 0, stats
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and "check the user in the DSN" in errors[0], errors
+        assert not [r for r in caplog.records if r.levelno == logging.WARNING]
+        with psycopg.connect(table.dsn, autocommit=True) as conn:
+            conn.execute(f'CREATE ROLE "{role}" LOGIN SUPERUSER')
+        try:
+            assert writer.flush(timeout=15)
+            assert writer.stats().written == 10 == table.count()
+        finally:
+            writer.close(timeout=5)
+            with psycopg.connect(table.dsn, autocommit=True) as conn:
+                conn.execute(f'DROP ROLE "{role}"')
+    finally:
+        writer.close(timeout=1)

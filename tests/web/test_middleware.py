@@ -274,3 +274,86 @@ def test_middleware_uses_the_default_writer(
     result.close()  # type: ignore[attr-defined]
     assert auditq.flush(10)
     assert table.query("SELECT request_id, metadata->>'status' FROM {table}") == [("c-1", "204")]
+
+
+# -- what a client sends is sanitised and cut, never fatal to the request's entries ---------
+# (issue 14, item 7)
+
+_LONG_PATH = "/" + "p" * (64 * 1024 + 10)
+
+
+def _hostile_asgi(app: Any) -> None:
+    async def main() -> None:
+        await asgi_request(app, "/nul\x00path", [(b"x-request-id", b"h-1")])
+        await asgi_request(app, _LONG_PATH, [(b"x-request-id", b"h-2")])
+        await asgi_request(
+            app, "/ua", [(b"x-request-id", b"h-3"), (b"user-agent", b"evil\x00agent\nX: y")]
+        )
+
+    asyncio.run(main())
+
+
+def _assert_hostile_rows(table: Table) -> None:
+    rows = table.query(
+        "SELECT request_id, action, user_agent, metadata FROM {table} ORDER BY request_id, action"
+    )
+    by_key = {(r[0], r[1]): r for r in rows}
+    assert sorted(by_key) == [
+        ("h-1", "doc.read"),
+        ("h-1", "http.request"),
+        ("h-2", "doc.read"),
+        ("h-2", "http.request"),
+        ("h-3", "doc.read"),
+        ("h-3", "http.request"),
+    ]
+    assert by_key["h-1", "http.request"][3]["path"] == "/nul\\x00path"
+    long_path = by_key["h-2", "http.request"][3]["path"]
+    assert long_path.startswith("/ppp") and len(long_path.encode()) <= 2048
+    assert long_path.endswith("…")
+    for action in ("doc.read", "http.request"):
+        assert by_key["h-3", action][2] == "evil\\x00agent\\x0aX: y"
+
+
+def test_asgi_hostile_request_values_do_not_lose_entries(
+    table: Table, make_writer: WriterFactory
+) -> None:
+    writer = make_writer()
+
+    async def app(scope: Any, receive: Any, send: Any) -> None:
+        writer.log("doc.read", resource_id="r")  # inherits the request's user agent
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"ok"})
+
+    _hostile_asgi(AuditASGIMiddleware(app, writer=writer, log_requests=True))
+    assert writer.flush(10)
+    stats = writer.stats()
+    assert stats.dead_lettered == 0 and stats.rejected == 0
+    _assert_hostile_rows(table)
+
+
+def test_wsgi_hostile_request_values_do_not_lose_entries(
+    table: Table, make_writer: WriterFactory
+) -> None:
+    writer = make_writer()
+
+    def app(environ: dict[str, Any], start_response: Any) -> list[bytes]:
+        writer.log("doc.read", resource_id="r")
+        start_response("200 OK", [])
+        return [b"ok"]
+
+    wrapped = AuditWSGIMiddleware(app, writer=writer, log_requests=True)
+    for path, request_id, agent in (
+        ("/nul\x00path", "h-1", "ua"),
+        (_LONG_PATH, "h-2", "ua"),
+        ("/ua", "h-3", "evil\x00agent\nX: y"),
+    ):
+        result = wrapped(
+            wsgi_env(path, x_request_id=request_id, user_agent=agent),
+            lambda status, headers, exc_info=None: None,
+        )
+        b"".join(result)
+        result.close()  # type: ignore[attr-defined]
+    assert writer.flush(10)
+    stats = writer.stats()
+    assert stats.dead_lettered == 0 and stats.rejected == 0
+    _assert_hostile_rows(table)
