@@ -7,9 +7,7 @@ import os
 import socket
 from typing import Any, Final, Protocol
 
-import orjson
 import psycopg
-from psycopg.types.json import set_json_dumps
 from psycopg_pool import ConnectionPool
 
 from .dsn import Dsn
@@ -24,21 +22,9 @@ Connection = psycopg.Connection[Any]
 _inherited_connections: list[Connection] = []
 
 
-def _dump_json(obj: Any) -> bytes:
-    # Metadata is serialised on the caller's path (to snapshot it); pass those bytes through.
-    if isinstance(obj, bytes):
-        return obj
-    return orjson.dumps(obj)
-
-
 #: The kernel send buffer the writer asks for on its connection (capped by the kernel:
 #: `net.core.wmem_max` on Linux).
 SEND_BUFFER_BYTES: Final = 4 * 1024 * 1024
-
-
-def prepare(conn: Connection) -> None:
-    """Make `conn` accept pre-serialised JSON bytes for jsonb columns."""
-    set_json_dumps(_dump_json, conn)
 
 
 def widen_send_buffer(fd: int, size: int = SEND_BUFFER_BYTES) -> None:
@@ -179,7 +165,6 @@ class DsnSource:
             except psycopg.Error as exc:
                 # libpq quotes malformed conninfo strings verbatim: scrub before it travels.
                 raise type(exc)(self._dsn.scrub(str(exc))) from None
-            prepare(conn)
             widen_send_buffer(conn.pgconn.socket)
             self._conn = conn
         return conn
@@ -232,7 +217,6 @@ class PoolSource:
 
     def acquire(self) -> Connection:
         conn: Connection = self._pool.getconn(timeout=self._timeout)
-        prepare(conn)  # cheap, and a pooled connection may be new or reset
         return conn
 
     def release(self, conn: Connection, *, broken: bool) -> None:
