@@ -1,4 +1,4 @@
-"""Opt-in SIGTERM/SIGINT handlers that drain auditq before the process goes away.
+"""Opt-in SIGTERM/SIGINT/SIGQUIT handlers that drain auditq before the process goes away.
 
 Why: some servers end a process by the signal itself. uvicorn, for one, catches SIGTERM, shuts
 down gracefully, restores the handler it found and re-raises the signal; when that handler is
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import threading
 import time
@@ -42,7 +43,9 @@ if TYPE_CHECKING:
 
 __all__ = [
     "adrain_if_stopping",
+    "configured_timeout",
     "drain_if_stopping",
+    "ensure_installed",
     "install_exit_handlers",
     "installed",
     "stopping",
@@ -52,7 +55,9 @@ __all__ = [
 
 logger = logging.getLogger("auditq")
 
-SIGNALS: Final = ("SIGTERM", "SIGINT")
+#: SIGQUIT too: gunicorn's quick stop (its SIGINT) sends it to workers, and uvicorn's
+#: gunicorn worker leaves it at the default action, which ends the process on the spot.
+SIGNALS: Final = ("SIGTERM", "SIGINT", "SIGQUIT")
 #: The writer's default `shutdown_timeout`, used when no writer says otherwise.
 DEFAULT_TIMEOUT: Final = 10.0
 #: Extra wait for the drain thread beyond its budget (a writer's close keeps a margin too).
@@ -64,6 +69,8 @@ Handler = Callable[[int, FrameType | None], Any] | int | None
 
 _lock = threading.Lock()
 _previous: dict[int, Handler] = {}  # signal number -> the handler ours replaced
+_pid = 0  # the process that installed them: a forked child starts over
+_checked_pid = 0  # the process where ensure_installed() last looked
 _timeout: float | None = None
 _stopping = threading.Event()
 _follow_up: threading.Thread | None = None
@@ -78,7 +85,12 @@ def watch(writer: AuditWriter) -> AuditWriter:
 
 def installed() -> bool:
     """True when auditq's handlers are installed in this process."""
-    return bool(_previous)
+    return bool(_previous) and _pid == os.getpid()
+
+
+def configured_timeout() -> float | None:
+    """The timeout given to the last `install_exit_handlers()` call."""
+    return _timeout
 
 
 def stopping() -> bool:
@@ -87,31 +99,59 @@ def stopping() -> bool:
 
 
 def install_exit_handlers(timeout: float | None = None) -> bool:
-    """Install the SIGTERM/SIGINT handlers (see the module docstring); True when they are
-    installed (now or before). Idempotent; False where signals cannot be installed (not the
-    main thread, no such signal, or every signal ignored or owned by non-Python code).
+    """Install the SIGTERM/SIGINT/SIGQUIT handlers (see the module docstring); True when at
+    least one is installed (now or before). Idempotent; False where signals cannot be
+    installed (not the main thread, no such signal, or every signal ignored or owned by
+    non-Python code). In a forked child (a pre-fork server's worker, whose server resets
+    the handlers) a call installs them afresh over whatever the worker has now.
 
     `timeout` bounds the whole drain; None uses each writer's `shutdown_timeout`."""
-    global _timeout
+    global _timeout, _pid
     if threading.current_thread() is not threading.main_thread():
         return False
     with _lock:
         _timeout = timeout
-        if _previous:
-            return True
-        for name in SIGNALS:
-            signum = getattr(signal, name, None)
-            if signum is None:
-                continue
-            try:
-                current = signal.getsignal(signum)
-                if current is None or current == signal.SIG_IGN or current is _handle:
-                    continue  # handled outside Python, or deliberately ignored: leave it
-                signal.signal(signum, _handle)
-            except (ValueError, OSError, RuntimeError):  # not allowed here (embedded, WASI)
-                continue
-            _previous[int(signum)] = current
+        if _pid != os.getpid():
+            _previous.clear()
+            _stopping.clear()
+            _pid = os.getpid()
+        if not _previous:
+            _install_missing()
         return bool(_previous)
+
+
+def ensure_installed() -> bool:
+    """For integrations, on each request: once per process, after the server has set up its
+    own handlers, install auditq's again where something replaced them (a pre-fork worker
+    resetting them after the fork, an event loop's `add_signal_handler`), chaining to the
+    replacement. Only where `install_exit_handlers()` ran in this process or an ancestor;
+    a pid comparison when there is nothing to do."""
+    global _checked_pid
+    if _checked_pid == os.getpid() or _pid == 0:
+        return installed()
+    if threading.current_thread() is not threading.main_thread():
+        return installed()  # a worker thread: try again on a request in the main thread
+    _checked_pid = os.getpid()
+    if _pid != os.getpid():
+        return install_exit_handlers(_timeout)
+    with _lock:
+        _install_missing()
+    return installed()
+
+
+def _install_missing() -> None:
+    for name in SIGNALS:
+        signum = getattr(signal, name, None)
+        if signum is None:
+            continue
+        try:
+            current = signal.getsignal(signum)
+            if current is None or current == signal.SIG_IGN or current is _handle:
+                continue  # handled outside Python, deliberately ignored, or ours already
+            signal.signal(signum, _handle)
+        except (ValueError, OSError, RuntimeError):  # not allowed here (embedded, WASI)
+            continue
+        _previous[int(signum)] = current
 
 
 def uninstall_exit_handlers() -> None:

@@ -26,6 +26,7 @@ from typing import Any
 
 from asgiref.sync import async_to_sync, iscoroutinefunction, markcoroutinefunction, sync_to_async
 
+from ... import signals
 from ...context import Bound, current
 from ...middleware import RequestAuditor
 from ...signals import adrain_if_stopping, drain_if_stopping
@@ -93,6 +94,12 @@ class AuditMiddleware:
             # Django adapts process_view by whether it is a coroutine function.
             self.process_view = self._aprocess_view  # type: ignore[method-assign,assignment]
         self.actor_of = _load("AUDITQ_ACTOR")
+        # The app installs the exit handlers at ready(); a pre-fork server that loaded the
+        # project in its master resets them in each worker, so the first request in a new
+        # process installs them again (from the main thread only; elsewhere a no-op).
+        self._exit_handlers = bool(getattr(settings, "AUDITQ_EXIT_HANDLERS", True)) and (
+            "auditq.contrib.django" in settings.INSTALLED_APPS
+        )
         self.tenant_of = _load("AUDITQ_TENANT")
 
     def _bound(self, request: Any) -> Bound:
@@ -104,9 +111,14 @@ class AuditMiddleware:
             meta.get("HTTP_USER_AGENT"),
         )
 
+    def _check_handlers(self) -> None:
+        if self._exit_handlers:
+            signals.ensure_installed()
+
     def __call__(self, request: Any) -> Any:
         if self.is_async:
             return self.__acall__(request)
+        self._check_handlers()
         started, status = time.perf_counter(), 500
         bound = self._bound(request)
         token = current.set(bound)
@@ -121,6 +133,7 @@ class AuditMiddleware:
             drain_if_stopping()
 
     async def __acall__(self, request: Any) -> Any:
+        self._check_handlers()
         started, status = time.perf_counter(), 500
         bound = self._bound(request)
         token = current.set(bound)
