@@ -1,0 +1,330 @@
+"""Testing without a database: an in-memory capturing writer, a pytest fixture, and the
+`AUDITQ_DISABLED=1` writer that discards.
+
+    def test_share(audit_events):           # the fixture (pytest plugin "auditq")
+        client.post("/documents/d-1/share")
+        assert audit_events.actions() == ["document.share"]
+        assert audit_events.last().resource_id == "d-1"
+
+`CapturingWriter` has the caller-facing surface of `AuditWriter` (`log`, `write`,
+`write_many`, `flush`, `close`, `stats`, a context manager) and records each accepted entry as
+an `AuditEntry`. It validates every entry through `AuditEntry` by default, which is stricter
+than the real writer (that one stores over-long text repaired and flagged): a test should
+learn about such an entry. The request context (`auditq.context`/`bind`) is merged as the real
+writer merges it, and explicit arguments win.
+
+The fixture is registered as the pytest plugin `auditq` (an entry point), so it exists in any
+project that installs auditq; without the entry point, `pytest_plugins = ["auditq.testing"]`
+in a conftest.py does the same.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import threading
+from collections.abc import Iterable, Iterator, Mapping
+from datetime import datetime
+from typing import Any, Final
+
+from pydantic import ValidationError
+
+from . import default
+from .context import CONTEXT_FIELDS
+from .context import current as _current_context
+from .entry import COLUMNS, AuditEntry, InvalidEntry
+from .stats import WriterStats
+
+__all__ = [
+    "CapturingWriter",
+    "DisabledWriter",
+    "capture",
+    "disabled",
+    "disabled_writer",
+]
+
+logger = logging.getLogger("auditq")
+
+#: The original TypeScript service's camelCase keys, accepted by `write()` as by the writer.
+ALIASES: Final = {
+    "tenantId": "tenant_id",
+    "actorId": "actor_id",
+    "actorType": "actor_type",
+    "resourceType": "resource_type",
+    "resourceId": "resource_id",
+    "userAgent": "user_agent",
+    "requestId": "request_id",
+    "occurredAt": "occurred_at",
+    "ipAddress": "ip",
+}
+_FIELDS: Final = frozenset(COLUMNS)
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+
+
+class _Surface:
+    """What both in-process writers share: counters under a lock, the closed flag."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._lock = threading.Lock()
+        self._accepted = 0
+        self._rejected = 0
+        self._closed = False
+
+    def flush(self, timeout: float | None = None) -> bool:
+        """Nothing is ever pending: True."""
+        return True
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Stop accepting (later calls are rejected); True. Idempotent."""
+        self._closed = True
+        return True
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def stats(self) -> WriterStats:
+        """Counters in `AuditWriter.stats()` form: accepted entries count as written."""
+        with self._lock:
+            return WriterStats(
+                accepted=self._accepted,
+                written=self._accepted,
+                dropped_overflow=0,
+                rejected=self._rejected,
+                dead_lettered=0,
+                spooled=0,
+                pending=0,
+                batches=0,
+                retries=0,
+                last_error=None,
+                last_write_at=None,
+            )
+
+    def write_many(self, entries: Iterable[AuditEntry | Mapping[str, Any]]) -> int:
+        """Offer each entry; returns how many were accepted."""
+        return sum(self.write(entry) for entry in entries)
+
+    def write(self, entry: AuditEntry | Mapping[str, Any]) -> bool:
+        raise NotImplementedError
+
+    def __enter__(self) -> _Surface:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class CapturingWriter(_Surface):
+    """Records entries in memory instead of writing them (see the module docstring).
+
+    `validate=False` records the fields as given (`AuditEntry.model_construct`), for tests
+    of what the real writer repairs; `strict=True` raises `InvalidEntry` as a strict
+    writer does."""
+
+    def __init__(
+        self, *, validate: bool = True, strict: bool = False, name: str = "capture"
+    ) -> None:
+        super().__init__(name)
+        self.validate = validate
+        self.strict = strict
+        #: Accepted entries, in call order.
+        self.entries: list[AuditEntry] = []
+        #: Why each rejected call was refused, in call order.
+        self.rejections: list[str] = []
+
+    def log(
+        self,
+        action: str,
+        /,
+        *,
+        tenant_id: Any = None,
+        actor_id: Any = None,
+        actor_type: Any = None,
+        resource_type: Any = None,
+        resource_id: Any = None,
+        outcome: Any = None,
+        ip: Any = None,
+        user_agent: Any = None,
+        request_id: Any = None,
+        metadata: Mapping[str, Any] | None = None,
+        occurred_at: datetime | None = None,
+        id: Any = None,
+    ) -> bool:
+        """Record one entry, merged with the bound context; True if accepted."""
+        fields: dict[str, Any] = {
+            "action": action,
+            "tenant_id": tenant_id,
+            "actor_id": actor_id,
+            "actor_type": actor_type,
+            "resource_type": resource_type,
+            "resource_id": resource_id,
+            "outcome": outcome,
+            "ip": ip,
+            "user_agent": user_agent,
+            "request_id": request_id,
+            "metadata": dict(metadata) if isinstance(metadata, Mapping) else metadata,
+            "occurred_at": occurred_at,
+            "id": id,
+        }
+        bound = _current_context.get()
+        if bound is not None:
+            for name, value in zip(CONTEXT_FIELDS, bound, strict=True):
+                if fields[name] is None:
+                    fields[name] = value
+        return self._record(fields)
+
+    def write(self, entry: AuditEntry | Mapping[str, Any]) -> bool:
+        """Record an `AuditEntry`, or a mapping of its fields (camelCase keys accepted)."""
+        if isinstance(entry, AuditEntry):
+            return self._accept(entry)
+        if not isinstance(entry, Mapping):
+            return self._reject(f"expected an AuditEntry or a mapping, got {type(entry).__name__}")
+        fields = {ALIASES.get(key, key): value for key, value in entry.items()}
+        unknown = set(fields) - _FIELDS
+        if unknown:
+            return self._reject(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
+        action = fields.pop("action", None)
+        return self.log(action, **fields)
+
+    def _record(self, fields: dict[str, Any]) -> bool:
+        if self._closed:
+            return self._reject("the writer is closed")
+        present = {k: v for k, v in fields.items() if v is not None}
+        if not isinstance(present.get("action"), str) or not present["action"]:
+            return self._reject(f"action must be a non-empty string, got {fields['action']!r:.80}")
+        if not self.validate:
+            return self._accept(AuditEntry.model_construct(**present))
+        try:
+            entry = AuditEntry(**present)
+        except ValidationError as exc:
+            return self._reject(f"invalid entry: {exc}")
+        return self._accept(entry)
+
+    def _accept(self, entry: AuditEntry) -> bool:
+        if self._closed:
+            return self._reject("the writer is closed")
+        with self._lock:
+            self.entries.append(entry)
+            self._accepted += 1
+        return True
+
+    def _reject(self, reason: str) -> bool:
+        with self._lock:
+            self._rejected += 1
+            self.rejections.append(reason)
+        if self.strict:
+            raise InvalidEntry(reason)
+        return False
+
+    # -- for assertions ----------------------------------------------------------------
+
+    def actions(self) -> list[str]:
+        """The action of each recorded entry, in order."""
+        return [entry.action for entry in self.entries]
+
+    def find(self, action: str | None = None, **fields: Any) -> list[AuditEntry]:
+        """Recorded entries with this action (any when None) and these field values."""
+        return [
+            entry
+            for entry in self.entries
+            if (action is None or entry.action == action)
+            and all(getattr(entry, name) == value for name, value in fields.items())
+        ]
+
+    def last(self) -> AuditEntry:
+        """The most recent entry (IndexError when there is none)."""
+        return self.entries[-1]
+
+    def clear(self) -> None:
+        """Forget what was recorded (the counters stay)."""
+        with self._lock:
+            self.entries.clear()
+            self.rejections.clear()
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def __repr__(self) -> str:
+        return f"<CapturingWriter {self.name!r} entries={len(self.entries)}>"
+
+
+class DisabledWriter(_Surface):
+    """What `AUDITQ_DISABLED=1` gives the module-level API: every call is counted (as
+    rejected, since nothing is accepted) and discarded, and a warning is logged once, so a
+    disabled deployment is never mistaken for a working one. Never raises."""
+
+    def __init__(self, name: str = "disabled") -> None:
+        super().__init__(name)
+        self._warned = False
+
+    def log(self, action: Any = None, /, **fields: Any) -> bool:
+        """Count and discard; False (not accepted)."""
+        return self._discard()
+
+    def write(self, entry: AuditEntry | Mapping[str, Any]) -> bool:
+        """Count and discard; False (not accepted)."""
+        return self._discard()
+
+    @property
+    def discarded(self) -> int:
+        """Calls discarded so far."""
+        return self._rejected
+
+    def _discard(self) -> bool:
+        with self._lock:
+            self._rejected += 1
+            warn, self._warned = not self._warned, True
+        if warn:
+            logger.warning("AUDITQ_DISABLED is set: audit entries are counted and discarded")
+        return False
+
+    def __repr__(self) -> str:
+        return f"<DisabledWriter discarded={self.discarded}>"
+
+
+def disabled(environ: Mapping[str, str] | None = None) -> bool:
+    """True when `AUDITQ_DISABLED` is 1/true/yes/on (case-insensitive)."""
+    value = (os.environ if environ is None else environ).get("AUDITQ_DISABLED", "")
+    return value.strip().lower() in _TRUE
+
+
+_disabled_writer: DisabledWriter | None = None
+_disabled_lock = threading.Lock()
+
+
+def disabled_writer() -> DisabledWriter:
+    """This process's one `DisabledWriter` (so the warning is logged once)."""
+    global _disabled_writer
+    with _disabled_lock:
+        if _disabled_writer is None:
+            _disabled_writer = DisabledWriter()
+        return _disabled_writer
+
+
+@contextlib.contextmanager
+def capture(writer: CapturingWriter | None = None) -> Iterator[CapturingWriter]:
+    """Make a `CapturingWriter` the module-level default writer within the block, so
+    `auditq.log()` and the middlewares record into it; the previous one comes back after."""
+    writer = CapturingWriter() if writer is None else writer
+    # The default writer has no public setter yet; this is the one place that reaches in.
+    previous = default._writer
+    default._writer = writer  # type: ignore[assignment]
+    try:
+        yield writer
+    finally:
+        default._writer = previous
+
+
+try:
+    import pytest
+except ImportError:  # pragma: no cover - pytest is only needed for the fixture
+    pass
+else:
+
+    @pytest.fixture
+    def audit_events() -> Iterator[CapturingWriter]:
+        """A `CapturingWriter` installed as the default writer for one test."""
+        with capture() as writer:
+            yield writer
