@@ -39,6 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     init = commands.add_parser("init-db", help="create the audit table and its index")
     _add_target(init)
 
+    check = commands.add_parser(
+        "check",
+        help="check the database is ready (connection, table, columns, grants); exit 0 or 1",
+    )
+    _add_target(check)
+
     bench = commands.add_parser(
         "bench",
         help="push entries through a writer and account for each one in the database",
@@ -136,6 +142,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "init-db":
             return _init_db(args.dsn, schema, args.table or env.get("table") or DEFAULT_TABLE)
+        if args.command == "check":
+            return _check(args.dsn, schema, args.table or env.get("table") or DEFAULT_TABLE)
         if args.command == "bench":
             return _bench(args, env, schema)
         if args.command == "spool":
@@ -161,6 +169,20 @@ def _init_db(dsn: str | None, schema: str, table: str) -> int:
             return 1
         print(f"auditq: table {schema}.{table} is ready on {safe}")
     return 0
+
+
+def _check(dsn: str | None, schema: str, table: str) -> int:
+    """One line per finding; exit 0 when the database is ready, 1 when anything is missing."""
+    from .readiness import check
+
+    found = dsn or dsn_from_env()
+    if not found:
+        print("missing: a database: pass --dsn or set AUDITQ_DSN / DATABASE_URL")
+        return 1
+    result = check(found, schema=schema, table=table)
+    for line in result.lines():
+        print(line)
+    return 0 if result.ok else 1
 
 
 def _bench(args: argparse.Namespace, env: dict[str, object], schema: str) -> int:
