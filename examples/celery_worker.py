@@ -1,6 +1,7 @@
 """A Celery worker with auditq: each task runs in a context naming the task, and every
 pool process drains its queue when the worker stops.
 
+    pip install ./auditq celery    # from a checkout: no release yet
     AUDITQ_DSN=postgresql://app@db/app CELERY_BROKER_URL=redis://... \\
         celery -A examples.celery_worker worker --concurrency 2
     kill -TERM <worker pid>     # warm shutdown: tasks finish, then each process drains
