@@ -19,8 +19,9 @@ An ASGI app without a lifespan (Django's) has no other moment to flush.
 - never installs over a signal that is ignored (`SIG_IGN`) or handled outside Python (uWSGI's
   own handlers, seen as None), because it could not hand the signal back.
 
-It is a global side effect of the process, so only integrations the application chose to
-install call it (the Django app, `auditq.contrib.django`), and they say so in their docs.
+It is a global side effect of the process, so auditq never installs it on its own: the
+application calls it (the FastAPI, Starlette and Flask setups in docs/ do), or installs an
+integration that says in its docs that it does (the Django app, `auditq.contrib.django`).
 """
 
 from __future__ import annotations
@@ -197,7 +198,10 @@ def _handle(signum: int, frame: FrameType | None) -> None:
             return
         _stopping.set()
         _off_main_thread(_flush_all, _budget(_timeout))
-        _start_follow_up()
+        if previous is not signal.default_int_handler:
+            # KeyboardInterrupt unwinds the program normally, and atexit drains after it;
+            # a server's graceful shutdown may end by the signal instead.
+            _start_follow_up()
     except Exception:  # a handler must not turn a stop into a crash with a traceback
         logger.exception("auditq exit drain failed")
     if callable(previous):

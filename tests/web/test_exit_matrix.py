@@ -32,7 +32,7 @@ FASTAPI = "tests.web.apps.exit_fastapi:app"
 FLASK = "tests.web.apps.exit_flask:app"
 
 UVICORN = ("uvicorn", "--host", "127.0.0.1", "--port", "{port}", "--no-access-log")
-GUNICORN = ("gunicorn", "-b", "127.0.0.1:{port}", "--graceful-timeout", "8")
+GUNICORN = ("gunicorn", "-b", "127.0.0.1:{port}", "--graceful-timeout", "4")
 UWSGI = (
     "uwsgi",
     "--master",
