@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 from pathlib import Path
+from urllib.parse import quote, urlencode
 
 import pytest
 from psycopg import conninfo
@@ -24,10 +25,13 @@ TASKS = 40
 
 
 def _url(dsn: str, scheme: str) -> str:
+    """A SQLAlchemy URL for the test database; host and port as query parameters, so a
+    unix-socket directory (the embedded server's) works as well as a TCP host."""
     p = conninfo.conninfo_to_dict(dsn)
-    auth = str(p.get("user", "postgres")) + (f":{p['password']}" if p.get("password") else "")
-    host = p.get("host") or "127.0.0.1"
-    return f"{scheme}://{auth}@{host}:{p.get('port', 5432)}/{p.get('dbname', 'postgres')}"
+    user = quote(str(p.get("user", "postgres")), safe="")
+    auth = user + (f":{quote(str(p['password']), safe='')}" if p.get("password") else "")
+    query = urlencode({"host": p.get("host") or "127.0.0.1", "port": p.get("port", 5432)})
+    return f"{scheme}://{auth}@/{quote(str(p.get('dbname', 'postgres')), safe='')}?{query}"
 
 
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # kombu's SQLAlchemy transport
