@@ -151,8 +151,12 @@ class CapturingWriter(_Surface):
         metadata: Mapping[str, Any] | None = None,
         occurred_at: datetime | None = None,
         id: Any = None,
+        **unknown: Any,
     ) -> bool:
-        """Record one entry, merged with the bound context; True if accepted."""
+        """Record one entry, merged with the bound context; True if accepted. An unknown
+        field is a counted rejection (an `InvalidEntry` when strict), as for the writer."""
+        if unknown:
+            return self._reject(f"unknown field(s): {', '.join(sorted(unknown))}")
         fields: dict[str, Any] = {
             "action": action,
             "tenant_id": tenant_id,

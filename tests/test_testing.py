@@ -66,10 +66,12 @@ def test_rejections_are_counted_with_their_reason() -> None:
     assert not writer.log("")
     assert not writer.log("x", ip="not-an-address")
     assert not writer.write({"action": "x", "user": 1})
+    assert not writer.log("x", user_id="u")  # a counted rejection, not a TypeError
     assert writer.log("ok")
     stats = writer.stats()
-    assert (stats.calls, stats.accepted, stats.rejected, stats.written) == (4, 1, 3, 1)
+    assert (stats.calls, stats.accepted, stats.rejected, stats.written) == (5, 1, 4, 1)
     assert "unknown field(s): user" in writer.rejections[2]
+    assert writer.rejections[3] == "unknown field(s): user_id"
     assert "ip" in writer.rejections[1]
     writer.close()
     assert not writer.log("after.close") and writer.rejections[-1] == "the writer is closed"
