@@ -18,6 +18,7 @@ from .ledger import DeadLetter
 from .memory import prefault_memory
 from .reader import StoredEntry, read
 from .stats import WriterStats
+from .transactions import log_on_commit
 from .writer import AuditWriter
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "get_context",
     "get_writer",
     "log",
+    "log_on_commit",
     "prefault_memory",
     "read",
     "shutdown",

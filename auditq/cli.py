@@ -46,6 +46,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     trail_cli.add_commands(commands, _add_target)
 
+    check = commands.add_parser(
+        "check",
+        help="check the database is ready (connection, table, columns, grants); exit 0 or 1",
+    )
+    _add_target(check)
+
     bench = commands.add_parser(
         "bench",
         help="push entries through a writer and account for each one in the database",
@@ -166,6 +172,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command in trail_cli.COMMANDS:
             table = args.table or str(env.get("table") or DEFAULT_TABLE)
             return trail_cli.run(args, args.dsn or dsn_from_env(), schema, table)
+        if args.command == "check":
+            return _check(args.dsn, schema, args.table or str(env.get("table") or DEFAULT_TABLE))
         if args.command == "bench":
             return _bench(args, env, schema)
         if args.command == "spool":
@@ -182,6 +190,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"auditq: {exc}", file=sys.stderr)
         return 2
     return 2
+
+
+def _check(dsn: str | None, schema: str, table: str) -> int:
+    """One line per finding; exit 0 when the database is ready, 1 when anything is missing."""
+    from .readiness import check
+
+    found = dsn or dsn_from_env()
+    if not found:
+        print("missing: a database: pass --dsn or set AUDITQ_DSN / DATABASE_URL")
+        return 1
+    result = check(found, schema=schema, table=table)
+    for line in result.lines():
+        print(line)
+    return 0 if result.ok else 1
 
 
 def _bench(args: argparse.Namespace, env: dict[str, object], schema: str) -> int:

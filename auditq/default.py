@@ -18,6 +18,7 @@ from typing import Any, Concatenate, ParamSpec, TypeVar
 from psycopg_pool import ConnectionPool
 
 from .config import dsn_from_env, environment, options_from_env
+from .disabled import Recorder, disabled, disabled_writer
 from .dsn import Dsn, resolve_dsn
 from .entry import AuditEntry
 from .writer import AuditWriter
@@ -27,7 +28,7 @@ logger = logging.getLogger("auditq")
 P = ParamSpec("P")
 R = TypeVar("R")
 
-_writer: AuditWriter | None = None
+_writer: Recorder | None = None
 _lock = threading.Lock()
 _warned_unconfigured = False
 # Set when the environment failed to configure a writer, so log() does not retry per call.
@@ -40,7 +41,7 @@ def configure(
     *,
     env_file: str | os.PathLike[str] | None = None,
     **options: Any,
-) -> AuditWriter:
+) -> Recorder:
     """Create the default writer (closing any previous one) and return it.
 
     Takes what `AuditWriter` takes (`dsn=...` or `pool=...` or a positional DSN, and its
@@ -49,6 +50,8 @@ def configure(
     given; arguments given here win.
     """
     global _writer
+    if disabled():
+        return _install_disabled()
     env = environment(env_file)
     merged = {**options_from_env(env), **options}
     if dsn_or_pool is None and "dsn" not in options and "pool" not in options:
@@ -61,17 +64,39 @@ def configure(
     return writer
 
 
-def current_writer() -> AuditWriter | None:
+def current_writer() -> Recorder | None:
     """The default writer if one is configured (never configures one)."""
     return _writer
 
 
-def get_writer() -> AuditWriter | None:
+def replace_writer(writer: Recorder | None) -> Recorder | None:
+    """Make `writer` the default writer (None: none) and return the previous one, which is
+    not closed (`auditq.testing.capture()` puts it back)."""
+    global _writer
+    with _lock:
+        previous, _writer = _writer, writer
+    return previous
+
+
+def _install_disabled() -> Recorder:
+    """`AUDITQ_DISABLED=1`: the default writer counts and discards (see disabled.py)."""
+    global _writer
+    stand_in = disabled_writer()
+    with _lock:
+        previous, _writer = _writer, stand_in
+    if previous is not None and previous is not stand_in:
+        previous.close()
+    return stand_in
+
+
+def get_writer() -> Recorder | None:
     """The default writer, configured from the environment on first use if possible."""
     global _writer, _warned_unconfigured, _env_failed
     writer = _writer
     if writer is not None:
         return writer
+    if disabled():
+        return _install_disabled()
     with _lock:
         problem = "not configured (call auditq.configure() or set AUDITQ_DSN)"
         if _writer is None and not _env_failed and dsn_from_env():
@@ -137,7 +162,7 @@ def flush(timeout: float | None = None) -> bool:
 async def aflush(timeout: float | None = None) -> bool:
     """`flush()` for asyncio code: waits in a worker thread, never on the event loop."""
     writer = _writer
-    return True if writer is None else await writer.aflush(timeout)
+    return True if writer is None else await asyncio.to_thread(writer.flush, timeout)
 
 
 async def ashutdown(timeout: float | None = None) -> bool:

@@ -24,6 +24,7 @@ import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, MutableMapping
 from typing import TYPE_CHECKING, Any, Final, Generic, TypeVar
 
+from . import signals
 from .config import middleware_options_from_env
 from .context import Bound, current
 from .ids import uuid7
@@ -217,12 +218,12 @@ class RequestAuditor:
 
     def flush_writer(self) -> bool:
         """Flush the writer (bounded by its `shutdown_timeout`); True when all is durable."""
-        writer = self.writer
-        if writer is None:
-            from . import default
+        from . import default
 
-            writer = default.current_writer()
-        return True if writer is None else writer.flush(writer.shutdown_timeout)
+        writer = self.writer or default.current_writer()
+        if writer is None:
+            return True
+        return writer.flush(getattr(writer, "shutdown_timeout", None))
 
 
 def _reset(token: Any) -> None:
@@ -248,6 +249,10 @@ class _Middleware(Generic[App]):
         echo_request_id: bool = True,
     ) -> None:
         self.app = app
+        # ASGI: whether the server runs the lifespan protocol (its shutdown flushes), and
+        # whether the exit handlers were installed for lack of it.
+        self._lifespan = False
+        self._signals = False
         self.auditor = RequestAuditor(
             writer=writer,
             request_id_header=request_id_header,
@@ -268,11 +273,20 @@ class AuditASGIMiddleware(_Middleware[ASGIApp]):
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope.get("type")
         if kind == "lifespan":
+            self._lifespan = True
             await self.app(scope, receive, self._lifespan_send(send))
             return
         if kind != "http" and kind != "websocket":
             await self.app(scope, receive, send)
             return
+        if not self._lifespan and not self._signals:
+            # No lifespan to flush on (Django's ASGI app, say): a stop signal must still
+            # drain what is queued (issue: uvicorn re-raises it, and atexit never runs). On
+            # the event loop's thread, the main one under uvicorn and hypercorn, auditq's
+            # handlers chain to the server's; elsewhere this does nothing.
+            self._signals = True
+            signals.install_exit_handlers()
+        signals.ensure_installed()
         auditor = self.auditor
         request_id = forwarded = agent = None
         for name, value in scope.get("headers") or ():
@@ -314,6 +328,7 @@ class AuditASGIMiddleware(_Middleware[ASGIApp]):
                     started,
                 )
             _reset(token)
+            await signals.adrain_if_stopping()
 
     def _lifespan_send(self, send: Send) -> Send:
         """Flush the writer when the app reports its shutdown complete: uvicorn re-raises
@@ -337,6 +352,7 @@ class AuditWSGIMiddleware(_Middleware[WSGIApp]):
     """
 
     def __call__(self, environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
+        signals.ensure_installed()  # a pre-fork worker may have reset the app's handlers
         auditor = self.auditor
         bound = auditor.bind(
             environ.get(auditor._environ_key),
@@ -409,6 +425,7 @@ class _WSGIResponse:
         if self.done:
             return
         self.done = True
+        signals.drain_if_stopping()
         try:
             if self.auditor.log_requests:
                 environ = self.environ

@@ -27,7 +27,7 @@ from typing import Any, Final, Generic, Never, TypeVar, overload
 from psycopg_pool import ConnectionPool
 from pydantic import ValidationError
 
-from . import forks, ids, native
+from . import forks, ids, native, readiness
 from . import otel as _otel
 from .buffer import Buffer, Gate
 from .config import (
@@ -43,6 +43,7 @@ from .delivery import Delivery
 from .dsn import Dsn, resolve_dsn
 from .entry import COLUMNS, AuditEntry, InvalidEntry, Row, dump_metadata
 from .ledger import DeadLetter, DeadLetterHandler, Ledger
+from .readiness import CheckResult
 from .sink import Sink
 from .spool import DEAD_LETTER_FILE, Spool, spool_target
 from .stats import WriterStats
@@ -502,6 +503,22 @@ class AuditWriter:
             raise RuntimeError("the writer thread is running: it replays the spool itself")
         deadline = None if timeout is None else time.monotonic() + timeout
         return self._delivery.replay_spool(deadline)
+
+    def check(self) -> CheckResult:
+        """Is the database ready for this writer (connection, table, columns, INSERT and
+        what the replay needs)? For a deploy's health check: it connects (or borrows a pool
+        connection) on the calling thread, so call it at start-up, not per request."""
+        options = self._options
+        if self._pool is not None:
+            with self._pool.connection(timeout=options.connect_timeout) as conn:
+                return readiness.check(conn, schema=options.schema, table=options.table)
+        assert self._dsn is not None
+        return readiness.check(
+            self._dsn,
+            schema=options.schema,
+            table=options.table,
+            connect_timeout=max(1, round(options.connect_timeout)),
+        )
 
     def stats(self) -> WriterStats:
         """A consistent snapshot of this writer's counters (see `WriterStats`)."""

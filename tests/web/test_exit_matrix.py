@@ -1,0 +1,149 @@
+"""Issue 15, bug 1: a stop signal must not lose what the workers accepted.
+
+Each cell serves one app (Django with `auditq.contrib.django`, FastAPI, Flask, each set up as
+its docs page shows) under one server, sends requests that each log one entry, stops the
+server with SIGTERM or SIGINT, and checks that every request answered 200 (its entry
+accepted) left exactly one row. The writers' flush interval is far longer than the test, so
+nothing reaches the table unless the stop drains it (without `auditq.signals`, Django under
+plain uvicorn ended with 0 rows).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sys
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from ..conftest import Table
+from ..helpers import ROOT
+from .load import free_port, run_load, start, stop, wait_ready
+
+BIN = Path(sys.executable).parent
+
+DJANGO_ASGI = "tests.web.apps.exit_django.asgi:application"
+DJANGO_WSGI = "tests.web.apps.exit_django.wsgi:application"
+FASTAPI = "tests.web.apps.exit_fastapi:app"
+FLASK = "tests.web.apps.exit_flask:app"
+
+UVICORN = ("uvicorn", "--host", "127.0.0.1", "--port", "{port}", "--no-access-log")
+GUNICORN = ("gunicorn", "-b", "127.0.0.1:{port}", "--graceful-timeout", "4")
+UWSGI = (
+    "uwsgi",
+    "--master",
+    "--processes",
+    "2",
+    "--http-socket",
+    "127.0.0.1:{port}",
+    "--need-app",
+    "--disable-logging",
+    "--master-fifo",
+    "{tmp}/fifo",
+)
+HYPERCORN = ("hypercorn", "-b", "127.0.0.1:{port}")
+
+
+@dataclass(frozen=True)
+class Cell:
+    id: str
+    argv: tuple[str, ...]  # {port} and {tmp} are filled in
+    keepalive: bool = True
+
+
+#: uWSGI's SIGTERM (with --die-on-term) and SIGINT kill busy and idle workers alike ("killing
+#: workers..."): its graceful stop is the master FIFO's `q`, which these cells use.
+UWSGI_CELLS: list[Cell] = []
+
+
+def _cells() -> list[Cell]:
+    cells: list[Cell] = []
+    for app_id, app in (("django", DJANGO_ASGI), ("fastapi", FASTAPI)):
+        cells += [
+            Cell(f"uvicorn-{app_id}", (*UVICORN, app)),
+            Cell(f"uvicorn-workers-2-{app_id}", (*UVICORN, "--workers", "2", app)),
+            Cell(
+                f"gunicorn-uvicorn-worker-{app_id}",
+                (*GUNICORN, "-w", "2", "-k", "uvicorn.workers.UvicornWorker", app),
+            ),
+            Cell(f"hypercorn-{app_id}", (*HYPERCORN, app)),
+        ]
+    for app_id, app in (("django", DJANGO_WSGI), ("flask", FLASK)):
+        cells += [
+            Cell(f"gunicorn-sync-{app_id}", (*GUNICORN, "--preload", "-w", "2", app)),
+            Cell(
+                f"gunicorn-gthread-{app_id}",
+                (*GUNICORN, "-w", "2", "-k", "gthread", "--threads", "4", app),
+            ),
+        ]
+        if app_id == "flask":  # the development server: SIGTERM ends it by the default action
+            cells.append(
+                Cell(
+                    "flask-run-flask",
+                    ("flask", "--app", "tests.web.apps.exit_flask", "run", "--port", "{port}"),
+                )
+            )
+        UWSGI_CELLS.append(Cell(f"uwsgi-{app_id}", (*UWSGI, "--module", app), keepalive=False))
+    return cells
+
+
+CELLS = _cells()
+SIGNALS = [signal.SIGTERM, signal.SIGINT]
+REQUESTS = 100
+
+
+def _tool(name: str) -> str | None:
+    path = BIN / name
+    return str(path) if path.exists() else shutil.which(name)
+
+
+@pytest.mark.parametrize("sig", SIGNALS, ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("cell", CELLS, ids=[c.id for c in CELLS])
+def test_stop_signal_loses_nothing(cell: Cell, sig: int, table: Table, tmp_path: Path) -> None:
+    _serve_load_stop(cell, sig, table, tmp_path)
+
+
+@pytest.mark.parametrize("cell", UWSGI_CELLS, ids=[c.id for c in UWSGI_CELLS])
+def test_uwsgi_fifo_stop_loses_nothing(cell: Cell, table: Table, tmp_path: Path) -> None:
+    _serve_load_stop(cell, None, table, tmp_path)
+
+
+def _serve_load_stop(cell: Cell, sig: int | None, table: Table, tmp_path: Path) -> None:
+    tool = _tool(cell.argv[0])
+    if tool is None:
+        pytest.skip(f"{cell.argv[0]} is not installed")
+    port = free_port()
+    argv = [tool, *(a.format(port=port, tmp=tmp_path) for a in cell.argv[1:])]
+    if cell.argv[0] == "gunicorn":
+        argv[1:1] = ["--control-socket", str(tmp_path / "gunicorn.ctl")]
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith("AUDITQ_") and k != "DATABASE_URL"
+    }
+    env.update(
+        AUDITQ_DSN=table.dsn,
+        AUDITQ_SCHEMA=table.schema,
+        AUDITQ_TABLE=table.name,
+        AUDITQ_FLUSH_INTERVAL="300",  # nothing is written unless the stop drains it
+        PYTHONPATH=str(ROOT),
+    )
+    log = tmp_path / "server.log"
+    proc = start(argv, env, ROOT, log)
+    try:
+        wait_ready(port, proc)
+        result = run_load(port, REQUESTS, concurrency=4, keepalive=cell.keepalive, prefix=cell.id)
+    finally:
+        if sig is None:
+            (tmp_path / "fifo").write_text("q")
+            code = proc.wait(40)
+        else:
+            code = stop(proc, sig)
+    output = log.read_text(errors="replace")
+    assert len(result.ok) == REQUESTS, (result.failed[:5], output[-3000:])
+    rows = Counter(r[0] for r in table.query("SELECT resource_id FROM {table}"))
+    missing = set(result.ok) - set(rows)
+    assert not missing, f"exit {code}: {len(missing)} of {REQUESTS} lost\n{output[-3000:]}"
+    assert sorted(rows) == sorted(result.ok) and max(rows.values()) == 1
