@@ -139,7 +139,7 @@ def _create(
                 else "pass --partitioned"
             )
             raise SchemaError(f"{schema}.{table} exists and is {have}: {fix}")
-        for statement in table_ddl(schema, table, layout):
+        for statement in table_ddl(schema, table, layout)[1:]:  # the schema: ensure_meta
             conn.execute(statement)
         if recorded(conn, schema, table) is None and not exists:
             record_version(conn, schema, table, layout, "created by auditq init-db")

@@ -160,10 +160,18 @@ def function_exists(conn: psycopg.Connection[Any], schema: str, signature: str) 
     return bool(row and row[0])
 
 
+def ensure_schema(conn: psycopg.Connection[Any], schema: str) -> None:
+    """Create `schema` only when it is missing: `CREATE SCHEMA IF NOT EXISTS` needs CREATE on
+    the database even when the schema exists, which a least-privilege role lacks."""
+    found = conn.execute("SELECT 1 FROM pg_namespace WHERE nspname = %s", (schema,)).fetchone()
+    if found is None:
+        conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+
+
 def ensure_meta(conn: psycopg.Connection[Any], schema: str) -> None:
     """The bookkeeping tables and trigger function, guarded; inside the caller's transaction."""
     lock(conn, f"meta:{schema}")
-    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(sql.Identifier(schema)))
+    ensure_schema(conn, schema)
     if not function_exists(conn, schema, f"{guards.FUNCTION}()"):
         # Only when missing: CREATE OR REPLACE needs ownership of the existing function.
         conn.execute(guards.function_ddl(schema))

@@ -109,3 +109,42 @@ def test_the_installed_command_prints_one_line() -> None:
     assert done.returncode == 2
     assert done.stdout == ""
     assert done.stderr.count("\n") == 1 and "does not parse" in done.stderr
+
+
+def test_init_db_needs_no_create_on_the_database_when_the_schema_exists(pg_dsn: str) -> None:
+    """A least-privilege role that may create tables in an existing schema, but not schemas
+    in the database, can run init-db (CREATE SCHEMA IF NOT EXISTS alone would refuse it)."""
+    import uuid
+
+    import psycopg
+    from psycopg import conninfo, sql
+
+    role = f"aq_ddl_{uuid.uuid4().hex[:8]}"
+    schema = f"aq_s_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(pg_dsn, autocommit=True) as conn:
+        dbname = conn.info.dbname
+        conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(schema)))
+        conn.execute(
+            sql.SQL("GRANT USAGE, CREATE ON SCHEMA {} TO {}").format(
+                sql.Identifier(schema), sql.Identifier(role)
+            )
+        )
+        conn.execute(
+            sql.SQL("REVOKE CREATE ON DATABASE {} FROM PUBLIC, {}").format(
+                sql.Identifier(dbname), sql.Identifier(role)
+            )
+        )
+    try:
+        dsn = conninfo.make_conninfo(pg_dsn, user=role)
+        assert main(["init-db", "--dsn", dsn, "--schema", schema, "--table", "audit_logs"]) == 0
+        with psycopg.connect(dsn, autocommit=True) as conn:
+            found = conn.execute(
+                "SELECT to_regclass(%s) IS NOT NULL", (f'"{schema}".audit_logs',)
+            ).fetchone()
+        assert found == (True,)
+    finally:
+        with psycopg.connect(pg_dsn, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(schema)))
+            conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+            conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
