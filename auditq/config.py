@@ -80,6 +80,7 @@ EXPECTED: Final = {
     "warn_interval": "a number of seconds >= 0",
     "strict": "true or false (1/0, yes/no, on/off)",
     "on_dead_letter": "a callable or None",
+    "before_write": "a callable or None",
     "spool_dir": "a directory path",
     "spool_after": "a number of seconds >= 0",
     "spool_max_bytes": "a whole number > 0",
@@ -108,6 +109,9 @@ class WriterOptions(BaseModel):
     warn_interval: _SecondsOrZero = 10.0
     strict: bool = False
     on_dead_letter: Callable[[Any], None] | None = Field(None, exclude=True)
+    before_write: Callable[[dict[str, Any]], dict[str, Any] | None] | None = Field(
+        None, exclude=True
+    )
     spool_dir: Annotated[str, Field(min_length=1), BeforeValidator(_path)] | None = None
     spool_after: _SecondsOrZero = 5.0
     spool_max_bytes: _Count = 1024**3
@@ -150,8 +154,10 @@ def _field(name: str) -> str:
 OPTION_NAMES: Final = tuple(
     "schema" if name == "schema_" else name for name in WriterOptions.model_fields
 )
-#: Options that can come from `AUDITQ_<NAME>` (all but `on_dead_letter`, a callable).
-OPTIONS: Final = tuple(name for name in OPTION_NAMES if name != "on_dead_letter")
+#: Options that can come from `AUDITQ_<NAME>` (all but the callables).
+OPTIONS: Final = tuple(
+    name for name in OPTION_NAMES if name not in ("on_dead_letter", "before_write")
+)
 
 
 def _one_line(exc: ValidationError, describe: Callable[[str, Any], str]) -> ConfigError:

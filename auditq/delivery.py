@@ -14,9 +14,11 @@ import threading
 import time
 from collections.abc import Callable
 
+from . import hooks
 from .binary import Item
 from .buffer import Buffer
 from .entry import Row
+from .hooks import BeforeWrite
 from .ledger import Ledger
 from .replay import ProbeClock, SpoolReplayer
 from .sink import CHUNK_ROWS, DATA, Sink, make_items
@@ -39,8 +41,11 @@ class Delivery:
         spool_after: float,
         retry_backoff_max: float,
         abort: threading.Event,
+        before_write: BeforeWrite | None = None,
     ) -> None:
         self._buffer = buffer
+        # The application's redaction/enrichment hook, run on each row before it is encoded.
+        self._before_write = before_write
         self._ledger = ledger
         self._sink = sink
         self._spool = spool
@@ -87,7 +92,9 @@ class Delivery:
             rows = self._ledger.take(self._batch_size, at_least=at_least)
             if not rows:
                 return
-            self._deliver(rows)
+            rows = self._rewrite(rows)
+            if rows:
+                self._deliver(rows)
 
     def drain_until(self, deadline: float) -> None:
         """close() without a writer thread: drain here, bounded by `deadline`."""
@@ -180,9 +187,20 @@ class Delivery:
                 return []
             rows = self._ledger.take(want, at_least=want)
             budget -= len(rows)
-            return rows
+            return self._rewrite(rows)
 
         return more
+
+    def _rewrite(self, rows: list[Row]) -> list[Row]:
+        """Rows through the `before_write` hook: what it drops is counted as filtered, what
+        it fails on is dead-lettered with the reason."""
+        hook = self._before_write
+        if hook is None or not rows:
+            return rows
+        kept, bad, dropped = hooks.run(hook, rows)
+        self._ledger.dead_rows(bad)
+        self._ledger.filtered(dropped)
+        return kept
 
     def _should_divert(self) -> bool:
         """After a failed attempt (and during its backoff): stop retrying and spool? Only

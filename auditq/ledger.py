@@ -3,7 +3,7 @@
 Each entry moves through states (queued, in flight, then written, dead-lettered or spooled),
 and the two invariants
 
-    accepted == written + dead_lettered + spooled + pending
+    accepted == written + dead_lettered + spooled + pending + filtered
     calls    == accepted + dropped_overflow + rejected
 
 must hold in every snapshot. So every move happens here, under one lock, and `snapshot()`
@@ -162,6 +162,7 @@ class Ledger:
         self._spooled = 0  # this writer's rows on disk, waiting for replay
         self._replayed = 0  # rows from other processes' spools that this writer wrote
         self._replay_dead = 0  # ... and those it dead-lettered
+        self._filtered = 0  # dropped on purpose by the application's before_write hook
         self._dropped = 0
         self._rejected = 0
         self._batches = 0
@@ -267,6 +268,15 @@ class Ledger:
             self._spooled += count
             self._resolved_cond.notify_all()
 
+    def filtered(self, count: int) -> None:
+        """In-flight rows the application's `before_write` hook dropped on purpose."""
+        if not count:
+            return
+        with self._lock:
+            self._inflight -= count
+            self._filtered += count
+            self._resolved_cond.notify_all()
+
     def retrying(self, error: str) -> None:
         with self._lock:
             self._retries += 1
@@ -370,6 +380,7 @@ class Ledger:
                 replayed=self._replayed,
                 replay_dead_lettered=self._replay_dead,
                 unconfirmed=self._unconfirmed,
+                filtered=self._filtered,
             )
 
     def last_reject_reason(self) -> str:

@@ -36,6 +36,7 @@ COUNTERS: Final = (
     ("auditq_dropped_overflow", "Entries refused because the queue was full.", "dropped_overflow"),
     ("auditq_rejected", "Entries refused as invalid, or after close().", "rejected"),
     ("auditq_dead_lettered", "Accepted entries that will never be written.", "dead_lettered"),
+    ("auditq_filtered", "Entries the before_write hook dropped on purpose.", "filtered"),
     ("auditq_batches", "COPY transactions committed.", "batches"),
     ("auditq_retries", "Failed write attempts that were retried.", "retries"),
 )

@@ -3,7 +3,7 @@
 The invariants hold in every snapshot, because a snapshot is taken under the same lock that
 moves entries between states:
 
-    accepted == written + dead_lettered + spooled + pending
+    accepted == written + dead_lettered + spooled + pending + filtered
     calls    == accepted + dropped_overflow + rejected
 """
 
@@ -47,6 +47,8 @@ class WriterStats:
     #: spool to hand them to). The server may have committed any of them, so the table
     #: holds between `written` and `written + unconfirmed` rows of this writer.
     unconfirmed: int = 0
+    #: Entries the application's `before_write` hook dropped on purpose (returned None).
+    filtered: int = 0
 
     @property
     def calls(self) -> int:

@@ -42,6 +42,7 @@ from .context import current as _current_context
 from .delivery import Delivery
 from .dsn import Dsn, resolve_dsn
 from .entry import COLUMNS, AuditEntry, InvalidEntry, Row, dump_metadata
+from .hooks import BeforeWrite
 from .ledger import DeadLetter, DeadLetterHandler, Ledger
 from .readiness import CheckResult
 from .sink import Sink
@@ -137,6 +138,7 @@ class AuditWriter:
         warn_interval: float = 10.0,
         strict: bool = False,
         on_dead_letter: DeadLetterHandler | None = None,
+        before_write: BeforeWrite | None = None,
         spool_dir: str | os.PathLike[str] | None = None,
         spool_after: float = 5.0,
         spool_max_bytes: int = 1024**3,
@@ -162,6 +164,7 @@ class AuditWriter:
                 "warn_interval": warn_interval,
                 "strict": strict,
                 "on_dead_letter": on_dead_letter,
+                "before_write": before_write,
                 "spool_dir": spool_dir,
                 "spool_after": spool_after,
                 "spool_max_bytes": spool_max_bytes,
@@ -248,6 +251,7 @@ class AuditWriter:
             spool_after=options.spool_after,
             retry_backoff_max=options.retry_backoff_max,
             abort=self._abort,
+            before_write=options.before_write,
         )
         self._bind_caller_path()
 

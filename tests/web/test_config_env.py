@@ -83,7 +83,7 @@ def test_every_writer_option_has_a_variable() -> None:
         if p.kind is p.KEYWORD_ONLY
     }
     # on_dead_letter is a callable (code only); dsn and pool name the target
-    assert keyword_only - set(OPTIONS) == {"on_dead_letter", "dsn", "pool"}
+    assert keyword_only - set(OPTIONS) == {"on_dead_letter", "before_write", "dsn", "pool"}
     assert set(VALID) == set(OPTIONS)
 
 
