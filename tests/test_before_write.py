@@ -60,7 +60,7 @@ def test_the_masker_hides_fields_and_metadata_keys_and_says_so(
     assert writer.flush(timeout=10)
     ((ip, agent, metadata),) = table.query("SELECT ip, user_agent, metadata FROM {table}")
     assert ip is None and agent == "***"
-    assert metadata["password"] == "***" and metadata["nested"] == [{"token": "***"}]
+    assert metadata["password"] == "***" and metadata["nested"] == [{"token": "***"}]  # noqa: S105
     assert metadata["user"] == "u-7"
     masked = metadata["_auditq"]["masked"]
     assert set(masked) >= {"ip", "user_agent", "metadata.password", "metadata.nested.token"}
