@@ -21,7 +21,7 @@ import os
 import socket
 import sys
 from collections.abc import Callable, Mapping
-from typing import Annotated, Any, Final, Literal
+from typing import Annotated, Any, Final, Generic, Literal, Protocol, TypeVar, overload
 
 from pydantic import (
     BaseModel,
@@ -44,6 +44,7 @@ DEFAULT_BATCH_SIZE: Final = 50_000
 WAKE_ROWS: Final = 5_000
 
 FsyncPolicy = Literal["always", "interval", "never"]
+T = TypeVar("T")
 
 
 def _identifier(value: Any) -> Any:
@@ -148,6 +149,30 @@ class WriterOptions(BaseModel):
 
 def _field(name: str) -> str:
     return "schema_" if name == "schema" else name
+
+
+class _HasOptions(Protocol):
+    @property
+    def options(self) -> WriterOptions: ...
+
+
+class OptionView(Generic[T]):
+    """A read-only attribute showing one of an owner's checked options: a writer's parts are
+    sized from its options when it is made, so assigning one later would leave them out of
+    step."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._name = name
+
+    @overload
+    def __get__(self, obj: None, objtype: type | None = None) -> OptionView[T]: ...
+    @overload
+    def __get__(self, obj: _HasOptions, objtype: type | None = None) -> T: ...
+    def __get__(self, obj: _HasOptions | None, objtype: type | None = None) -> Any:
+        return self if obj is None else getattr(obj.options, _field(self._name))
+
+    def __set__(self, obj: _HasOptions, value: T) -> None:
+        raise AttributeError(f"{self._name} is read-only: make a new writer to change it")
 
 
 #: The names `AuditWriter(...)` and `configure(...)` accept as options.

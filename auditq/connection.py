@@ -10,7 +10,7 @@ from typing import Any, Final, Protocol
 import psycopg
 from psycopg_pool import ConnectionPool
 
-from .dsn import Dsn
+from .dsn import Dsn, resolve_dsn
 
 logger = logging.getLogger("auditq")
 
@@ -235,3 +235,35 @@ class PoolSource:
 
     def __repr__(self) -> str:
         return f"PoolSource({self._pool.name!r})"
+
+
+def pool_conninfo(pool: ConnectionPool[Any] | None) -> str | None:
+    info = None if pool is None else pool.conninfo
+    return info if isinstance(info, str) else None  # a callable conninfo: the pool's own
+
+
+def resolve_target(
+    dsn_or_pool: str | Dsn | ConnectionPool[Any] | None,
+    dsn: str | Dsn | None,
+    pool: ConnectionPool[Any] | None,
+    connect_timeout: float,
+) -> tuple[Dsn | None, ConnectionPool[Any] | None]:
+    """A writer's database: a DSN (given, or from the environment: `resolve_dsn` names
+    where a bad one came from), with the writer's libpq defaults, or a pool."""
+    given = [value for value in (dsn_or_pool, dsn, pool) if value is not None]
+    if len(given) > 1:
+        raise TypeError("give one of: a positional DSN or pool, dsn=..., pool=...")
+    target = given[0] if given else None
+    if isinstance(target, ConnectionPool):
+        return None, target
+    if pool is not None:
+        raise TypeError(f"pool must be a psycopg_pool.ConnectionPool, got {type(pool).__name__}")
+    resolved = target if isinstance(target, Dsn) else resolve_dsn(target)
+    return resolved.with_defaults(
+        connect_timeout=max(2, round(connect_timeout)),
+        application_name="auditq",
+        keepalives=1,
+        keepalives_idle=10,
+        keepalives_interval=5,
+        keepalives_count=3,
+    ), None

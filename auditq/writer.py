@@ -22,7 +22,7 @@ import types
 import weakref
 from collections.abc import Iterable, Mapping
 from datetime import datetime
-from typing import Any, Final, Generic, Never, TypeVar, overload
+from typing import Any, Final, Never
 
 from psycopg_pool import ConnectionPool
 from pydantic import ValidationError
@@ -32,15 +32,23 @@ from . import otel as _otel
 from .buffer import Buffer, Gate
 from .config import (
     DEFAULT_BATCH_SIZE,
+    OPTION_NAMES,
     FsyncPolicy,
+    OptionView,
     WriterOptions,
     check_options,
     unknown_option_message,
 )
-from .connection import ConnectionSource, DsnSource, PoolSource
+from .connection import (
+    ConnectionSource,
+    DsnSource,
+    PoolSource,
+    pool_conninfo,
+    resolve_target,
+)
 from .context import current as _current_context
 from .delivery import Delivery
-from .dsn import Dsn, resolve_dsn
+from .dsn import Dsn
 from .entry import COLUMNS, AuditEntry, InvalidEntry, Row, dump_metadata
 from .hooks import BeforeWrite
 from .ledger import DeadLetter, DeadLetterHandler, Ledger
@@ -72,26 +80,6 @@ _ALIASES: Final = {
 }
 _FIELDS: Final = frozenset(COLUMNS)
 
-T = TypeVar("T")
-
-
-class _Setting(Generic[T]):
-    """A read-only view of one checked option: the writer's parts are sized from its
-    options when it is made, so assigning one later would leave them out of step."""
-
-    def __set_name__(self, owner: type, name: str) -> None:
-        self._name = name
-
-    @overload
-    def __get__(self, obj: None, objtype: type | None = None) -> _Setting[T]: ...
-    @overload
-    def __get__(self, obj: AuditWriter, objtype: type | None = None) -> T: ...
-    def __get__(self, obj: AuditWriter | None, objtype: type | None = None) -> Any:
-        return self if obj is None else getattr(obj.options, self._name)
-
-    def __set__(self, obj: AuditWriter, value: T) -> None:
-        raise AttributeError(f"{self._name} is read-only: make a new writer to change it")
-
 
 class AuditWriter:
     """Accepts audit entries without blocking and writes them to PostgreSQL in batches.
@@ -102,21 +90,21 @@ class AuditWriter:
     keyword-only; the defaults suit a web worker.
     """
 
-    table = _Setting[str]()
-    schema = _Setting[str]()
-    max_queue = _Setting[int]()
-    batch_size = _Setting[int]()
-    wake_rows = _Setting[int | None]()
-    flush_interval = _Setting[float]()
-    shutdown_timeout = _Setting[float]()
-    write_timeout = _Setting[float]()
-    connect_timeout = _Setting[float]()
-    retry_backoff_max = _Setting[float]()
-    warn_interval = _Setting[float]()
-    spool_dir = _Setting[str | None]()
-    spool_after = _Setting[float]()
-    spool_max_bytes = _Setting[int]()
-    spool_fsync = _Setting[FsyncPolicy]()
+    table = OptionView[str]()
+    schema = OptionView[str]()
+    max_queue = OptionView[int]()
+    batch_size = OptionView[int]()
+    wake_rows = OptionView[int | None]()
+    flush_interval = OptionView[float]()
+    shutdown_timeout = OptionView[float]()
+    write_timeout = OptionView[float]()
+    connect_timeout = OptionView[float]()
+    retry_backoff_max = OptionView[float]()
+    warn_interval = OptionView[float]()
+    spool_dir = OptionView[str | None]()
+    spool_after = OptionView[float]()
+    spool_max_bytes = OptionView[int]()
+    spool_fsync = OptionView[FsyncPolicy]()
 
     def __init__(
         self,
@@ -149,31 +137,11 @@ class AuditWriter:
     ) -> None:
         if unknown:
             raise TypeError(unknown_option_message(sorted(unknown)[0]))
-        self._options = check_options(
-            {
-                "table": table,
-                "schema": schema,
-                "max_queue": max_queue,
-                "batch_size": batch_size,
-                "wake_rows": wake_rows,
-                "flush_interval": flush_interval,
-                "shutdown_timeout": shutdown_timeout,
-                "write_timeout": write_timeout,
-                "connect_timeout": connect_timeout,
-                "retry_backoff_max": retry_backoff_max,
-                "warn_interval": warn_interval,
-                "strict": strict,
-                "on_dead_letter": on_dead_letter,
-                "before_write": before_write,
-                "spool_dir": spool_dir,
-                "spool_after": spool_after,
-                "spool_max_bytes": spool_max_bytes,
-                "spool_fsync": spool_fsync,
-                "origin": origin,
-                "name": name,
-            }
+        given = locals()
+        self._options = check_options({name: given[name] for name in OPTION_NAMES})
+        self._dsn, self._pool = resolve_target(
+            dsn_or_pool, dsn, pool, self._options.connect_timeout
         )
-        self._dsn, self._pool = _target(dsn_or_pool, dsn, pool, self._options.connect_timeout)
         self._display_target = (
             f"pool {self._pool.name!r}" if self._pool is not None else str(self._dsn)
         )
@@ -218,7 +186,7 @@ class AuditWriter:
                 target=spool_target(
                     options.schema,
                     options.table,
-                    self._dsn if self._dsn is not None else _conninfo(self._pool),
+                    self._dsn if self._dsn is not None else pool_conninfo(self._pool),
                 ),
             )
         )
@@ -653,37 +621,6 @@ class AuditWriter:
         self._init_state()
         self._gate.closed = closed
         self._delivery.closing = closed
-
-
-def _conninfo(pool: ConnectionPool[Any] | None) -> str | None:
-    info = None if pool is None else pool.conninfo
-    return info if isinstance(info, str) else None  # a callable conninfo: the pool's own
-
-
-def _target(
-    dsn_or_pool: str | Dsn | ConnectionPool[Any] | None,
-    dsn: str | Dsn | None,
-    pool: ConnectionPool[Any] | None,
-    connect_timeout: float,
-) -> tuple[Dsn | None, ConnectionPool[Any] | None]:
-    """The writer's database: a DSN (given, or from the environment) or a pool."""
-    given = [value for value in (dsn_or_pool, dsn, pool) if value is not None]
-    if len(given) > 1:
-        raise TypeError("give one of: a positional DSN or pool, dsn=..., pool=...")
-    target = given[0] if given else None
-    if isinstance(target, ConnectionPool):
-        return None, target
-    if pool is not None:
-        raise TypeError(f"pool must be a psycopg_pool.ConnectionPool, got {type(pool).__name__}")
-    resolved = target if isinstance(target, Dsn) else resolve_dsn(target)
-    return resolved.with_defaults(
-        connect_timeout=max(2, round(connect_timeout)),
-        application_name="auditq",
-        keepalives=1,
-        keepalives_idle=10,
-        keepalives_interval=5,
-        keepalives_count=3,
-    ), None
 
 
 def _run(ref: weakref.ref[AuditWriter]) -> None:
