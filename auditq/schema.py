@@ -44,11 +44,12 @@ def ddl(schema: str = DEFAULT_SCHEMA, table: str = DEFAULT_TABLE) -> list[sql.Co
     actor_type    text,
     resource_type text,
     resource_id   text,
-    outcome       text        CHECK (outcome IN ('success', 'failure', 'unknown')),
+    outcome       text,
     ip            inet,
     user_agent    text,
     request_id    text,
-    metadata      jsonb       CHECK (metadata IS NULL OR jsonb_typeof(metadata) = 'object')
+    metadata      jsonb       CHECK (metadata IS NULL OR jsonb_typeof(metadata) = 'object'),
+    origin        text
 )"""
         ).format(target),
         sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (tenant_id, occurred_at)").format(
