@@ -374,6 +374,13 @@ def _repaired(metadata: dict[Any, Any]) -> str:
             return {key_text(k): clean(v, depth + 1) for k, v in pairs}
         if isinstance(value, (list, tuple)):
             return [clean(v, depth + 1) for v in value]
+        if isinstance(value, (set, frozenset)):
+            members = list(value)
+            try:
+                members.sort(key=repr)  # what _json_default does with a set
+            except Exception:
+                changed[0] = True
+            return [clean(v, depth + 1) for v in members]
         try:
             plain = orjson.loads(orjson.dumps(value, default=_json_default))
         except Exception:
