@@ -292,7 +292,8 @@ texts = st.text(st.characters(blacklist_characters="\x00", blacklist_categories=
 json_values = st.recursive(
     st.none() | st.booleans() | st.integers(-(2**53), 2**53) | texts.filter(lambda t: len(t) < 7),
     lambda inner: (
-        st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=4), inner, max_size=3)
+        st.lists(inner, max_size=3)
+        | st.dictionaries(texts.filter(lambda t: len(t) < 5), inner, max_size=3)
     ),
     max_leaves=8,
 )
