@@ -9,6 +9,7 @@ nothing (tuples of atomics are untracked) and a caller pays one tuple build, not
 from __future__ import annotations
 
 import ipaddress
+import json
 import math
 import re
 import uuid
@@ -298,7 +299,7 @@ def dump_metadata(metadata: Any) -> str:
         return _dump_other(metadata)
     try:
         data = orjson.dumps(metadata, default=_json_default)
-    except Exception:  # TypeError, JSONEncodeError, or a caller's __str__ or __iter__ failing
+    except Exception:  # an int past 64 bits, a value JSON has no form for, a key not text
         return _repaired(metadata)
     if len(data) > MAX_METADATA_BYTES:
         return oversized_metadata(data.decode())
@@ -345,7 +346,15 @@ def oversized_metadata(text: str) -> RepairedJSON:
 def _repaired(metadata: dict[Any, Any]) -> str:
     """`metadata` with what JSON or jsonb cannot hold replaced (NUL and lone surrogates by
     U+FFFD, NaN and Infinity by null, other values by their repr(), keys by their text),
-    flagged `replaced`. Only reached when the plain serialisation failed or needs a fix."""
+    flagged `replaced`. Only reached when the plain serialisation failed or needs a fix.
+    Never raises: when even that fails, the metadata is kept as text in the flags."""
+    try:
+        return _cleaned(metadata)
+    except Exception:
+        return flags_only({"invalid": ["metadata"], "metadata": shown(metadata)})
+
+
+def _cleaned(metadata: dict[Any, Any]) -> str:
     changed = [False]
 
     def clean(value: Any, depth: int) -> Any:
@@ -406,7 +415,9 @@ def _repaired(metadata: dict[Any, Any]) -> str:
     if changed[0]:
         body.pop(FLAGS_KEY, None)  # auditq's key replaces a caller's, as in the writer
         body[FLAGS_KEY] = {"replaced": ["metadata"]}
-    text = orjson.dumps(body).decode()
+    # The standard library's encoder: integers past 64 bits (which orjson refuses) are exact
+    # JSON numbers, and jsonb keeps them as numeric.
+    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     if len(text) > MAX_METADATA_BYTES and len(text.encode()) > MAX_METADATA_BYTES:
         return oversized_metadata(text)
     return RepairedJSON(text) if changed[0] else text
