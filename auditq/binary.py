@@ -8,7 +8,18 @@ into `COPY ... FROM STDIN (FORMAT BINARY)`.
 
 Text fields repeat heavily in audit traffic (tenants, actor types, actions, user agents), so
 each checked-and-encoded text is cached: a cache hit is both the check and the encoding. The
-caches are bounded; when one fills it is emptied and refills with what is hot now.
+caches are bounded; when one fills it is emptied and refills with what is hot now. Only exact
+`str` keys are cached (a subclass may define equality as it likes) and only values stored as
+given, so a hit never needs a repair.
+
+An event is never lost for its content: a value the table cannot hold as given is stored
+repaired (cut, characters replaced, NULL) and the row records what was repaired in
+`metadata._auditq` (docs/fields.md has the table). The flags are added to the caller's
+metadata JSON without parsing it. Only a row that cannot be a row (no action) or whose
+values' own code raises is rejected, with a reason.
+
+Every tuple ends with the writer's `origin`, encoded once per writer (`origin_field`) and
+passed to `encode_chunk` / `encode_block`, so a row pays one copy of a few bytes for it.
 """
 
 from __future__ import annotations

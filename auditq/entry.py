@@ -271,7 +271,10 @@ def check_metadata(metadata: Any) -> str:
     try:
         data = orjson.dumps(metadata, default=_json_default)
     except (TypeError, orjson.JSONEncodeError) as exc:
-        raise ValueError(f"metadata is not serialisable as JSON: {exc}") from None
+        text = _repaired(metadata)  # integers past 64 bits need no repair, only json
+        if isinstance(text, RepairedJSON):
+            raise ValueError(f"metadata is not serialisable as JSON: {exc}") from None
+        data = text.encode()
     size = len(data)
     if size > MAX_METADATA_BYTES:
         raise ValueError(f"metadata is {size} bytes of JSON; the limit is {MAX_METADATA_BYTES}")
