@@ -693,7 +693,9 @@ def _shown(value: object) -> str:
 
 
 def split_rows(data: bytes) -> list[bytes]:
-    """Cut a concatenation of binary tuples back into one bytes object per tuple."""
+    """Cut a concatenation of binary tuples back into one bytes object per tuple. A tuple
+    spooled before `origin` existed comes out with a NULL one (`upgrade_row`), so a spool
+    left by an older version replays into today's columns."""
     rows: list[bytes] = []
     offset = 0
     end = len(data)
@@ -704,5 +706,6 @@ def split_rows(data: bytes) -> list[bytes]:
         for _ in range(count):
             (length,) = struct.unpack_from(">i", data, offset)
             offset += 4 + max(length, 0)
-        rows.append(data[start:offset])
+        row = data[start:offset]
+        rows.append(row if count == FIELD_COUNT else upgrade_row(row))
     return rows

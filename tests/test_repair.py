@@ -417,3 +417,45 @@ def test_a_sink_refuses_an_origin_it_could_not_store(table: Table) -> None:
             retry_backoff_max=0.1,
             origin="o" * (MAX_NAME_CHARS + 1),
         )
+
+
+def test_a_spool_left_before_origin_replays_with_a_null_one(table: Table, tmp_path: Any) -> None:
+    # Tuples spooled by a version without the origin column have 13 fields: COPY into
+    # today's 14 columns would refuse each of them (and dead-letter it).
+    from auditq.spool import Spool, read_records
+
+    rows = [_row(n) for n in range(3)]
+    items: list[Any] = []
+    binary._encode_chunk_python(rows, items, [])  # origin NULL: its 4 bytes end each tuple
+    old = [b"\x00\x0d" + data[2:-4] for data, _ in items]
+    spool = Spool(tmp_path, fsync="always")
+    spool.append(old)
+    spool.close()
+    (segment,) = tmp_path.glob("seg-*")
+    (record,) = read_records(segment, 0, None)
+    assert record.rows == [data for data, _ in items]
+    ledger = Ledger()
+    source, watchdog = DsnSource(Dsn(table.dsn)), Watchdog("test-watchdog")
+    try:
+        sink = Sink(
+            source,
+            schema=table.schema,
+            table=table.name,
+            ledger=ledger,
+            abort=threading.Event(),
+            watchdog=watchdog,
+            dsn=None,
+            write_timeout=30.0,
+            retry_backoff_max=0.1,
+            origin="new@host",
+        )
+        assert sink.deliver([(data, None) for data in record.rows], mode="replay").items == []
+    finally:
+        source.close()
+        watchdog.close()
+    assert (ledger.committed_rows, ledger.dead_rows) == (3, [])
+    assert sorted(table.query("SELECT request_id, origin FROM {table}")) == [
+        ("0", None),
+        ("1", None),
+        ("2", None),
+    ]
