@@ -396,95 +396,96 @@ def encode_row(row: Row, origin: bytes = NULL) -> tuple[bytes, int]:
     action, not a Row), or when the caller's own code (a __str__, an Enum's value) raises,
     whatever it raises: that must never escape into the writer thread.
     """
+    # Written for speed as the Python reference (the C encoder does the common row): two
+    # dict hits, one struct pack and one join; anything unusual takes a slow helper. The
+    # try costs nothing until something raises.
     try:
-        return _encode_row(row, origin)
+        if len(row) != len(COLUMNS):
+            raise EncodeError(f"malformed entry: {len(row)} fields")
+        flags: list[Flag] = []
+        stamp = row[1]
+        if type(stamp) is int and 0 <= stamp < _FAST_NS:
+            micros = stamp // 1000 - _PG_EPOCH_US
+        else:
+            stamp, micros = _occurred(stamp, flags)
+            if not 0 <= stamp // 1_000_000 < _MAX_MS:  # before 1970, or past UUIDv7's range
+                stamp = time.time_ns()  # for the id only
+        ident = None if row[0] is None else _ident(row[0], flags)
+        if ident is None:
+            rand = _rand(74)
+            high = ((stamp // 1_000_000) << 16) | _VERSION_BITS | (rand >> 62)
+            low = _VARIANT_BITS | (rand & _LOW_RANDOM)
+        else:
+            high = ident >> 64
+            low = ident & _M64
+        key = action, tenant, actor_type, resource_type, outcome, agent = (
+            row[2], row[3], row[5], row[6], row[8], row[10]
+        )  # fmt: skip
+        group = None
+        # Only exact str (or None) may hit: a str subclass may equal a cached key and differ.
+        if (
+            type(action) is str
+            and (tenant is None or type(tenant) is str)
+            and (actor_type is None or type(actor_type) is str)
+            and (resource_type is None or type(resource_type) is str)
+            and (outcome is None or type(outcome) is str)
+            and (agent is None or type(agent) is str)
+        ):
+            group = _groups.get(key)
+        if group is None:
+            group = _group_slow(key, row, flags)
+        get = _names.get
+        # A cache hit is the check; anything else (a miss, None, an int id, something
+        # unhashable) goes through the checked path.
+        value = row[4]
+        actor_f = get(value) if type(value) is str else None
+        if actor_f is None:
+            actor_f = NULL if value is None else _names.field(value, "actor_id", flags)
+        value = row[7]
+        rid_f = get(value) if type(value) is str else None
+        if rid_f is None:
+            rid_f = NULL if value is None else _names.field(value, "resource_id", flags)
+        value = row[9]
+        ip_f = NULL if value is None else _ip_field(value, flags)
+        value = row[11]
+        # Request ids are unique per request: caching them would only evict useful entries.
+        request_f = (
+            NULL if value is None else _text_field(value, "request_id", MAX_NAME_CHARS, flags)
+        )
+        meta = row[12]
+        meta_data = b""
+        if type(meta) is str and not flags and len(meta) <= MAX_METADATA_BYTES // 4:
+            try:  # short enough to be under the limit in any encoding
+                meta_data = meta.encode()
+            except UnicodeEncodeError:  # lone surrogates (a hand-made row): repaired below
+                pass
+        if meta_data:
+            meta_len, version = _I32(len(meta_data) + 1), b"\x01"
+        elif meta is None and not flags:
+            meta_len, version = NULL, b""
+        else:
+            meta_len, version, meta_data = _metadata_field(meta, flags)
+        return (
+            b"".join(
+                (
+                    _HEAD(FIELD_COUNT, 16, high, low, 8, micros),
+                    group,
+                    actor_f,
+                    rid_f,
+                    ip_f,
+                    request_f,
+                    meta_len,
+                    version,
+                    meta_data,
+                    origin,
+                )
+            ),
+            (high << 64) | low,
+        )
     except EncodeError:
         raise
     except BaseException as exc:
         raise EncodeError(f"a value's own code failed while it was encoded: {_said(exc)}") from None
-
-
-def _encode_row(row: Row, origin: bytes) -> tuple[bytes, int]:
-    # Written for speed as the Python reference (the C encoder does the common row): two
-    # dict hits, one struct pack and one join; anything unusual takes a slow helper.
-    if len(row) != len(COLUMNS):
-        raise EncodeError(f"malformed entry: {len(row)} fields")
-    flags: list[Flag] = []
-    stamp = row[1]
-    if type(stamp) is int and 0 <= stamp < _FAST_NS:
-        micros = stamp // 1000 - _PG_EPOCH_US
-    else:
-        stamp, micros = _occurred(stamp, flags)
-    ident = None if row[0] is None else _ident(row[0], flags)
-    if ident is None:
-        if not 0 <= stamp // 1_000_000 < _MAX_MS:  # before 1970, or past UUIDv7's range
-            stamp = time.time_ns()
-        rand = _rand(74)
-        high = ((stamp // 1_000_000) << 16) | _VERSION_BITS | (rand >> 62)
-        low = _VARIANT_BITS | (rand & _LOW_RANDOM)
-    else:
-        high = ident >> 64
-        low = ident & _M64
-    key = (row[2], row[3], row[5], row[6], row[8], row[10])
-    group = None
-    try:
-        if {type(value) for value in key} <= _PLAIN:
-            group = _groups.get(key)
-    except TypeError:  # unhashable: the slow path says what to do with it
-        pass
-    if group is None:
-        group = _group_slow(key, row, flags)
-    get = _names.get
-    # A cache hit is the check; anything else (a miss, None, an int id, something
-    # unhashable) goes through the checked path.
-    value = row[4]
-    actor_f = get(value) if type(value) is str else None
-    if actor_f is None:
-        actor_f = NULL if value is None else _names.field(value, "actor_id", flags)
-    value = row[7]
-    rid_f = get(value) if type(value) is str else None
-    if rid_f is None:
-        rid_f = NULL if value is None else _names.field(value, "resource_id", flags)
-    value = row[9]
-    ip_f = NULL if value is None else _ip_field(value, flags)
-    value = row[11]
-    # Request ids are unique per request: caching them would only evict useful entries.
-    request_f = NULL if value is None else _text_field(value, "request_id", MAX_NAME_CHARS, flags)
-    meta = row[12]
-    meta_data = b""
-    if type(meta) is str and not flags and len(meta) <= MAX_METADATA_BYTES // 4:
-        meta_data = _utf8(meta)  # short enough to be under the limit in any encoding
-    if meta_data:
-        meta_len, version = _I32(len(meta_data) + 1), b"\x01"
-    elif meta is None and not flags:
-        meta_len, version = NULL, b""
-    else:
-        meta_len, version, meta_data = _metadata_field(meta, flags)
-    return (
-        b"".join(
-            (
-                _HEAD(FIELD_COUNT, 16, high, low, 8, micros),
-                group,
-                actor_f,
-                rid_f,
-                ip_f,
-                request_f,
-                meta_len,
-                version,
-                meta_data,
-                origin,
-            )
-        ),
-        (high << 64) | low,
-    )
-
-
-def _utf8(text: str) -> bytes:
-    """UTF-8 of `text`; empty for text that has none (lone surrogates), which no JSON is."""
-    try:
-        return text.encode()
-    except UnicodeEncodeError:
-        return b""
 
 
 def origin_field(origin: str | None) -> bytes:
