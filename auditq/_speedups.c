@@ -409,7 +409,7 @@ static PyObject *reason_of(PyObject *exc) {
     }
     Py_XDECREF(name);
     PyErr_Clear();
-    return PyUnicode_FromString(_PyType_Name(Py_TYPE(exc)));
+    return PyUnicode_FromString(Py_TYPE(exc)->tp_name);
 }
 
 /* A row off the fast path: binary.encode_row, whose errors make the row a reject. Any

@@ -103,7 +103,6 @@ def _check_text(value: str | None) -> str | None:
     return value
 
 
-Name = Annotated[str, StringConstraints(max_length=MAX_NAME_CHARS), AfterValidator(_check_text)]
 OptName = Annotated[
     str | None, StringConstraints(max_length=MAX_NAME_CHARS), AfterValidator(_check_text)
 ]
