@@ -15,13 +15,14 @@ import re
 import uuid
 from collections.abc import Mapping
 from datetime import UTC, datetime
-from enum import StrEnum
+from enum import Enum, StrEnum
 from typing import Annotated, Any, Final
 
 import orjson
 from pydantic import (
     AfterValidator,
     BaseModel,
+    BeforeValidator,
     ConfigDict,
     Field,
     StringConstraints,
@@ -103,8 +104,21 @@ def _check_text(value: str | None) -> str | None:
     return value
 
 
+def _id_text(value: Any) -> Any:
+    # What the writer stores as text without a flag (an int or a UUID id), strict mode
+    # accepts too; anything else is left for the str validation to refuse.
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    if isinstance(value, int) and not isinstance(value, (bool, Enum)):
+        return int.__repr__(value)
+    return value
+
+
 OptName = Annotated[
-    str | None, StringConstraints(max_length=MAX_NAME_CHARS), AfterValidator(_check_text)
+    str | None,
+    BeforeValidator(_id_text),
+    StringConstraints(max_length=MAX_NAME_CHARS),
+    AfterValidator(_check_text),
 ]
 OptOutcome = Annotated[
     str | None, StringConstraints(max_length=MAX_OUTCOME_CHARS), AfterValidator(_check_text)
@@ -159,6 +173,15 @@ class AuditEntry(BaseModel):
         if value.tzinfo is None or value.utcoffset() is None:
             raise ValueError("occurred_at must be timezone-aware")
         return value
+
+    @field_validator("ip", mode="before")
+    @classmethod
+    def _address_text(cls, value: Any) -> Any:
+        # pydantic would take an int as an address; the writer does not (which address an
+        # int means is a guess), so strict mode does not either.
+        if value is None or isinstance(value, (str, ipaddress.IPv4Address, ipaddress.IPv6Address)):
+            return value
+        raise ValueError(f"ip must be an address or its text, not {type(value).__name__}")
 
     @field_validator("ip")
     @classmethod

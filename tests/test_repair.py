@@ -21,7 +21,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from auditq import DeadLetter, binary
+from auditq import DeadLetter, InvalidEntry, binary
 from auditq.binary import _with_flags
 from auditq.connection import DsnSource
 from auditq.dsn import Dsn
@@ -222,6 +222,22 @@ def test_a_bad_field_is_stored_repaired_and_flagged(
             assert row[column] == value, tag
         else:
             assert row[column] == value, (tag, row[column])
+
+
+@pytest.mark.parametrize("tag", list(CASES))
+def test_strict_refuses_exactly_what_would_be_repaired(
+    tag: str, table: Table, make_writer: WriterFactory
+) -> None:
+    # Strict mode agrees with the limits: it raises for each value a writer that is not
+    # strict would flag, and takes each value that writer stores as given.
+    fields, _, _, flags = CASES[tag]
+    writer = make_writer(strict=True, flush_interval=60)
+    if flags is None:
+        assert writer.log("strict.test", **fields)
+    else:
+        with pytest.raises(InvalidEntry):
+            writer.log("strict.test", **fields)
+    assert writer.close(timeout=30)
 
 
 def test_oversized_metadata_is_summarised(table: Table, make_writer: WriterFactory) -> None:
