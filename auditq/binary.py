@@ -378,7 +378,7 @@ def _metadata_field(meta: Any, flags: list[Flag]) -> tuple[bytes, bytes, bytes]:
             flags.append(("replaced", "metadata", None))
             data = meta.encode()
         if len(data) > MAX_METADATA_BYTES:
-            meta = oversized_metadata(meta)
+            meta = oversized_metadata(data)
     if flags:
         meta = _with_flags(meta, flags)
     elif meta is None:
