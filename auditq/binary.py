@@ -29,10 +29,10 @@ import os
 import struct
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from enum import Enum
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import orjson
 
@@ -565,6 +565,7 @@ if native.speedups is not None:
 #: True when rows are encoded by the C extension (`auditq._speedups`).
 ACCELERATED: Final = native.speedups is not None
 
+
 #: `encode_chunk(rows, items, bad, origin=NULL) -> bytes`: encode `rows`; append
 #: `(tuple, row)` to `items` for each good row and `(row, reason)` to `bad` for each
 #: rejected one; return the good rows' tuples joined, ready for one COPY write. `origin` is
@@ -572,7 +573,33 @@ ACCELERATED: Final = native.speedups is not None
 #: made once per writer, so a row pays one copy of it. The C encoder takes the common row
 #: and hands anything else to `encode_row`, so both produce the same bytes, repairs and
 #: errors (ids aside: each draws its own random bits).
-encode_chunk: Callable[..., bytes] = (
+class EncodeChunk(Protocol):
+    """`encode_chunk`'s signature, which the C and the Python encoder share."""
+
+    def __call__(
+        self,
+        rows: Sequence[Row],
+        items: list[Item],
+        bad: list[tuple[Row, str]],
+        origin: bytes = ...,
+        /,
+    ) -> bytes: ...
+
+
+class EncodeBlock(Protocol):
+    """`encode_block`'s signature, which the C and the Python encoder share."""
+
+    def __call__(
+        self,
+        rows: Sequence[Row],
+        kept: list[Row],
+        bad: list[tuple[Row, str]],
+        origin: bytes = ...,
+        /,
+    ) -> bytes: ...
+
+
+encode_chunk: EncodeChunk = (
     _encode_chunk_python if native.speedups is None else native.speedups.encode_chunk
 )
 
@@ -592,7 +619,7 @@ def _encode_block_python(
 #: but the bytes it sent. Each good row is appended to `kept`; `items_of_block` makes the
 #: Items when a retry needs them. Saves a bytes object, a tuple and a copy per row on the
 #: writer thread (which shares the GIL with the callers).
-encode_block: Callable[..., bytes] = (
+encode_block: EncodeBlock = (
     _encode_block_python if native.speedups is None else native.speedups.encode_block
 )
 
