@@ -25,6 +25,7 @@ passed to `encode_chunk` / `encode_block`, so a row pays one copy of a few bytes
 from __future__ import annotations
 
 import ipaddress
+import json
 import os
 import struct
 import time
@@ -113,14 +114,15 @@ def _with_flags(text: str | None, flags: list[Flag]) -> str:
     if text is None:
         return orjson.dumps({FLAGS_KEY: _flags_object(flags)}).decode()
     if isinstance(text, RepairedJSON):
+        # The standard library's parser: orjson reads integers past 64 bits as floats.
         try:
-            body = orjson.loads(str.__str__(text))
-        except orjson.JSONDecodeError:
+            body = json.loads(text)
+        except ValueError:
             body = None
         if isinstance(body, dict):
             known = body.pop(FLAGS_KEY, None)
             body[FLAGS_KEY] = _flags_object(flags, known if isinstance(known, dict) else None)
-            return orjson.dumps(body).decode()
+            return json.dumps(body, ensure_ascii=False, separators=(",", ":"))
     body = text.rstrip()
     if not body.endswith("}") or not body.lstrip().startswith("{"):
         # Not a JSON object (a hand-made row): kept as text, like any value not storable.

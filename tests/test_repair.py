@@ -278,6 +278,23 @@ def test_flags_of_the_call_and_of_the_writer_are_one_object(
     }
 
 
+def test_merging_flags_keeps_large_integers_exact(table: Table, make_writer: WriterFactory) -> None:
+    # Metadata repaired at the call (NUL) holding an integer past 64 bits, and a flag of the
+    # writer's to merge into it: the integer must not pass through a float.
+    writer = make_writer(flush_interval=60)
+    assert writer.log("big.merge", metadata={"n": 2**70 + 1, "s": "\x00"}, actor_id="a" * 300)
+    assert writer.flush(timeout=30)
+    assert table.query("SELECT metadata FROM {table}") == [
+        (
+            {
+                "n": 2**70 + 1,
+                "s": "\ufffd",
+                "_auditq": {"truncated": ["actor_id"], "replaced": ["metadata"]},
+            },
+        )
+    ]
+
+
 def test_a_callers_own_auditq_key_loses_to_the_writers(
     table: Table, make_writer: WriterFactory
 ) -> None:
