@@ -211,6 +211,8 @@ names = st.one_of(
                 st.just('{"k":"ü"}'),
                 st.just('{"_auditq":1}'),
                 st.just('{"k":"' + "m" * MAX_METADATA_BYTES + '"}'),
+                st.just('{"k":"' + "m" * (MAX_METADATA_BYTES - 8) + '"}'),  # at the limit
+                st.just('{"k":"' + "m" * (MAX_METADATA_BYTES - 7) + '"}'),  # one past it
                 st.builds(dump_metadata, st.just({"nul": "\x00"})),
             ),
             st.sampled_from([time.time_ns(), 0, -1, 2**63, 2**64, 10**30]),
