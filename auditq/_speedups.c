@@ -10,9 +10,10 @@
  * shape `AuditWriter.log()` queues (a 13-tuple, no explicit id, an int timestamp, texts
  * as exact str) and its repeating fields and address are already in binary.py's caches. Anything
  * else (a cache miss on the group or the address, a datetime, an explicit id, a value of
- * another type) goes to binary.encode_row, the one place that knows every rule and
- * writes every error message. The caches are binary.py's own dicts, so both paths agree
- * on what a cached field is.
+ * another type, a value that must be repaired and flagged) goes to binary.encode_row, the
+ * one place that knows every rule, every repair and every error message. The caches are
+ * binary.py's own dicts, holding only exact str keys and values stored as given, so both
+ * paths agree on what a cached field is, and a hit never needs a flag.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -23,16 +24,20 @@
 
 #include "_speedups.h"
 
-#define FIELD_COUNT 13
+/* A queued row's fields (entry.COLUMNS), and a COPY tuple's: those and the origin. */
+#define ROW_FIELDS 13
+#define FIELD_COUNT 14
+/* entry.MAX_NAME_CHARS and entry.MAX_METADATA_BYTES: longer goes to binary.encode_row,
+ * which cuts it (tests/test_encoder.py checks both encoders agree at the limits). */
 #define MAX_NAME_CHARS 256
-#define CACHE_ENTRIES 16384
+#define MAX_METADATA_BYTES (64 * 1024)
 /* 2000-01-01T00:00:00Z in Unix microseconds: PostgreSQL's timestamp epoch. */
 #define PG_EPOCH_US INT64_C(946684800000000)
 
 /* Set by configure(): binary.py's caches and its complete (slow) encoder. */
 static PyObject *groups_cache = NULL; /* (action, tenant, actor_type, resource_type, outcome, ua) -> fields */
 static PyObject *ips_cache = NULL;    /* str -> inet field */
-static PyObject *fallback = NULL;     /* binary.encode_row(row) -> (bytes, int) */
+static PyObject *fallback = NULL;     /* binary.encode_row(row, origin) -> (bytes, int) */
 static PyObject *urandom = NULL;      /* os.urandom, to seed the id generator */
 static PyObject *scratch_key = NULL;  /* the group lookup key, refilled per row */
 
@@ -156,8 +161,9 @@ static int utf8_of(PyObject *value, Field *out) {
 }
 
 /* A text field (actor_id, resource_id, request_id), checked here: a length test and a NUL
- * scan of its UTF-8 form cost no more than a cache lookup would. Too long, NUL, or not
- * encodable: FAST_NO, and binary.encode_row says why. */
+ * scan of its UTF-8 form cost no more than a cache lookup would. Too long, NUL, not
+ * encodable, or not an exact str (a subclass may compare and hash as it likes): FAST_NO,
+ * and binary.encode_row repairs and flags it. */
 static int checked_text(PyObject *value, Field *out) {
     if (value == Py_None) {
         set_null(out);
@@ -266,8 +272,9 @@ static PyObject *cached_group(PyObject **f, int *rc) {
  * without (encode_block), the chunk is all there is. Returns FAST_OK, FAST_NO when the row
  * needs binary.encode_row, FAST_ERROR on a Python error.
  */
-static int encode_fast(PyObject *row, PyObject **item, PyObject **chunk, Py_ssize_t *used) {
-    if (!PyTuple_CheckExact(row) || PyTuple_GET_SIZE(row) != FIELD_COUNT) {
+static int encode_fast(PyObject *row, PyObject *origin, PyObject **item, PyObject **chunk,
+                       Py_ssize_t *used) {
+    if (!PyTuple_CheckExact(row) || PyTuple_GET_SIZE(row) != ROW_FIELDS) {
         return FAST_NO;
     }
     PyObject **f = &PyTuple_GET_ITEM(row, 0);
@@ -320,8 +327,8 @@ static int encode_fast(PyObject *row, PyObject **item, PyObject **chunk, Py_ssiz
         if ((rc = utf8_of(f[12], &meta)) != FAST_OK) {
             goto done;
         }
-        if (meta.size >= INT32_MAX) {
-            rc = FAST_NO;
+        if (meta.size > MAX_METADATA_BYTES) {
+            rc = FAST_NO; /* replaced by a summary, flagged, in binary.encode_row */
             goto done;
         }
         meta_size = 4 + 1 + meta.size; /* length, jsonb version byte, text */
@@ -334,8 +341,10 @@ static int encode_fast(PyObject *row, PyObject **item, PyObject **chunk, Py_ssiz
     int64_t micros = (int64_t)(ns / 1000) - PG_EPOCH_US;
 
     Py_ssize_t group_size = PyBytes_GET_SIZE(group);
+    Py_ssize_t origin_size = PyBytes_GET_SIZE(origin);
     Py_ssize_t size = 2 + 4 + 16 + 4 + 8 + group_size + field_size(&actor) +
-                      field_size(&resource) + field_size(&ip) + field_size(&request) + meta_size;
+                      field_size(&resource) + field_size(&ip) + field_size(&request) + meta_size +
+                      origin_size;
     if (reserve(chunk, *used, size) < 0) {
         rc = FAST_ERROR;
         goto done;
@@ -363,6 +372,8 @@ static int encode_fast(PyObject *row, PyObject **item, PyObject **chunk, Py_ssiz
         memcpy(p, meta.data, (size_t)meta.size);
         p += meta.size;
     }
+    memcpy(p, PyBytes_AS_STRING(origin), (size_t)origin_size);
+    p += origin_size;
     assert(p - start == size);
 
     if (item != NULL) {
@@ -392,18 +403,25 @@ static PyObject *reason_of(PyObject *exc) {
     }
     Py_XDECREF(text);
     PyErr_Clear();
-    return PyObject_GetAttrString((PyObject *)Py_TYPE(exc), "__name__");
+    PyObject *name = PyObject_GetAttrString((PyObject *)Py_TYPE(exc), "__name__");
+    if (name != NULL && PyUnicode_Check(name)) {
+        return name;
+    }
+    Py_XDECREF(name);
+    PyErr_Clear();
+    return PyUnicode_FromString(Py_TYPE(exc)->tp_name);
 }
 
-/* A row off the fast path: binary.encode_row, whose errors make the row a reject. */
-static int encode_slow(PyObject *row, PyObject *items, PyObject *bad, PyObject **chunk,
-                       Py_ssize_t *used, int *kept) {
+/* A row off the fast path: binary.encode_row, whose errors make the row a reject. Any
+ * error: encode_row turns whatever a caller's value raises (SystemExit and
+ * KeyboardInterrupt too) into EncodeError, and nothing may escape into the writer
+ * thread, which would die of it. */
+static int encode_slow(PyObject *row, PyObject *origin, PyObject *items, PyObject *bad,
+                       PyObject **chunk, Py_ssize_t *used, int *kept) {
     *kept = 0;
-    PyObject *result = PyObject_CallOneArg(fallback, row);
+    PyObject *args[2] = {row, origin};
+    PyObject *result = PyObject_Vectorcall(fallback, args, 2, NULL);
     if (result == NULL) {
-        if (!PyErr_ExceptionMatches(PyExc_Exception)) {
-            return -1; /* KeyboardInterrupt, SystemExit: not the row's fault */
-        }
         PyObject *type, *exc, *tb;
         PyErr_Fetch(&type, &exc, &tb);
         PyErr_NormalizeException(&type, &exc, &tb);
@@ -456,7 +474,8 @@ static int encode_slow(PyObject *row, PyObject *items, PyObject *bad, PyObject *
  * With `kept` (encode_block): each good row appended to `kept`, no per-row object (the
  * tuples can be cut apart again with binary.split_rows). Returns the chunk.
  */
-static PyObject *encode_rows(PyObject *rows_arg, PyObject *items, PyObject *kept, PyObject *bad) {
+static PyObject *encode_rows(PyObject *rows_arg, PyObject *origin, PyObject *items, PyObject *kept,
+                             PyObject *bad) {
     if (fallback == NULL) {
         PyErr_SetString(PyExc_RuntimeError, "auditq._speedups is not configured");
         return NULL;
@@ -478,10 +497,10 @@ static PyObject *encode_rows(PyObject *rows_arg, PyObject *items, PyObject *kept
     for (Py_ssize_t i = 0; i < count; i++) {
         PyObject *row = PyTuple_GET_ITEM(rows, i);
         PyObject *item = NULL;
-        int rc = encode_fast(row, items != NULL ? &item : NULL, &chunk, &used);
+        int rc = encode_fast(row, origin, items != NULL ? &item : NULL, &chunk, &used);
         int keep = rc == FAST_OK;
         if (rc == FAST_NO) {
-            rc = encode_slow(row, items, bad, &chunk, &used, &keep);
+            rc = encode_slow(row, origin, items, bad, &chunk, &used, &keep);
         } else if (rc == FAST_OK && items != NULL) {
             rc = PyList_Append(items, item);
             Py_DECREF(item);
@@ -501,31 +520,59 @@ error:
     return NULL;
 }
 
-PyDoc_STRVAR(encode_chunk_doc,
-             "encode_chunk(rows, items, bad) -> bytes\n\n"
-             "Encode `rows`, append an Item (bytes, row) to `items` for each good row and\n"
-             "(row, reason) to `bad` for each rejected one; return the good rows' tuples\n"
-             "joined, ready for one COPY write.");
+/* The origin argument: the writer's pre-encoded field (binary.origin_field), appended to
+ * every tuple as it is; absent, a NULL field. Checked to be one whole field, so a wrong
+ * value cannot make a stream PostgreSQL would misread. */
+static PyObject *null_origin = NULL;
 
-static PyObject *encode_chunk(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3 || !PyList_CheckExact(args[1]) || !PyList_CheckExact(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "encode_chunk(rows, items: list, bad: list)");
+static PyObject *origin_arg(PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 4) {
+        return null_origin;
+    }
+    PyObject *origin = args[3];
+    if (!PyBytes_CheckExact(origin) || PyBytes_GET_SIZE(origin) < 4) {
+        PyErr_SetString(PyExc_TypeError, "origin must be an encoded field (binary.origin_field)");
         return NULL;
     }
-    return encode_rows(args[0], args[1], NULL, args[2]);
+    const unsigned char *p = (const unsigned char *)PyBytes_AS_STRING(origin);
+    int32_t length = (int32_t)(((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) |
+                               ((uint32_t)p[2] << 8) | (uint32_t)p[3]);
+    if (length < -1 || (length == -1 ? 0 : length) != PyBytes_GET_SIZE(origin) - 4) {
+        PyErr_SetString(PyExc_ValueError, "origin must be one encoded field (binary.origin_field)");
+        return NULL;
+    }
+    return origin;
+}
+
+PyDoc_STRVAR(encode_chunk_doc,
+             "encode_chunk(rows, items, bad, origin=NULL) -> bytes\n\n"
+             "Encode `rows`, append an Item (bytes, row) to `items` for each good row and\n"
+             "(row, reason) to `bad` for each rejected one; return the good rows' tuples\n"
+             "joined, ready for one COPY write. `origin`: the writer's encoded origin field.");
+
+static PyObject *encode_chunk(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs < 3 || nargs > 4 || !PyList_CheckExact(args[1]) || !PyList_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "encode_chunk(rows, items: list, bad: list, origin: bytes = NULL)");
+        return NULL;
+    }
+    PyObject *origin = origin_arg(args, nargs);
+    return origin == NULL ? NULL : encode_rows(args[0], origin, args[1], NULL, args[2]);
 }
 
 PyDoc_STRVAR(encode_block_doc,
-             "encode_block(rows, kept, bad) -> bytes\n\n"
+             "encode_block(rows, kept, bad, origin=NULL) -> bytes\n\n"
              "encode_chunk without a per-row object: append each good row to `kept` and\n"
              "(row, reason) to `bad` for each rejected one; return the good rows' tuples joined.");
 
 static PyObject *encode_block(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
-    if (nargs != 3 || !PyList_CheckExact(args[1]) || !PyList_CheckExact(args[2])) {
-        PyErr_SetString(PyExc_TypeError, "encode_block(rows, kept: list, bad: list)");
+    if (nargs < 3 || nargs > 4 || !PyList_CheckExact(args[1]) || !PyList_CheckExact(args[2])) {
+        PyErr_SetString(PyExc_TypeError,
+                        "encode_block(rows, kept: list, bad: list, origin: bytes = NULL)");
         return NULL;
     }
-    return encode_rows(args[0], NULL, args[1], args[2]);
+    PyObject *origin = origin_arg(args, nargs);
+    return origin == NULL ? NULL : encode_rows(args[0], origin, NULL, args[1], args[2]);
 }
 
 PyDoc_STRVAR(configure_doc,
@@ -581,6 +628,12 @@ PyMODINIT_FUNC PyInit__speedups(void) {
             return NULL;
         }
         PyObject_GC_UnTrack(scratch_key); /* only ever holds the current row's values */
+    }
+    if (null_origin == NULL) {
+        null_origin = PyBytes_FromStringAndSize(NULL_FIELD, 4);
+        if (null_origin == NULL) {
+            return NULL;
+        }
     }
     PyObject *mod = PyModule_Create(&module);
     if (mod == NULL) {

@@ -13,7 +13,7 @@ FORKS: memoryview
 def configure(
     groups: dict[tuple[Any, ...], bytes],
     ips: dict[str, bytes],
-    fallback: Callable[[Row], tuple[bytes, int]],
+    fallback: Callable[[Row, bytes], tuple[bytes, int]],
     urandom: Callable[[int], bytes],
     /,
 ) -> None: ...
@@ -21,12 +21,14 @@ def encode_chunk(
     rows: Sequence[Row],
     items: list[tuple[bytes, Row | None]],
     bad: list[tuple[Row, str]],
+    origin: bytes = ...,
     /,
 ) -> bytes: ...
 def encode_block(
     rows: Sequence[Row],
     kept: list[Row],
     bad: list[tuple[Row, str]],
+    origin: bytes = ...,
     /,
 ) -> bytes: ...
 def prefault_arenas() -> bool: ...

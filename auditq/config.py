@@ -69,7 +69,7 @@ EXPECTED: Final = {
     "table": "a PostgreSQL identifier of at most 63 bytes",
     "schema": "a PostgreSQL identifier of at most 63 bytes",
     "name": "a non-empty name",
-    "origin": "a non-empty name",
+    "origin": "a non-empty name of at most 256 characters",
     "max_queue": "a whole number > 0",
     "batch_size": "a whole number > 0",
     "wake_rows": "a whole number > 0",
@@ -98,7 +98,7 @@ class WriterOptions(BaseModel):
     table: _Identifier = DEFAULT_TABLE
     schema_: _Identifier = Field(DEFAULT_SCHEMA, alias="schema")
     name: _Name | None = None
-    origin: _Name | None = None
+    origin: Annotated[_Name, Field(max_length=256)] | None = None
     max_queue: _Count = 100_000
     batch_size: _Count = DEFAULT_BATCH_SIZE
     wake_rows: _Count | None = None
@@ -216,7 +216,7 @@ def unknown_option_message(name: str) -> str:
 
 def default_origin() -> str:
     program = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
-    return f"{program or 'python'}@{socket.gethostname()}"
+    return f"{program or 'python'}@{socket.gethostname()}"[:256]
 
 
 # -- the environment ----------------------------------------------------------------------------
@@ -238,7 +238,7 @@ class _WriterEnv(BaseSettings):
     table: _Identifier | None = None
     schema_: _Identifier | None = Field(None, validation_alias="AUDITQ_SCHEMA")
     name: _Name | None = None
-    origin: _Name | None = None
+    origin: Annotated[_Name, Field(max_length=256)] | None = None
     max_queue: _Count | None = None
     batch_size: _Count | None = None
     wake_rows: _Count | None = None

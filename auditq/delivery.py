@@ -21,7 +21,7 @@ from .entry import Row
 from .hooks import BeforeWrite
 from .ledger import Ledger
 from .replay import ProbeClock, SpoolReplayer
-from .sink import CHUNK_ROWS, DATA, Sink, make_items
+from .sink import CHUNK_ROWS, DATA, Sink
 from .spool import Spool, SpoolFull
 
 logger = logging.getLogger("auditq")
@@ -120,7 +120,7 @@ class Delivery:
         """close(), after its deadline: what is still queued is spooled or dead-lettered."""
         leftovers = self._ledger.take_all()
         if leftovers:
-            items, bad = make_items(leftovers)
+            items, bad = self._sink.make_items(leftovers)
             self._ledger.dead_rows(bad)
             self._give_up(items)
 
@@ -153,7 +153,7 @@ class Delivery:
             and self._sink.outage_seconds() > 0
             and (self.closing or not self._probe.due() or replayer.replay() == "failed")
         ):
-            items, bad = make_items(rows)
+            items, bad = self._sink.make_items(rows)
             self._ledger.dead_rows(bad)
             refused = self._to_spool(items)
             if not refused:

@@ -69,10 +69,10 @@ class RowReport(Protocol):
     def retrying(self, error: str) -> None: ...
 
 
-def _describe(row: Row | dict[str, Any]) -> dict[str, Any]:
+def _describe(row: Row | dict[str, Any], origin: str | None) -> dict[str, Any]:
     """A dead letter's entry as a JSON-friendly dict, its metadata as an object again (it is
     queued and spooled as JSON text)."""
-    entry = row if isinstance(row, dict) else binary.describe_row(row)
+    entry = row if isinstance(row, dict) else binary.describe_row(row, origin=origin)
     metadata = entry.get("metadata")
     if isinstance(metadata, str):
         try:
@@ -134,7 +134,10 @@ class Ledger:
         letter_file: DeadLetterFile | None,
         letter_file_note: str,
         scrub: Callable[[str], str],
+        origin: str | None = None,
     ) -> None:
+        # The writer's origin, shown in its dead letters as in its rows.
+        self._origin = origin
         self._buffer = buffer
         self._warn_interval = warn_interval
         # Called on the writer thread with each dead letter (replaceable on a live writer).
@@ -390,7 +393,7 @@ class Ledger:
     def publish(self, rows: Sequence[tuple[Row | dict[str, Any], str]]) -> None:
         """Hand dead letters to the dead-letter file and the callback (never raises)."""
         now = datetime.now(UTC)
-        letters = [DeadLetter(_describe(row), reason, now) for row, reason in rows]
+        letters = [DeadLetter(_describe(row, self._origin), reason, now) for row, reason in rows]
         if self._letter_file is not None:
             records = [
                 {"entry": d.entry, "reason": d.reason, "at": d.at.isoformat()} for d in letters

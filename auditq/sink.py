@@ -33,12 +33,14 @@ from .backoff import Backoff
 from .binary import (
     COPY_COLUMNS,
     HEADER,
+    NULL,
     TRAILER,
     Item,
     encode_block,
     encode_chunk,
     item_id,
     items_of_block,
+    origin_field,
 )
 from .connection import Connection, ConnectionSource, session_timeouts
 from .dsn import Dsn
@@ -138,6 +140,7 @@ class Sink:
         dsn: Dsn | None,
         write_timeout: float,
         retry_backoff_max: float,
+        origin: str | None = None,
     ) -> None:
         self._source = source
         # The writer's own session bounds (see connection.session_timeouts): set at connect
@@ -154,6 +157,8 @@ class Sink:
         # at each cancel, doubled again after _CAP_GROWTH_AFTER whole batches.
         self.row_cap: int | None = None
         self._capped_successes = 0
+        # The writer's origin (AU-3 "where"), encoded once: every row ends with these bytes.
+        self._origin = origin_field(origin)
         self._ledger = ledger
         # Set by close() past its deadline: stop retrying and hand rows back.
         self._abort = abort
@@ -292,7 +297,7 @@ class Sink:
         # Item of its own, as retries, splits and dead letters need.
         items = [item for block in blocks for item in items_of_block(*block)]
         if consumed[0] < len(rows):
-            encode_chunk(rows[consumed[0] :], items, bad)
+            encode_chunk(rows[consumed[0] :], items, bad, self._origin)
         try:
             return self.deliver(items, divert=divert, failed=error)
         finally:
@@ -312,7 +317,7 @@ class Sink:
             # `bad`, and `consumed` leaves it to be encoded again on the failure path.
             kept: list[Row] = []
             rejected: list[tuple[Row, str]] = []
-            data = encode_block(chunk, kept, rejected)
+            data = encode_block(chunk, kept, rejected, self._origin)
             blocks.append((data, kept))
             bad.extend(rejected)
             return data
@@ -337,6 +342,10 @@ class Sink:
         self._committing = False
         with self._connection() as conn:
             self._copy_chunks(conn, encoded_chunks())
+
+    def make_items(self, rows: Sequence[Row]) -> tuple[list[Item], list[tuple[Row, str]]]:
+        """`make_items` with this sink's origin."""
+        return make_items(rows, self._origin)
 
     def warm_up(self) -> None:
         """Get ready for the first batch while it is still filling up: open the writer's
@@ -676,9 +685,12 @@ def _chunks(batch: list[Item]) -> Iterator[bytes]:
         yield b"".join([item[DATA] for item in batch[start : start + CHUNK_ROWS]])
 
 
-def make_items(rows: Sequence[Row]) -> tuple[list[Item], list[tuple[Row, str]]]:
-    """Encode `rows`, splitting off those that fail their checks, with the reason."""
+def make_items(
+    rows: Sequence[Row], origin: bytes = NULL
+) -> tuple[list[Item], list[tuple[Row, str]]]:
+    """Encode `rows` (with the pre-encoded `origin` field, `binary.origin_field`), splitting
+    off those that fail their checks, with the reason."""
     items: list[Item] = []
     bad: list[tuple[Row, str]] = []
-    encode_chunk(rows, items, bad)
+    encode_chunk(rows, items, bad, origin)
     return items, bad

@@ -195,6 +195,7 @@ class AuditWriter:
             warn_interval=options.warn_interval,
             on_dead_letter=options.on_dead_letter,
             letter_file=self._spool,
+            origin=options.origin_or_default,
             letter_file_note=f"{DEAD_LETTER_FILE} in {options.spool_dir} reached "
             f"spool_max_bytes={options.spool_max_bytes}",
             scrub=self._scrub,
@@ -209,6 +210,7 @@ class AuditWriter:
             dsn=self._dsn,
             write_timeout=options.write_timeout,
             retry_backoff_max=options.retry_backoff_max,
+            origin=options.origin_or_default,
         )
         self._delivery = Delivery(
             self._buffer,

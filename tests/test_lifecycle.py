@@ -415,6 +415,11 @@ def test_writer_in_child_after_close_in_parent_is_still_closed(make_writer: Writ
     assert _wait_child(pid) == 0
 
 
+class _NoText:
+    def __repr__(self) -> str:
+        raise LookupError("no text")
+
+
 def test_dead_letter_callback_may_call_flush(table: Table, make_writer: WriterFactory) -> None:
     # flush() from the writer thread (inside the callback) must not deadlock.
     results: list[bool] = []
@@ -425,7 +430,7 @@ def test_dead_letter_callback_may_call_flush(table: Table, make_writer: WriterFa
 
     writer = make_writer(flush_interval=60, on_dead_letter=handler)
     assert writer.log("ok")
-    assert writer.log("bad", outcome="weird")
+    assert writer.log("bad", id=_NoText())  # content is repaired; a raising value is not
     assert writer.flush(timeout=30)
     assert results == [False]
     assert table.count() == 1

@@ -216,11 +216,16 @@ def test_context_per_asyncio_task_and_decorators(default_writer: None, table: Ta
     assert rows["sync.decorated"][0] == "sync-tenant"
 
 
-def test_context_ip_invalid_is_dead_lettered_not_raised(default_writer: None, table: Table) -> None:
+def test_context_ip_invalid_is_stored_flagged_not_raised(
+    default_writer: None, table: Table
+) -> None:
     writer = _configure(table)
     with auditq.context(ip="not-an-ip"):
         assert auditq.log("ctx.bad.ip") is True
     assert auditq.log("ctx.good", ip=ipaddress.ip_address("192.0.2.1"))
     assert auditq.flush(timeout=30)
-    assert writer.stats().dead_lettered == 1
-    assert table.query("SELECT action FROM {table}") == [("ctx.good",)]
+    assert writer.stats().dead_lettered == 0
+    assert sorted(table.query("SELECT action, ip, metadata FROM {table}")) == [
+        ("ctx.bad.ip", None, {"_auditq": {"invalid": ["ip"], "ip": "not-an-ip"}}),
+        ("ctx.good", ipaddress.ip_address("192.0.2.1"), None),
+    ]

@@ -241,3 +241,43 @@ def test_write_many_mixed(table: Table, make_writer: WriterFactory) -> None:
     ]
     stats = writer.stats()
     assert (stats.accepted, stats.written, stats.rejected) == (3, 3, 1)
+
+
+def test_outcome_vocabulary_and_own_words_round_trip(
+    table: Table, make_writer: WriterFactory
+) -> None:
+    # "denied" used to be dead-lettered (and refused by a CHECK): the event that matters most.
+    writer = make_writer(flush_interval=60)
+    words = [*Outcome, "rate_limited", "o" * 64]
+    for n, word in enumerate(words):
+        assert writer.log("outcome.test", outcome=word, request_id=str(n))
+    assert writer.write(AuditEntry(action="outcome.entry", outcome="denied"))
+    assert writer.flush(timeout=30)
+    stored = dict(
+        table.query("SELECT request_id, outcome FROM {table} WHERE request_id IS NOT NULL")
+    )
+    assert stored == {str(n): str(word) for n, word in enumerate(words)}
+    assert table.query("SELECT outcome, metadata FROM {table} WHERE request_id IS NULL") == [
+        ("denied", None)
+    ]
+    assert writer.stats().dead_lettered == 0
+
+
+def test_large_integers_in_metadata_are_exact(table: Table, make_writer: WriterFactory) -> None:
+    writer = make_writer(flush_interval=60)
+    assert writer.log("big.int", metadata={"n": 2**70, "m": -(2**64)})
+    assert writer.flush(timeout=30)
+    assert table.query("SELECT metadata FROM {table}") == [({"n": 2**70, "m": -(2**64)},)]
+
+
+def test_origin_is_null_without_one(table: Table, make_writer: WriterFactory) -> None:
+    # The writer passes its origin to the sink (an option, AUDITQ_ORIGIN); the encoder
+    # alone, without one, sends NULL.
+    from auditq.binary import COPY_COLUMNS
+
+    assert COPY_COLUMNS[-1] == "origin"
+    writer = make_writer(flush_interval=60)
+    assert writer.log("no.origin")
+    assert writer.flush(timeout=30)
+    (origin,) = table.query("SELECT origin FROM {table}")[0]
+    assert origin is None or isinstance(origin, str)

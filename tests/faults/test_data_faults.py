@@ -59,6 +59,41 @@ def test_poison_rows_are_isolated_in_few_round_trips(
     caller.check_latency("poison rows")
 
 
+def test_repaired_rows_are_written_beside_poison_rows(
+    pg_dsn: str, table: Table, writers: WriterMaker
+) -> None:
+    # Rows with bad content (cut, replaced, nulled) share batches with rows the server
+    # refuses: only the refused ones are dead-lettered, every repaired one is stored flagged.
+    table.execute(
+        f"ALTER TABLE {{table}} ADD CONSTRAINT no_poison CHECK (resource_id <> '{POISON}')"
+    )
+    dead: list[DeadLetter] = []
+    writer = writers(pg_dsn, table, batch_size=500, on_dead_letter=dead.append)
+    caller = Caller(writer)
+    total = 3000
+    odd = [
+        {"user_agent": "u" * 2000},
+        {"ip": "not-an-ip"},
+        {"actor_id": "a\x00b"},
+        {"outcome": "denied"},
+        {"tenant_id": ["not", "text"]},
+    ]
+    poisoned = set(random.Random(5).sample(range(total), 7))
+    for i in range(total):
+        fields = dict(odd[i % len(odd)]) if i % 3 == 0 else {}
+        resource = POISON if i in poisoned else "ok"
+        caller.log("fault.test", request_id=str(i), resource_id=resource, **fields)
+    assert writer.flush(timeout=60)
+    stats = writer.stats()
+    assert sorted(int(d.entry["request_id"]) for d in dead) == sorted(poisoned)
+    assert stats.written == total - len(poisoned)
+    assert stored_numbers(table) == sorted(set(range(total)) - poisoned)
+    flagged = table.query("SELECT count(*) FROM {table} WHERE metadata ? '_auditq'")[0][0]
+    expected = sum(1 for i in range(0, total, 3) if i not in poisoned and i % 5 != 3)
+    assert flagged == expected
+    assert_exact(writer, table, caller)
+
+
 def test_missing_table_logs_once_then_resumes(
     pg_dsn: str, table: Table, writers: WriterMaker, caplog: pytest.LogCaptureFixture
 ) -> None:
