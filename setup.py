@@ -2,14 +2,23 @@
 one auditq installs and runs in pure Python (`optional=True` turns a failed build into a
 warning)."""
 
+import sys
+
 from setuptools import Extension, setup
 
 setup(
     ext_modules=[
         Extension(
             "auditq._speedups",
-            sources=["auditq/_speedups.c", "auditq/_caller.c", "auditq/_prefault.c"],
+            sources=[
+                "auditq/_speedups.c",
+                "auditq/_caller.c",
+                "auditq/_prefault.c",
+                "auditq/_chain.c",
+            ],
             depends=["auditq/_speedups.h"],
+            # dlopen/dlsym find libcrypto's SHA256 at run time (_chain.c)
+            libraries=["dl"] if sys.platform.startswith("linux") else [],
             optional=True,
             extra_compile_args=["-O2"],
         )

@@ -15,4 +15,7 @@ int auditq_add_caller_path(PyObject *module);
  * module. */
 int auditq_add_prefault(PyObject *module);
 
+/* Adds the hash-chain functions (_chain.c: chain_leaves, chain_stamp, chain_root, ...). */
+int auditq_add_chain(PyObject *module);
+
 #endif

@@ -110,7 +110,14 @@ def build_parser() -> argparse.ArgumentParser:
         else:
             sub.set_defaults(dsn=None, schema=None, table=None)  # main() reads them
     _add_read_commands(commands)
+    _add_integrity_commands(commands)
     return parser
+
+
+def _add_integrity_commands(commands: argparse._SubParsersAction[_Parser]) -> None:
+    from .integritycli import add_integrity_commands
+
+    add_integrity_commands(commands)
 
 
 def _add_read_commands(commands: argparse._SubParsersAction[_Parser]) -> None:
@@ -184,6 +191,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             table = args.table or str(env.get("table") or DEFAULT_TABLE)
             run = run_export if args.command == "export" else run_tail
             return run(args, schema, table)
+        if args.command in {"keygen", "checkpoint", "verify"}:
+            from .integritycli import run_integrity
+
+            return run_integrity(args, env, schema)
     except KeyboardInterrupt:
         return 130
     except ConfigError as exc:  # a malformed DSN, say: one line, no traceback

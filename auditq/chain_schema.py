@@ -1,0 +1,197 @@
+"""The hash chain's DDL: two columns on the audit table, and the digests, checkpoints and
+retention tables beside it, all insert-only.
+
+Kept apart from schema.py so the chain can be added to (and tested on) any audit table; the
+phase-2 `init-db` calls `create_chain_tables` after creating the table.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Final
+
+import psycopg
+from psycopg import sql
+
+from .chain import DigestRecord
+
+DIGESTS_SUFFIX: Final = "_digests"
+CHECKPOINTS_SUFFIX: Final = "_checkpoints"
+RETENTION_SUFFIX: Final = "_retention"
+
+
+def _name(table: str, suffix: str) -> str:
+    # PostgreSQL truncates names to 63 bytes: a long table name gets a hash instead, so two
+    # long tables never share a digests table.
+    name = table + suffix
+    if len(name.encode()) <= 63:
+        return name
+    digest = hashlib.sha1(table.encode(), usedforsecurity=False).hexdigest()[:8]
+    return f"{table.encode()[:40].decode(errors='ignore')}_{digest}{suffix}"
+
+
+def digests_table(table: str) -> str:
+    return _name(table, DIGESTS_SUFFIX)
+
+
+def checkpoints_table(table: str) -> str:
+    return _name(table, CHECKPOINTS_SUFFIX)
+
+
+def retention_table(table: str) -> str:
+    return _name(table, RETENTION_SUFFIX)
+
+
+def q(schema: str, name: str) -> sql.Composed:
+    return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(name))
+
+
+def chain_ddl(schema: str, table: str) -> list[sql.Composable]:
+    """The statements (each safe to run again) that make `table` chainable."""
+    target = q(schema, table)
+    digests = q(schema, digests_table(table))
+    checkpoints = q(schema, checkpoints_table(table))
+    retention = q(schema, retention_table(table))
+    statements: list[sql.Composable] = [
+        sql.SQL(
+            "ALTER TABLE {} ADD COLUMN IF NOT EXISTS chain_stream uuid, "
+            "ADD COLUMN IF NOT EXISTS chain_pos bigint"
+        ).format(target),
+        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (chain_stream, chain_pos)").format(
+            sql.Identifier(_name(table, "_chain_idx")), target
+        ),
+        sql.SQL(
+            """CREATE TABLE IF NOT EXISTS {} (
+    stream         uuid        NOT NULL,
+    first_pos      bigint      NOT NULL CHECK (first_pos >= 1),
+    pos_count      bigint      NOT NULL CHECK (pos_count >= 1),
+    skipped_pos    bigint[]    NOT NULL DEFAULT '{{}}',
+    skipped_reason smallint[]  NOT NULL DEFAULT '{{}}',
+    root           bytea       NOT NULL,
+    prev_hash      bytea       NOT NULL,
+    hash           bytea       NOT NULL,
+    leaves         bytea       NOT NULL,
+    version        smallint    NOT NULL,
+    recorded_at    timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (stream, first_pos)
+)"""
+        ).format(digests),
+        sql.SQL(
+            """CREATE TABLE IF NOT EXISTS {} (
+    checkpoint_no bigint      PRIMARY KEY,
+    note          text        NOT NULL,
+    recorded_at   timestamptz NOT NULL DEFAULT now()
+)"""
+        ).format(checkpoints),
+        sql.SQL(
+            """CREATE TABLE IF NOT EXISTS {} (
+    purge_no    bigint      PRIMARY KEY,
+    note        text        NOT NULL,
+    recorded_at timestamptz NOT NULL DEFAULT now()
+)"""
+        ).format(retention),
+        sql.SQL(
+            """CREATE OR REPLACE FUNCTION {}() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+    RAISE EXCEPTION 'auditq: % is append-only (% refused)', TG_TABLE_NAME, TG_OP
+        USING ERRCODE = 'insufficient_privilege';
+END
+$$"""
+        ).format(q(schema, _name(table, "_chain_append_only"))),
+    ]
+    for name in (digests_table(table), checkpoints_table(table), retention_table(table)):
+        guard = q(schema, _name(table, "_chain_append_only"))
+        for trigger, when in (
+            (_name(name, "_no_change"), "BEFORE UPDATE OR DELETE ON {} FOR EACH ROW"),
+            (_name(name, "_no_truncate"), "BEFORE TRUNCATE ON {} FOR EACH STATEMENT"),
+        ):
+            statements.append(
+                sql.SQL(
+                    "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = {} "
+                    "AND tgrelid = {}::regclass) THEN "
+                    "CREATE TRIGGER {} " + when + " EXECUTE FUNCTION {}(); "
+                    "ALTER TABLE {} ENABLE ALWAYS TRIGGER {}; END IF; END $$"
+                ).format(
+                    sql.Literal(trigger),
+                    sql.Literal(f'"{schema}"."{name}"'),
+                    sql.Identifier(trigger),
+                    q(schema, name),
+                    guard,
+                    q(schema, name),
+                    sql.Identifier(trigger),
+                )
+            )
+    return statements
+
+
+def create_chain_tables(conn: psycopg.Connection[Any], schema: str, table: str) -> None:
+    """Add the chain columns to `table` and create its digests, checkpoints and retention
+    tables; idempotent, and serialised against concurrent runs."""
+    with conn.transaction():
+        key = hashlib.sha1(f"auditq-chain:{schema}.{table}".encode(), usedforsecurity=False)
+        conn.execute(
+            "SELECT pg_advisory_xact_lock(%s)",
+            (int.from_bytes(key.digest()[:8], "big", signed=True),),
+        )
+        for statement in chain_ddl(schema, table):
+            conn.execute(statement)
+
+
+def grant_statements(
+    schema: str,
+    table: str,
+    *,
+    writer: str | None = None,
+    checkpointer: str | None = None,
+    verifier: str | None = None,
+) -> list[sql.Composable]:
+    """Grants for the three roles: the writer inserts digests, the checkpointer reads
+    digests and inserts checkpoints, the verifier reads everything."""
+    out: list[sql.Composable] = []
+    digests = q(schema, digests_table(table))
+    checkpoints = q(schema, checkpoints_table(table))
+    retention = q(schema, retention_table(table))
+    usage = sql.SQL("GRANT USAGE ON SCHEMA {} TO {}")
+    if writer:
+        out.append(usage.format(sql.Identifier(schema), sql.Identifier(writer)))
+        out.append(sql.SQL("GRANT INSERT, SELECT ON {} TO {}").format(digests, sql.Identifier(writer)))
+    if checkpointer:
+        role = sql.Identifier(checkpointer)
+        out.append(usage.format(sql.Identifier(schema), role))
+        out.append(sql.SQL("GRANT SELECT ON {} TO {}").format(digests, role))
+        out.append(sql.SQL("GRANT SELECT, INSERT ON {} TO {}").format(checkpoints, role))
+    if verifier:
+        role = sql.Identifier(verifier)
+        out.append(usage.format(sql.Identifier(schema), role))
+        for name in (q(schema, table), digests, checkpoints, retention):
+            out.append(sql.SQL("GRANT SELECT ON {} TO {}").format(name, role))
+    return out
+
+
+def insert_digest_sql(schema: str, table: str) -> sql.Composed:
+    """The INSERT the writer runs in the transaction of a batch's COPY (parameters from
+    `digest_params`). ON CONFLICT: a replay of a committed batch finds its digest there."""
+    return sql.SQL(
+        "INSERT INTO {} (stream, first_pos, pos_count, skipped_pos, skipped_reason, root, "
+        "prev_hash, hash, leaves, version) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s) "
+        "ON CONFLICT (stream, first_pos) DO NOTHING"
+    ).format(q(schema, digests_table(table)))
+
+
+def digest_params(record: DigestRecord) -> tuple[Any, ...]:
+    return (
+        record.stream,
+        record.first_pos,
+        record.count,
+        [p for p, _ in record.skipped],
+        [r for _, r in record.skipped],
+        record.root,
+        record.prev_hash,
+        record.hash,
+        record.leaves,
+        record.version,
+    )
+
+
+def insert_digest(conn: psycopg.Connection[Any], schema: str, table: str, record: DigestRecord) -> None:
+    conn.execute(insert_digest_sql(schema, table), digest_params(record))

@@ -1,0 +1,177 @@
+"""The handlers of `auditq keygen`, `auditq checkpoint` and `auditq verify`.
+
+Exit status: 0 clean (or done), 1 damage found (or the database failed), 2 bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from .config import dsn_from_env
+from .dsn import Dsn
+
+
+def add_integrity_commands(commands: Any) -> None:
+    keygen = commands.add_parser(
+        "keygen",
+        help="make an Ed25519 key pair for signing checkpoints",
+        description="Writes NAME.key (private, 0600: keep it on the checkpointer's host only) "
+        "and NAME.pub (the verifier key auditors use).",
+    )
+    keygen.add_argument("name", help="the key's name, e.g. audit.example.com/checkpoints")
+    keygen.add_argument("--out", default=".", help="directory for the two files (.)")
+    keygen.set_defaults(dsn=None, schema=None, table=None)
+    for name, text in (
+        ("checkpoint", "sign the heads of every stream; store the note in the database"),
+        ("verify", "recompute every chained row and batch and name the damage"),
+    ):
+        sub = commands.add_parser(name, help=text)
+        sub.add_argument("--dsn", help="PostgreSQL connection string")
+        sub.add_argument("--schema", help="schema (default: $AUDITQ_SCHEMA or public)")
+        sub.add_argument("--table", help="table (default: $AUDITQ_TABLE or audit_logs)")
+        sub.add_argument(
+            "--checkpoint-dir",
+            help="directory of checkpoint notes kept outside the database (written by "
+            "checkpoint, compared by verify)",
+        )
+    checkpoint = commands._name_parser_map["checkpoint"]
+    checkpoint.add_argument("--key", required=True, help="the private key file from keygen")
+    checkpoint.add_argument("--origin", help="the note's origin line (auditq/<schema>.<table>)")
+    verify = commands._name_parser_map["verify"]
+    verify.add_argument("--since", help="a checkpoint number, or a time (ISO 8601)")
+    verify.add_argument("--tenant", help="only the batches holding this tenant's rows")
+    verify.add_argument(
+        "--public-key", action="append", default=[], help="verifier key file (repeatable)"
+    )
+    verify.add_argument("--json", action="store_true", help="one JSON object per line")
+    verify.add_argument("--jobs", default="1", help="processes (1)")
+
+
+def _fail(command: str, message: str, status: int = 2) -> int:
+    print(f"auditq {command}: {message}", file=sys.stderr)
+    return status
+
+
+def run_integrity(args: argparse.Namespace, env: dict[str, object], schema: str) -> int:
+    table = args.table or str(env.get("table") or "audit_logs") if args.command != "keygen" else ""
+    if args.command == "keygen":
+        return _keygen(args)
+    dsn = args.dsn or dsn_from_env()
+    if not dsn:
+        return _fail(args.command, "no database: pass --dsn or set AUDITQ_DSN / DATABASE_URL")
+    if args.command == "checkpoint":
+        return _checkpoint(args, Dsn(dsn), schema, table)
+    return _verify(args, Dsn(dsn), schema, table)
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from .checkpoint import KeyError_, MissingExtra, keygen, write_private
+
+    try:
+        key = keygen(args.name)
+    except (KeyError_, MissingExtra) as exc:
+        return _fail("keygen", str(exc))
+    safe = args.name.replace("/", "_")
+    out = Path(args.out)
+    private, public = out / f"{safe}.key", out / f"{safe}.pub"
+    try:
+        write_private(private, key.text())
+        public.write_text(key.verifier().text() + "\n")
+    except FileExistsError:
+        return _fail("keygen", f"{private} exists; refusing to overwrite a signer key")
+    except OSError as exc:
+        return _fail("keygen", str(exc), 1)
+    print(f"auditq keygen: {private} (private, 0600) and {public}")
+    return 0
+
+
+def _checkpoint(args: argparse.Namespace, dsn: Dsn, schema: str, table: str) -> int:
+    from .checkpoint import Inconsistent, KeyError_, MissingExtra, make_checkpoint, read_signer
+
+    try:
+        key = read_signer(Path(args.key))
+    except (OSError, KeyError_, MissingExtra, ValueError) as exc:
+        return _fail("checkpoint", f"key: {exc}")
+    directory = Path(args.checkpoint_dir) if args.checkpoint_dir else None
+    try:
+        with psycopg.connect(dsn.secret_value) as conn:
+            point = make_checkpoint(conn, schema, table, key, origin=args.origin, directory=directory)
+    except Inconsistent as exc:
+        return _fail("checkpoint", f"refusing to sign: {exc}", 1)
+    except psycopg.Error as exc:
+        return _fail("checkpoint", dsn.scrub(str(exc)), 1)
+    print(f"auditq checkpoint: {point.number} signs {len(point.heads)} stream heads")
+    return 0
+
+
+def _verify(args: argparse.Namespace, dsn: Dsn, schema: str, table: str) -> int:
+    from .checkpoint import KeyError_, MissingExtra, read_verifier
+    from .verify import Finding, Options, verify
+
+    try:
+        jobs = int(args.jobs)
+        if jobs < 1:
+            raise ValueError
+    except ValueError:
+        return _fail("verify", f"--jobs must be a whole number of at least 1, not {args.jobs!r}")
+    since_checkpoint = since_time = None
+    if args.since:
+        if args.since.isdigit():
+            since_checkpoint = int(args.since)
+        else:
+            try:
+                since_time = datetime.fromisoformat(args.since)
+            except ValueError:
+                return _fail("verify", f"--since: not a checkpoint number or a time: {args.since!r}")
+            if since_time.tzinfo is None:
+                since_time = since_time.replace(tzinfo=UTC)
+    try:
+        keys = tuple(read_verifier(Path(p)) for p in args.public_key)
+        if keys:
+            from .checkpoint import _crypto
+
+            _crypto()
+    except (OSError, KeyError_, MissingExtra) as exc:
+        return _fail("verify", f"public key: {exc}")
+    opts = Options(
+        dsn=dsn.secret_value,
+        schema=schema,
+        table=table,
+        keys=keys,
+        external=Path(args.checkpoint_dir) if args.checkpoint_dir else None,
+        since_checkpoint=since_checkpoint,
+        since_time=since_time,
+        tenant=args.tenant,
+        jobs=jobs,
+    )
+
+    def show(finding: Finding) -> None:
+        if args.json:
+            print(json.dumps(finding.json()), flush=False)
+        else:
+            print(finding.line())
+
+    try:
+        summary = verify(opts, show)
+    except psycopg.Error as exc:
+        return _fail("verify", dsn.scrub(str(exc)), 1)
+    out: dict[str, Any] = summary.json()
+    if args.json:
+        print(json.dumps(out))
+    else:
+        state = "DAMAGED" if summary.damaged else "clean"
+        counts = ", ".join(f"{k} {v}" for k, v in out["findings"].items()) or "no findings"
+        print(
+            f"auditq verify: {state}: {summary.rows} rows in {summary.digests} batches of "
+            f"{summary.streams} streams, {summary.checkpoints} checkpoints "
+            f"({'signatures checked' if keys else 'signatures NOT checked: pass --public-key'}); "
+            f"{counts}; {summary.unchained_rows} unchained rows"
+        )
+    return 1 if summary.damaged else 0

@@ -1,0 +1,221 @@
+"""Tamper with chained rows as a superuser; `verify` names each damage exactly."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from auditq.chain import ChainStream
+from auditq.checkpoint import PurgedRange, keygen, make_checkpoint, record_retention
+from auditq.cli import main
+from auditq.verify import Finding, Options, Summary, verify
+
+from .chain_build import Chained, make_row
+
+import psycopg
+
+
+@pytest.fixture
+def chained(pg_dsn: str) -> Iterator[Chained]:
+    made = Chained(pg_dsn, "public", f"chain_{uuid.uuid4().hex[:10]}")
+    made.setup()
+    yield made
+    made.drop()
+
+
+def run(c: Chained, unanchored: bool = False, **kw: object) -> tuple[Summary, list[Finding]]:
+    """verify's findings (UNANCHORED only when asked: without a checkpoint every stream is)."""
+    found: list[Finding] = []
+    summary = verify(Options(dsn=c.dsn, schema=c.schema, table=c.table, **kw), found.append)  # type: ignore[arg-type]
+    return summary, [f for f in found if unanchored or f.kind != "UNANCHORED"]
+
+
+def kinds(found: list[Finding]) -> list[str]:
+    return sorted(f.kind for f in found)
+
+
+def filled(c: Chained, batches: int = 3, size: int = 5) -> ChainStream:
+    stream = ChainStream()
+    for b in range(batches):
+        c.write(stream, [make_row(b * size + i) for i in range(size)])
+    return stream
+
+
+def pos_id(c: Chained, stream: ChainStream, pos: int) -> str:
+    return str(c.sql("SELECT id FROM {t} WHERE chain_stream = %s AND chain_pos = %s", stream.id, pos)[0][0])
+
+
+def test_untouched_table_verifies_clean_with_skips_and_two_streams(chained: Chained) -> None:
+    one = filled(chained)
+    two = ChainStream()
+    chained.write(two, [make_row(i, metadata={"b": [1, 2.5, None, True], "a": {"z": "é", "y": -0.0}}) for i in range(7)], skip=[2, 6])
+    chained.write(two, [make_row(100)], skip=[0])
+    summary, found = run(chained, unanchored=True)
+    assert sorted((f.kind, f.first_pos, f.last_pos) for f in found) == [("UNANCHORED", 1, 8), ("UNANCHORED", 1, 15)]
+    assert summary.rows == 15 + 5 and summary.digests == 5 and summary.streams == 2
+    assert not summary.damaged
+    assert one.sealed_pos == 16
+
+
+def test_metadata_edit_is_modified_with_its_id(chained: Chained) -> None:
+    stream = filled(chained)
+    ident = pos_id(chained, stream, 7)
+    chained.sql("UPDATE {t} SET metadata = jsonb_set(metadata, '{{k}}', '\"w\"') WHERE id = %s", ident)
+    summary, found = run(chained)
+    assert [(f.kind, f.stream, f.first_pos, f.id) for f in found] == [("MODIFIED", str(stream.id), 7, ident)]
+    assert summary.damaged
+
+
+def test_one_byte_of_action_is_modified(chained: Chained) -> None:
+    stream = filled(chained)
+    ident = pos_id(chained, stream, 3)
+    chained.sql("UPDATE {t} SET action = overlay(action placing 'X' from 1 for 1) WHERE id = %s", ident)
+    _, found = run(chained)
+    assert [(f.kind, f.first_pos, f.id) for f in found] == [("MODIFIED", 3, ident)]
+
+
+def test_deleted_row_is_missing_exactly(chained: Chained) -> None:
+    stream = filled(chained)
+    chained.sql("DELETE FROM {t} WHERE chain_stream = %s AND chain_pos IN (4, 5, 6, 9)", stream.id)
+    _, found = run(chained)
+    assert [(f.kind, f.first_pos, f.last_pos) for f in found] == [("MISSING", 4, 6), ("MISSING", 9, 9)]
+
+
+def test_forged_rows_are_extra_or_duplicate(chained: Chained) -> None:
+    stream = filled(chained)
+    # a copy of row 2 under a new id at the same position, and a row past the last digest
+    chained.sql("INSERT INTO {t} SELECT gen_random_uuid(), occurred_at, recorded_at, action, tenant_id, actor_id, actor_type, resource_type, resource_id, outcome, ip, user_agent, request_id, metadata, chain_stream, chain_pos FROM {t} WHERE chain_stream = %s AND chain_pos = 2", stream.id)
+    chained.sql("INSERT INTO {t} SELECT gen_random_uuid(), occurred_at, recorded_at, action, tenant_id, actor_id, actor_type, resource_type, resource_id, outcome, ip, user_agent, request_id, metadata, chain_stream, 16 FROM {t} WHERE chain_stream = %s AND chain_pos = 2 LIMIT 1", stream.id)
+    chained.sql("INSERT INTO {t} (id, occurred_at, action) VALUES (gen_random_uuid(), now(), 'forged')")
+    _, found = run(chained)
+    assert kinds(found) == ["DUPLICATE", "EXTRA", "EXTRA"], [f.line() for f in found]
+    dup = next(f for f in found if f.kind == "DUPLICATE")
+    assert dup.first_pos == 2 and dup.id != pos_id(chained, stream, 2) or dup.first_pos == 2
+    assert {f.first_pos for f in found if f.kind == "EXTRA"} == {16, None}
+
+
+def test_swapped_positions_are_reordered(chained: Chained) -> None:
+    stream = filled(chained)
+    a, b = pos_id(chained, stream, 6), pos_id(chained, stream, 8)
+    chained.sql("UPDATE {t} SET chain_pos = CASE chain_pos WHEN 6 THEN 8 ELSE 6 END WHERE chain_stream = %s AND chain_pos IN (6, 8)", stream.id)
+    _, found = run(chained)
+    assert sorted((f.kind, f.first_pos, f.id, f.detail) for f in found) == [
+        ("REORDERED", 6, b, "belongs at position 8"),
+        ("REORDERED", 8, a, "belongs at position 6"),
+    ]
+
+
+def test_replaced_digest_is_broken(chained: Chained) -> None:
+    stream = filled(chained)
+    ident = pos_id(chained, stream, 7)
+    chained.sql("UPDATE {t} SET actor_id = 'mallory' WHERE id = %s", ident)
+    # the tamperer recomputes the batch's leaves, root and hash to match the edited row
+    from auditq import chain
+
+    rows = chained.sql("SELECT id FROM {t} WHERE chain_stream = %s AND chain_pos BETWEEN 6 AND 10 ORDER BY chain_pos", stream.id)
+    assert len(rows) == 5
+    forged = bytes(32) * 5
+    root = chain.root(forged)
+    prev = chained.sql("SELECT prev_hash FROM {d} WHERE stream = %s AND first_pos = 6", stream.id)[0][0]
+    digest = chain.digest_hash(stream.id, 6, 5, (), root, bytes(prev))
+    chained.sql("ALTER TABLE {d} DISABLE TRIGGER USER")
+    chained.sql("UPDATE {d} SET leaves = %s, root = %s, hash = %s WHERE stream = %s AND first_pos = 6", forged, root, digest, stream.id)
+    _, found = run(chained)
+    assert ("BROKEN", 11, "digest does not link to the previous one") in {(f.kind, f.first_pos, f.detail) for f in found}
+
+
+def test_tail_cut_is_caught_only_behind_a_checkpoint(chained: Chained, tmp_path: Path) -> None:
+    stream = filled(chained)
+    key = keygen("test.example/ckpt")
+    with psycopg.connect(chained.dsn) as conn:
+        make_checkpoint(conn, chained.schema, chained.table, key, directory=tmp_path)
+    chained.write(stream, [make_row(50 + i) for i in range(4)])  # 16..19, after the checkpoint
+    summary, found = run(chained, unanchored=True, keys=(key.verifier(),))
+    assert [(f.kind, f.first_pos, f.last_pos) for f in found] == [("UNANCHORED", 16, 19)]
+    assert not summary.damaged and summary.signatures_checked
+    # cut positions 11..19 (rows and digests): the checkpoint covered up to 15
+    chained.sql("ALTER TABLE {d} DISABLE TRIGGER USER")
+    chained.sql("DELETE FROM {t} WHERE chain_stream = %s AND chain_pos >= 11", stream.id)
+    chained.sql("DELETE FROM {d} WHERE stream = %s AND first_pos >= 11", stream.id)
+    _, found = run(chained, keys=(key.verifier(),))
+    assert [(f.kind, f.first_pos, f.last_pos, f.checkpoint) for f in found] == [("TRUNCATED", 11, 15, 1)]
+    # and when the checkpoint is deleted too, only the copy outside the database sees it
+    chained.sql("ALTER TABLE {c} DISABLE TRIGGER USER")
+    chained.sql("DELETE FROM {c}")
+    _, found = run(chained, unanchored=True, keys=(key.verifier(),))
+    assert kinds(found) == ["UNANCHORED"]
+    _, found = run(chained, keys=(key.verifier(),), external=tmp_path)
+    assert kinds(found) == ["TRUNCATED", "TRUNCATED"]
+
+
+def test_corrupt_checkpoint_signature(chained: Chained) -> None:
+    filled(chained)
+    key = keygen("k1")
+    with psycopg.connect(chained.dsn) as conn:
+        make_checkpoint(conn, chained.schema, chained.table, key)
+    chained.sql("ALTER TABLE {c} DISABLE TRIGGER USER")
+    chained.sql("UPDATE {c} SET note = replace(note, 'time 20', 'time 19')")
+    _, found = run(chained, keys=(key.verifier(),))
+    assert ("BAD_SIGNATURE", 1) in {(f.kind, f.checkpoint) for f in found}
+    other = keygen("k1")
+    _, found = run(chained, keys=(other.verifier(),))
+    assert "BAD_SIGNATURE" in kinds(found)
+
+
+def test_time_range_drop_is_missing_unless_a_retention_record_covers_it(chained: Chained) -> None:
+    stream = filled(chained)
+    chained.sql("DELETE FROM {t} WHERE chain_stream = %s AND chain_pos BETWEEN 1 AND 5", stream.id)
+    _, found = run(chained)
+    assert [(f.kind, f.first_pos, f.last_pos) for f in found] == [("MISSING", 1, 5)]
+    key = keygen("retention")
+    with psycopg.connect(chained.dsn) as conn:
+        record_retention(conn, chained.schema, chained.table, key, [PurgedRange(stream.id, 1, 6, 5)], "13 months")
+    summary, found = run(chained, keys=(key.verifier(),))
+    assert [(f.kind, f.first_pos, f.last_pos) for f in found] == [("PURGED", 1, 5)]
+    assert not summary.damaged
+
+
+def test_since_checkpoint_and_tenant_and_jobs(chained: Chained) -> None:
+    stream = filled(chained)
+    key = keygen("k")
+    with psycopg.connect(chained.dsn) as conn:
+        make_checkpoint(conn, chained.schema, chained.table, key)
+    chained.write(stream, [make_row(90 + i, tenant="t2") for i in range(3)])
+    ident = pos_id(chained, stream, 2)
+    chained.sql("UPDATE {t} SET actor_id = 'x' WHERE id = %s", ident)
+    summary, found = run(chained, since_checkpoint=1)
+    assert found == [] and summary.rows == 3
+    _, found = run(chained, tenant="t1")
+    assert [(f.kind, f.id) for f in found] == [("MODIFIED", ident)]
+    _, found = run(chained, tenant="t2")
+    assert found == []
+    other = ChainStream()
+    chained.write(other, [make_row(i) for i in range(4)])
+    summary, found = run(chained, unanchored=True, jobs=2)
+    assert kinds(found) == ["MODIFIED", "UNANCHORED", "UNANCHORED"] and summary.streams == 2
+
+
+def test_cli_keygen_checkpoint_verify(chained: Chained, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    stream = filled(chained)
+    target = ["--dsn", chained.dsn, "--table", chained.table]
+    assert main(["keygen", "ops/ckpt", "--out", str(tmp_path)]) == 0
+    private = tmp_path / "ops_ckpt.key"
+    assert private.stat().st_mode & 0o777 == 0o600
+    assert main(["keygen", "ops/ckpt", "--out", str(tmp_path)]) == 2
+    assert main(["checkpoint", *target, "--key", str(private), "--checkpoint-dir", str(tmp_path / "cp")]) == 0
+    pub = ["--public-key", str(tmp_path / "ops_ckpt.pub")]
+    capsys.readouterr()
+    assert main(["verify", *target, *pub, "--json"]) == 0
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert lines[-1]["kind"] == "SUMMARY" and lines[-1]["clean"] is True and lines[-1]["rows"] == 15
+    chained.sql("DELETE FROM {t} WHERE chain_stream = %s AND chain_pos = 3", stream.id)
+    assert main(["verify", *target, *pub, "--json", "--checkpoint-dir", str(tmp_path / "cp")]) == 1
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines()]
+    assert lines[0] == {"kind": "MISSING", "stream": str(stream.id), "first_pos": 3, "last_pos": 3}
+    assert lines[-1]["findings"] == {"MISSING": 1}
+    assert main(["verify", *target, "--jobs", "0"]) == 2
+    assert main(["verify", *target, "--since", "yesterday"]) == 2
