@@ -246,8 +246,10 @@ def inclusion_path(leaves: bytes, index: int) -> list[bytes]:
 SCAN_RECORD: Final = struct.Struct(">16sQ16s32sII")
 
 
-def _scan_python(buf: bytes, start: int, fields: int = len(LEAF_COLUMNS_V1)) -> tuple[int, bytes, bool]:
-    out = []
+def _scan_python(
+    buf: bytes, start: int, fields: int = len(LEAF_COLUMNS_V1)
+) -> tuple[int, bytes, bool]:
+    out: list[bytes] = []
     at = start
     end = len(buf)
     while at < end:

@@ -46,13 +46,13 @@ def q(schema: str, name: str) -> sql.Composed:
     return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(name))
 
 
-def chain_ddl(schema: str, table: str) -> list[sql.Composable]:
+def chain_ddl(schema: str, table: str) -> list[sql.Composed]:
     """The statements (each safe to run again) that make `table` chainable."""
     target = q(schema, table)
     digests = q(schema, digests_table(table))
     checkpoints = q(schema, checkpoints_table(table))
     retention = q(schema, retention_table(table))
-    statements: list[sql.Composable] = [
+    statements: list[sql.Composed] = [
         sql.SQL(
             "ALTER TABLE {} ADD COLUMN IF NOT EXISTS chain_stream uuid, "
             "ADD COLUMN IF NOT EXISTS chain_pos bigint"
@@ -144,17 +144,19 @@ def grant_statements(
     writer: str | None = None,
     checkpointer: str | None = None,
     verifier: str | None = None,
-) -> list[sql.Composable]:
+) -> list[sql.Composed]:
     """Grants for the three roles: the writer inserts digests, the checkpointer reads
     digests and inserts checkpoints, the verifier reads everything."""
-    out: list[sql.Composable] = []
+    out: list[sql.Composed] = []
     digests = q(schema, digests_table(table))
     checkpoints = q(schema, checkpoints_table(table))
     retention = q(schema, retention_table(table))
     usage = sql.SQL("GRANT USAGE ON SCHEMA {} TO {}")
     if writer:
         out.append(usage.format(sql.Identifier(schema), sql.Identifier(writer)))
-        out.append(sql.SQL("GRANT INSERT, SELECT ON {} TO {}").format(digests, sql.Identifier(writer)))
+        out.append(
+            sql.SQL("GRANT INSERT, SELECT ON {} TO {}").format(digests, sql.Identifier(writer))
+        )
     if checkpointer:
         role = sql.Identifier(checkpointer)
         out.append(usage.format(sql.Identifier(schema), role))
@@ -193,5 +195,7 @@ def digest_params(record: DigestRecord) -> tuple[Any, ...]:
     )
 
 
-def insert_digest(conn: psycopg.Connection[Any], schema: str, table: str, record: DigestRecord) -> None:
+def insert_digest(
+    conn: psycopg.Connection[Any], schema: str, table: str, record: DigestRecord
+) -> None:
     conn.execute(insert_digest_sql(schema, table), digest_params(record))

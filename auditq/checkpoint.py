@@ -394,7 +394,9 @@ class PurgedRange:
     rows: int
 
 
-def retention_body(origin: str, number: int, time: datetime, ranges: Iterable[PurgedRange], reason: str) -> str:
+def retention_body(
+    origin: str, number: int, time: datetime, ranges: Iterable[PurgedRange], reason: str
+) -> str:
     """What the retention command signs before it drops rows (docs/tamper-evidence.md)."""
     lines = [origin, str(number), RETENTION_FORMAT, f"time {time.astimezone(UTC).isoformat()}"]
     lines.append("reason " + reason.replace("\n", " "))
@@ -433,7 +435,9 @@ def record_retention(
     (number,) = conn.execute(
         sql.SQL("SELECT coalesce(max(purge_no), 0) + 1 FROM {}").format(target)
     ).fetchone() or (1,)
-    body = retention_body(origin or f"auditq/{schema}.{table}", number, datetime.now(UTC), ranges, reason)
+    body = retention_body(
+        origin or f"auditq/{schema}.{table}", number, datetime.now(UTC), ranges, reason
+    )
     conn.execute(
         sql.SQL("INSERT INTO {} (purge_no, note) VALUES (%s, %s)").format(target),
         (number, sign_note(body, key)),

@@ -102,7 +102,9 @@ def _checkpoint(args: argparse.Namespace, dsn: Dsn, schema: str, table: str) -> 
     directory = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     try:
         with psycopg.connect(dsn.secret_value) as conn:
-            point = make_checkpoint(conn, schema, table, key, origin=args.origin, directory=directory)
+            point = make_checkpoint(
+                conn, schema, table, key, origin=args.origin, directory=directory
+            )
     except Inconsistent as exc:
         return _fail("checkpoint", f"refusing to sign: {exc}", 1)
     except psycopg.Error as exc:
@@ -129,7 +131,9 @@ def _verify(args: argparse.Namespace, dsn: Dsn, schema: str, table: str) -> int:
             try:
                 since_time = datetime.fromisoformat(args.since)
             except ValueError:
-                return _fail("verify", f"--since: not a checkpoint number or a time: {args.since!r}")
+                return _fail(
+                    "verify", f"--since: not a checkpoint number or a time: {args.since!r}"
+                )
             if since_time.tzinfo is None:
                 since_time = since_time.replace(tzinfo=UTC)
     try:

@@ -37,7 +37,16 @@ from .checkpoint import (
 
 #: Findings that make the exit status 1.
 DAMAGE: Final = frozenset(
-    {"MODIFIED", "MISSING", "EXTRA", "DUPLICATE", "REORDERED", "BROKEN", "TRUNCATED", "BAD_SIGNATURE"}
+    {
+        "MODIFIED",
+        "MISSING",
+        "EXTRA",
+        "DUPLICATE",
+        "REORDERED",
+        "BROKEN",
+        "TRUNCATED",
+        "BAD_SIGNATURE",
+    }
 )
 #: Findings that are reported but are not damage.
 NOTICE: Final = frozenset({"UNANCHORED", "PURGED"})
@@ -235,8 +244,8 @@ def load_anchors(conn: psycopg.Connection[Any], opts: Options, report: Report) -
             continue
         for r in ranges:
             anchors.purged.setdefault(r.stream.bytes, []).append((r.first_pos, r.end_pos))
-    for ranges in anchors.purged.values():
-        ranges.sort()
+    for spans in anchors.purged.values():
+        spans.sort()
     return anchors
 
 
@@ -276,7 +285,7 @@ class _Peek:
 Row = tuple[bytes, int, bytes, bytes, memoryview]
 
 
-def _rows(cur: psycopg.Cursor[Any], statement: sql.Composable) -> Iterator[Row]:
+def _rows(cur: psycopg.Cursor[Any], statement: sql.Composed) -> Iterator[Row]:
     rest = b""
     started = False
     with cur.copy(statement) as copy:
@@ -358,7 +367,9 @@ class _Ranges:
 
 
 class _StreamCheck:
-    def __init__(self, anchors: Anchors, report: Report, summary: Summary, chain_links: bool) -> None:
+    def __init__(
+        self, anchors: Anchors, report: Report, summary: Summary, chain_links: bool
+    ) -> None:
         self.anchors = anchors
         self.report = report
         self.summary = summary
@@ -389,35 +400,73 @@ class _StreamCheck:
         known = self.anchors.heads.get(stream, {})
         for d in digests:
             self.summary.digests += 1
-            if d.hash != digest_hash(uuid.UUID(bytes=stream), d.first_pos, d.count, d.skipped, d.root, d.prev_hash):
-                self.finding("BROKEN", stream, d.first_pos, last=d.next_pos - 1, detail="digest hash does not match its fields")
+            if d.hash != digest_hash(
+                uuid.UUID(bytes=stream), d.first_pos, d.count, d.skipped, d.root, d.prev_hash
+            ):
+                self.finding(
+                    "BROKEN",
+                    stream,
+                    d.first_pos,
+                    last=d.next_pos - 1,
+                    detail="digest hash does not match its fields",
+                )
             if chain.root(d.leaves) != d.root:
-                self.finding("BROKEN", stream, d.first_pos, last=d.next_pos - 1, detail="digest leaves do not match its root")
+                self.finding(
+                    "BROKEN",
+                    stream,
+                    d.first_pos,
+                    last=d.next_pos - 1,
+                    detail="digest leaves do not match its root",
+                )
             if self.chain_links:
                 if d.first_pos > expected:
                     if all(self.anchors.is_purged(stream, p) for p in (expected, d.first_pos - 1)):
                         self.ranges.add("PURGED", stream, expected, d.first_pos - 1)
                     else:
-                        self.finding("BROKEN", stream, expected, last=d.first_pos - 1, detail="no digest covers these positions")
+                        self.finding(
+                            "BROKEN",
+                            stream,
+                            expected,
+                            last=d.first_pos - 1,
+                            detail="no digest covers these positions",
+                        )
                 elif d.first_pos < expected:
-                    self.finding("DUPLICATE", stream, d.first_pos, last=d.next_pos - 1, detail="a second digest covers these positions")
+                    self.finding(
+                        "DUPLICATE",
+                        stream,
+                        d.first_pos,
+                        last=d.next_pos - 1,
+                        detail="a second digest covers these positions",
+                    )
                 if d.prev_hash != prev and not (d.first_pos > expected):
-                    self.finding("BROKEN", stream, d.first_pos, last=d.next_pos - 1, detail="digest does not link to the previous one")
+                    self.finding(
+                        "BROKEN",
+                        stream,
+                        d.first_pos,
+                        last=d.next_pos - 1,
+                        detail="digest does not link to the previous one",
+                    )
             # rows before this digest: in a gap no digest covers
             while rows.head is not None and rows.head[0] == stream and rows.head[1] < d.first_pos:
                 row = rows.pop()
                 self.summary.rows += 1
                 if row[1] >= expected or not self.chain_links:
-                    self.extra(row, "no digest covers its position")
+                    self.extra_row(row, "no digest covers its position")
             self.batch(stream, d, rows)
             head = known.get(d.next_pos)
-            if head is not None:
-                if head[0] != d.hash:
-                    self.finding("BROKEN", stream, d.first_pos, last=d.next_pos - 1, checkpoint=head[1], detail="digest differs from the one the checkpoint signed")
+            if head is not None and head[0] != d.hash:
+                self.finding(
+                    "BROKEN",
+                    stream,
+                    d.first_pos,
+                    last=d.next_pos - 1,
+                    checkpoint=head[1],
+                    detail="digest differs from the one the checkpoint signed",
+                )
             expected, prev = max(expected, d.next_pos), d.hash
         while rows.head is not None and rows.head[0] == stream:
             self.summary.rows += 1
-            self.extra(rows.pop(), "after the stream's last digest")
+            self.extra_row(rows.pop(), "after the stream's last digest")
         if not self.chain_links:
             self.ranges.flush()
             return
@@ -426,12 +475,19 @@ class _StreamCheck:
             if expected > (start or (1, b""))[0]:
                 self.ranges.add("UNANCHORED", stream, (start or (1, b""))[0], expected - 1)
         elif expected < latest[0]:
-            self.finding("TRUNCATED", stream, expected, last=latest[0] - 1, checkpoint=latest[2], detail="positions the checkpoint signed are gone")
+            self.finding(
+                "TRUNCATED",
+                stream,
+                expected,
+                last=latest[0] - 1,
+                checkpoint=latest[2],
+                detail="positions the checkpoint signed are gone",
+            )
         elif expected > latest[0]:
             self.ranges.add("UNANCHORED", stream, latest[0], expected - 1)
         self.ranges.flush()
 
-    def extra(self, row: Row, detail: str) -> None:
+    def extra_row(self, row: Row, detail: str) -> None:
         self.finding("EXTRA", row[0], row[1], id=str(uuid.UUID(bytes=row[2])), detail=detail)
 
     def batch(self, stream: bytes, d: Digest, rows: _Peek) -> None:
@@ -440,7 +496,13 @@ class _StreamCheck:
         present = d.count - len(skipped)
         leaves = d.leaves
         if len(leaves) != present * HASH_SIZE:
-            self.finding("BROKEN", stream, d.first_pos, last=d.next_pos - 1, detail="digest holds the wrong number of leaves")
+            self.finding(
+                "BROKEN",
+                stream,
+                d.first_pos,
+                last=d.next_pos - 1,
+                detail="digest holds the wrong number of leaves",
+            )
             leaves = leaves[: present * HASH_SIZE].ljust(present * HASH_SIZE, b"\0")
         matched = bytearray(present)
         suspects: list[tuple[int, bytes, bytes]] = []
@@ -450,12 +512,18 @@ class _StreamCheck:
             s, pos, ident, leaf, data = rows.pop()
             self.summary.rows += 1
             if pos in skipped:
-                self.extra((s, pos, ident, leaf, data), "at a position its digest skipped")
+                self.extra_row((s, pos, ident, leaf, data), "at a position its digest skipped")
                 continue
             index = pos - first - (bisect.bisect_left(skips, pos) if skips else 0)
             if leaves[index * HASH_SIZE : index * HASH_SIZE + HASH_SIZE] == leaf:
                 if matched[index]:
-                    self.finding("DUPLICATE", stream, pos, id=str(uuid.UUID(bytes=ident)), detail="a second copy of this row")
+                    self.finding(
+                        "DUPLICATE",
+                        stream,
+                        pos,
+                        id=str(uuid.UUID(bytes=ident)),
+                        detail="a second copy of this row",
+                    )
                 matched[index] = 1
             else:
                 suspects.append((pos, ident, bytes(data)))
@@ -468,9 +536,18 @@ class _StreamCheck:
             for i in unmatched[:_REORDER_TRIES]:
                 if matched[i]:
                     continue
-                if _leaf_at(data, positions[i]) == leaves[i * HASH_SIZE : i * HASH_SIZE + HASH_SIZE]:
+                if (
+                    _leaf_at(data, positions[i])
+                    == leaves[i * HASH_SIZE : i * HASH_SIZE + HASH_SIZE]
+                ):
                     matched[i] = 1
-                    self.finding("REORDERED", stream, pos, id=str(uuid.UUID(bytes=ident)), detail=f"belongs at position {positions[i]}")
+                    self.finding(
+                        "REORDERED",
+                        stream,
+                        pos,
+                        id=str(uuid.UUID(bytes=ident)),
+                        detail=f"belongs at position {positions[i]}",
+                    )
                     break
             else:
                 later.append((pos, ident, data))
@@ -480,7 +557,13 @@ class _StreamCheck:
                 matched[index] = 1
                 self.finding("MODIFIED", stream, pos, id=str(uuid.UUID(bytes=ident)))
             else:
-                self.finding("DUPLICATE", stream, pos, id=str(uuid.UUID(bytes=ident)), detail="another row holds this position")
+                self.finding(
+                    "DUPLICATE",
+                    stream,
+                    pos,
+                    id=str(uuid.UUID(bytes=ident)),
+                    detail="another row holds this position",
+                )
         run: list[int] = []
         for i in range(present):
             if not matched[i]:
@@ -495,27 +578,42 @@ class _StreamCheck:
 # -- queries -----------------------------------------------------------------------------------
 
 
-def _selection(opts: Options, anchors: Anchors, part: tuple[int, int] | None) -> tuple[sql.Composable, sql.Composable]:
+def _selection(
+    opts: Options, anchors: Anchors, part: tuple[int, int] | None
+) -> tuple[sql.Composable, sql.Composable]:
     """(a CTE `starts(stream, pos)` selecting where each stream is read from, a WHERE for
     digests `d`)."""
     digests = q(opts.schema, digests_table(opts.table))
     conds: list[sql.Composable] = []
     if part is not None:
-        conds.append(sql.SQL("get_byte(uuid_send(d.stream), 15) % {} = {}").format(sql.Literal(part[1]), sql.Literal(part[0])))
+        conds.append(
+            sql.SQL("get_byte(uuid_send(d.stream), 15) % {} = {}").format(
+                sql.Literal(part[1]), sql.Literal(part[0])
+            )
+        )
     if opts.tenant is not None:
         conds.append(
             sql.SQL(
-                "EXISTS (SELECT 1 FROM {} t WHERE t.chain_stream = d.stream AND t.chain_pos >= d.first_pos "
+                "EXISTS (SELECT 1 FROM {} t WHERE t.chain_stream = d.stream "
+                "AND t.chain_pos >= d.first_pos "
                 "AND t.chain_pos < d.first_pos + d.pos_count AND t.tenant_id = {})"
             ).format(q(opts.schema, opts.table), sql.Literal(opts.tenant))
         )
     if opts.since_time is not None:
-        conds.append(sql.SQL("d.first_pos >= coalesce((SELECT min(x.first_pos) FROM {} x WHERE x.stream = d.stream AND x.recorded_at >= {}), 9223372036854775807)").format(digests, sql.Literal(opts.since_time)))
+        conds.append(
+            sql.SQL(
+                "d.first_pos >= coalesce((SELECT min(x.first_pos) FROM {} x "
+                "WHERE x.stream = d.stream AND x.recorded_at >= {}), 9223372036854775807)"
+            ).format(digests, sql.Literal(opts.since_time))
+        )
     if opts.since_checkpoint is not None:
         point = anchors.checkpoints.get(opts.since_checkpoint)
         heads = point.heads if point else ()
         conds.append(
-            sql.SQL("d.first_pos >= coalesce((SELECT s.pos FROM unnest({}::uuid[], {}::bigint[]) AS s(stream, pos) WHERE s.stream = d.stream), 1)").format(
+            sql.SQL(
+                "d.first_pos >= coalesce((SELECT s.pos FROM unnest({}::uuid[], {}::bigint[]) "
+                "AS s(stream, pos) WHERE s.stream = d.stream), 1)"
+            ).format(
                 sql.Literal([h.stream for h in heads]), sql.Literal([h.next_pos for h in heads])
             )
         )
@@ -523,11 +621,15 @@ def _selection(opts: Options, anchors: Anchors, part: tuple[int, int] | None) ->
     return where, digests
 
 
-def _scan_part(opts: Options, anchors: Anchors, part: tuple[int, int] | None, report: Report) -> Summary:
+def _scan_part(
+    opts: Options, anchors: Anchors, part: tuple[int, int] | None, report: Report
+) -> Summary:
     summary = Summary()
     where, digests = _selection(opts, anchors, part)
     columns = sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in LEAF_COLUMNS_V1)
-    partial = opts.tenant is not None or opts.since_time is not None or opts.since_checkpoint is not None
+    partial = (
+        opts.tenant is not None or opts.since_time is not None or opts.since_checkpoint is not None
+    )
     with psycopg.connect(opts.dsn) as a, psycopg.connect(opts.dsn) as b:
         a.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         (snapshot,) = a.execute("SELECT pg_export_snapshot()").fetchone() or ("",)
@@ -535,13 +637,17 @@ def _scan_part(opts: Options, anchors: Anchors, part: tuple[int, int] | None, re
         b.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
         if partial:
             rows_sql = sql.SQL(
-                "COPY (SELECT {} FROM {} t JOIN (SELECT d.stream, d.first_pos, d.pos_count FROM {} d WHERE {}) s "
-                "ON t.chain_stream = s.stream AND t.chain_pos >= s.first_pos AND t.chain_pos < s.first_pos + s.pos_count "
+                "COPY (SELECT {} FROM {} t JOIN "
+                "(SELECT d.stream, d.first_pos, d.pos_count FROM {} d WHERE {}) s "
+                "ON t.chain_stream = s.stream AND t.chain_pos >= s.first_pos "
+                "AND t.chain_pos < s.first_pos + s.pos_count "
                 "ORDER BY t.chain_stream, t.chain_pos, t.id) TO STDOUT (FORMAT binary)"
             ).format(columns, q(opts.schema, opts.table), digests, where)
         else:
             part_cond = (
-                sql.SQL("AND get_byte(uuid_send(t.chain_stream), 15) % {} = {}").format(sql.Literal(part[1]), sql.Literal(part[0]))
+                sql.SQL("AND get_byte(uuid_send(t.chain_stream), 15) % {} = {}").format(
+                    sql.Literal(part[1]), sql.Literal(part[0])
+                )
                 if part
                 else sql.SQL("")
             )
@@ -553,7 +659,8 @@ def _scan_part(opts: Options, anchors: Anchors, part: tuple[int, int] | None, re
         dcur.itersize = 512
         dcur.execute(
             sql.SQL(
-                "SELECT d.stream, d.first_pos, d.pos_count, d.skipped_pos, d.skipped_reason, d.root, "
+                "SELECT d.stream, d.first_pos, d.pos_count, d.skipped_pos, d.skipped_reason, "
+                "d.root, "
                 "d.prev_hash, d.hash, d.leaves FROM {} d WHERE {} ORDER BY d.stream, d.first_pos"
             ).format(digests, where)
         )
@@ -562,7 +669,11 @@ def _scan_part(opts: Options, anchors: Anchors, part: tuple[int, int] | None, re
         ds = _Peek(_digests(dcur))
         visited: set[bytes] = set()
         while ds.head is not None or rows.head is not None:
-            candidates = [x.head[0] if isinstance(x.head, tuple) else x.head.stream for x in (rows, ds) if x.head is not None]
+            candidates = [
+                x.head[0] if isinstance(x.head, tuple) else x.head.stream
+                for x in (rows, ds)
+                if x.head is not None
+            ]
             stream = min(candidates)
             visited.add(stream)
             summary.streams += 1
@@ -583,22 +694,38 @@ def _scan_part(opts: Options, anchors: Anchors, part: tuple[int, int] | None, re
                     continue
                 latest = max(known)
                 if not all(anchors.is_purged(stream, p) for p in (1, latest - 1)):
-                    check.finding("TRUNCATED", stream, 1, last=latest - 1, checkpoint=known[latest][1], detail="the whole stream is gone")
+                    check.finding(
+                        "TRUNCATED",
+                        stream,
+                        1,
+                        last=latest - 1,
+                        checkpoint=known[latest][1],
+                        detail="the whole stream is gone",
+                    )
         dcur.close()
     return summary
 
 
-def _unchained(conn: psycopg.Connection[Any], opts: Options, report: Report, summary: Summary) -> None:
+def _unchained(
+    conn: psycopg.Connection[Any], opts: Options, report: Report, summary: Summary
+) -> None:
     target = q(opts.schema, opts.table)
     digests = q(opts.schema, digests_table(opts.table))
-    tenant = sql.SQL("AND tenant_id = {}").format(sql.Literal(opts.tenant)) if opts.tenant else sql.SQL("")
-    (count,) = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE chain_stream IS NULL {}").format(target, tenant)).fetchone() or (0,)
+    tenant = (
+        sql.SQL("AND tenant_id = {}").format(sql.Literal(opts.tenant))
+        if opts.tenant
+        else sql.SQL("")
+    )
+    (count,) = conn.execute(
+        sql.SQL("SELECT count(*) FROM {} WHERE chain_stream IS NULL {}").format(target, tenant)
+    ).fetchone() or (0,)
     summary.unchained_rows = int(count)
     if not count:
         return
     for (ident,) in conn.execute(
         sql.SQL(
-            "SELECT id FROM {} WHERE chain_stream IS NULL {} AND recorded_at >= (SELECT min(recorded_at) FROM {}) ORDER BY id"
+            "SELECT id FROM {} WHERE chain_stream IS NULL {} "
+            "AND recorded_at >= (SELECT min(recorded_at) FROM {}) ORDER BY id"
         ).format(target, tenant, digests)
     ):
         report(Finding("EXTRA", id=str(ident), detail="unchained row written after chaining began"))
@@ -628,7 +755,9 @@ def verify(opts: Options, report: Report) -> Summary:
         summary.merge(part)
         return summary
     with ProcessPoolExecutor(opts.jobs) as pool:
-        for part, found in pool.map(_job, [(opts, anchors, (k, opts.jobs)) for k in range(opts.jobs)]):
+        for part, found in pool.map(
+            _job, [(opts, anchors, (k, opts.jobs)) for k in range(opts.jobs)]
+        ):
             part.findings.clear()
             summary.merge(part)
             for finding in found:
@@ -643,4 +772,3 @@ def heads_of(anchors: Anchors) -> dict[bytes, Head]:
         pos = max(known)
         out[stream] = Head(uuid.UUID(bytes=stream), pos, known[pos][0])
     return out
-

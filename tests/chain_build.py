@@ -59,14 +59,21 @@ class Chained:
         stamped, leaves, first = stream.stamp(data)
         tuples = binary.split_rows(stamped)
         keep_tuples = [t for i, t in enumerate(tuples) if i not in skip]
-        keep_leaves = b"".join(leaves[i * 32 : i * 32 + 32] for i in range(len(rows)) if i not in skip)
+        keep_leaves = b"".join(
+            leaves[i * 32 : i * 32 + 32] for i in range(len(rows)) if i not in skip
+        )
         skipped = [(first + i, 1) for i in skip]
         record = stream.seal(keep_leaves, first, len(rows), skipped)
         cols = sql.SQL(", ").join(map(sql.Identifier, LEAF_COLUMNS_V1))
         with psycopg.connect(self.dsn) as conn, conn.transaction():
-            with conn.cursor() as cur, cur.copy(
-                sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(q(self.schema, self.table), cols)
-            ) as copy:
+            with (
+                conn.cursor() as cur,
+                cur.copy(
+                    sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+                        q(self.schema, self.table), cols
+                    )
+                ) as copy,
+            ):
                 copy.write(binary.HEADER + b"".join(keep_tuples) + binary.TRAILER)
             insert_digest(conn, self.schema, self.table, record)
         stream.committed(record)
@@ -90,5 +97,12 @@ class Chained:
         from auditq.chain_schema import checkpoints_table, digests_table, retention_table
 
         with psycopg.connect(self.dsn, autocommit=True) as conn:
-            for name in (self.table, digests_table(self.table), checkpoints_table(self.table), retention_table(self.table)):
-                conn.execute(sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(q(self.schema, name)))
+            for name in (
+                self.table,
+                digests_table(self.table),
+                checkpoints_table(self.table),
+                retention_table(self.table),
+            ):
+                conn.execute(
+                    sql.SQL("DROP TABLE IF EXISTS {} CASCADE").format(q(self.schema, name))
+                )

@@ -7,7 +7,9 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import psycopg
 import pytest
+from psycopg import sql
 
 from auditq.chain import ChainStream
 from auditq.checkpoint import PurgedRange, keygen, make_checkpoint, record_retention
@@ -15,8 +17,6 @@ from auditq.cli import main
 from auditq.verify import Finding, Options, Summary, verify
 
 from .chain_build import Chained, make_row
-
-import psycopg
 
 
 @pytest.fixture
@@ -46,16 +46,28 @@ def filled(c: Chained, batches: int = 3, size: int = 5) -> ChainStream:
 
 
 def pos_id(c: Chained, stream: ChainStream, pos: int) -> str:
-    return str(c.sql("SELECT id FROM {t} WHERE chain_stream = %s AND chain_pos = %s", stream.id, pos)[0][0])
+    return str(
+        c.sql("SELECT id FROM {t} WHERE chain_stream = %s AND chain_pos = %s", stream.id, pos)[0][0]
+    )
 
 
 def test_untouched_table_verifies_clean_with_skips_and_two_streams(chained: Chained) -> None:
     one = filled(chained)
     two = ChainStream()
-    chained.write(two, [make_row(i, metadata={"b": [1, 2.5, None, True], "a": {"z": "é", "y": -0.0}}) for i in range(7)], skip=[2, 6])
+    chained.write(
+        two,
+        [
+            make_row(i, metadata={"b": [1, 2.5, None, True], "a": {"z": "é", "y": -0.0}})
+            for i in range(7)
+        ],
+        skip=[2, 6],
+    )
     chained.write(two, [make_row(100)], skip=[0])
     summary, found = run(chained, unanchored=True)
-    assert sorted((f.kind, f.first_pos, f.last_pos) for f in found) == [("UNANCHORED", 1, 8), ("UNANCHORED", 1, 15)]
+    assert sorted((f.kind, f.first_pos, f.last_pos) for f in found) == [
+        ("UNANCHORED", 1, 8),
+        ("UNANCHORED", 1, 15),
+    ]
     assert summary.rows == 15 + 5 and summary.digests == 5 and summary.streams == 2
     assert not summary.damaged
     assert one.sealed_pos == 16
@@ -64,16 +76,22 @@ def test_untouched_table_verifies_clean_with_skips_and_two_streams(chained: Chai
 def test_metadata_edit_is_modified_with_its_id(chained: Chained) -> None:
     stream = filled(chained)
     ident = pos_id(chained, stream, 7)
-    chained.sql("UPDATE {t} SET metadata = jsonb_set(metadata, '{{k}}', '\"w\"') WHERE id = %s", ident)
+    chained.sql(
+        "UPDATE {t} SET metadata = jsonb_set(metadata, '{{k}}', '\"w\"') WHERE id = %s", ident
+    )
     summary, found = run(chained)
-    assert [(f.kind, f.stream, f.first_pos, f.id) for f in found] == [("MODIFIED", str(stream.id), 7, ident)]
+    assert [(f.kind, f.stream, f.first_pos, f.id) for f in found] == [
+        ("MODIFIED", str(stream.id), 7, ident)
+    ]
     assert summary.damaged
 
 
 def test_one_byte_of_action_is_modified(chained: Chained) -> None:
     stream = filled(chained)
     ident = pos_id(chained, stream, 3)
-    chained.sql("UPDATE {t} SET action = overlay(action placing 'X' from 1 for 1) WHERE id = %s", ident)
+    chained.sql(
+        "UPDATE {t} SET action = overlay(action placing 'X' from 1 for 1) WHERE id = %s", ident
+    )
     _, found = run(chained)
     assert [(f.kind, f.first_pos, f.id) for f in found] == [("MODIFIED", 3, ident)]
 
@@ -82,26 +100,43 @@ def test_deleted_row_is_missing_exactly(chained: Chained) -> None:
     stream = filled(chained)
     chained.sql("DELETE FROM {t} WHERE chain_stream = %s AND chain_pos IN (4, 5, 6, 9)", stream.id)
     _, found = run(chained)
-    assert [(f.kind, f.first_pos, f.last_pos) for f in found] == [("MISSING", 4, 6), ("MISSING", 9, 9)]
+    assert [(f.kind, f.first_pos, f.last_pos) for f in found] == [
+        ("MISSING", 4, 6),
+        ("MISSING", 9, 9),
+    ]
+
+
+_COPY_OF_ROW_2 = (
+    "INSERT INTO {{t}} SELECT gen_random_uuid(), occurred_at, recorded_at, action, tenant_id, "
+    "actor_id, actor_type, resource_type, resource_id, outcome, ip, user_agent, request_id, "
+    "metadata, chain_stream, {} FROM {{t}} WHERE chain_stream = %s AND chain_pos = 2 LIMIT 1"
+)
 
 
 def test_forged_rows_are_extra_or_duplicate(chained: Chained) -> None:
     stream = filled(chained)
-    # a copy of row 2 under a new id at the same position, and a row past the last digest
-    chained.sql("INSERT INTO {t} SELECT gen_random_uuid(), occurred_at, recorded_at, action, tenant_id, actor_id, actor_type, resource_type, resource_id, outcome, ip, user_agent, request_id, metadata, chain_stream, chain_pos FROM {t} WHERE chain_stream = %s AND chain_pos = 2", stream.id)
-    chained.sql("INSERT INTO {t} SELECT gen_random_uuid(), occurred_at, recorded_at, action, tenant_id, actor_id, actor_type, resource_type, resource_id, outcome, ip, user_agent, request_id, metadata, chain_stream, 16 FROM {t} WHERE chain_stream = %s AND chain_pos = 2 LIMIT 1", stream.id)
-    chained.sql("INSERT INTO {t} (id, occurred_at, action) VALUES (gen_random_uuid(), now(), 'forged')")
-    _, found = run(chained)
+    genuine = pos_id(chained, stream, 2)
+    # a copy of row 2 under a new id at the same position, one past the last digest, and an
+    # unchained row written after chaining began
+    chained.sql(_COPY_OF_ROW_2.format("chain_pos"), stream.id)
+    chained.sql(_COPY_OF_ROW_2.format("16"), stream.id)
+    chained.sql("INSERT INTO {t} (id, occurred_at, action) VALUES (gen_random_uuid(), now(), 'x')")
+    summary, found = run(chained)
     assert kinds(found) == ["DUPLICATE", "EXTRA", "EXTRA"], [f.line() for f in found]
     dup = next(f for f in found if f.kind == "DUPLICATE")
-    assert dup.first_pos == 2 and dup.id != pos_id(chained, stream, 2) or dup.first_pos == 2
+    assert dup.first_pos == 2 and dup.id != genuine
     assert {f.first_pos for f in found if f.kind == "EXTRA"} == {16, None}
+    assert summary.unchained_rows == 1
 
 
 def test_swapped_positions_are_reordered(chained: Chained) -> None:
     stream = filled(chained)
     a, b = pos_id(chained, stream, 6), pos_id(chained, stream, 8)
-    chained.sql("UPDATE {t} SET chain_pos = CASE chain_pos WHEN 6 THEN 8 ELSE 6 END WHERE chain_stream = %s AND chain_pos IN (6, 8)", stream.id)
+    chained.sql(
+        "UPDATE {t} SET chain_pos = CASE chain_pos WHEN 6 THEN 8 ELSE 6 END "
+        "WHERE chain_stream = %s AND chain_pos IN (6, 8)",
+        stream.id,
+    )
     _, found = run(chained)
     assert sorted((f.kind, f.first_pos, f.id, f.detail) for f in found) == [
         ("REORDERED", 6, b, "belongs at position 8"),
@@ -109,23 +144,62 @@ def test_swapped_positions_are_reordered(chained: Chained) -> None:
     ]
 
 
-def test_replaced_digest_is_broken(chained: Chained) -> None:
-    stream = filled(chained)
-    ident = pos_id(chained, stream, 7)
-    chained.sql("UPDATE {t} SET actor_id = 'mallory' WHERE id = %s", ident)
-    # the tamperer recomputes the batch's leaves, root and hash to match the edited row
-    from auditq import chain
+def _forge_batch(c: Chained, stream: ChainStream, first: int, count: int) -> None:
+    """Recompute a batch's digest from the rows as they are now (what a tamperer who read
+    this code would do after editing a row)."""
+    from auditq import binary, chain
+    from auditq.chain_schema import q
 
-    rows = chained.sql("SELECT id FROM {t} WHERE chain_stream = %s AND chain_pos BETWEEN 6 AND 10 ORDER BY chain_pos", stream.id)
-    assert len(rows) == 5
-    forged = bytes(32) * 5
-    root = chain.root(forged)
-    prev = chained.sql("SELECT prev_hash FROM {d} WHERE stream = %s AND first_pos = 6", stream.id)[0][0]
-    digest = chain.digest_hash(stream.id, 6, 5, (), root, bytes(prev))
-    chained.sql("ALTER TABLE {d} DISABLE TRIGGER USER")
-    chained.sql("UPDATE {d} SET leaves = %s, root = %s, hash = %s WHERE stream = %s AND first_pos = 6", forged, root, digest, stream.id)
+    cols = sql.SQL(", ").join(map(sql.Identifier, chain.LEAF_COLUMNS_V1))
+    statement = sql.SQL(
+        "COPY (SELECT {} FROM {} WHERE chain_stream = {} AND chain_pos >= {} AND chain_pos < {} "
+        "ORDER BY chain_pos) TO STDOUT (FORMAT binary)"
+    ).format(
+        cols,
+        q(c.schema, c.table),
+        sql.Literal(stream.id),
+        sql.Literal(first),
+        sql.Literal(first + count),
+    )
+    with psycopg.connect(c.dsn) as conn, conn.cursor() as cur, cur.copy(statement) as copy:
+        raw = b"".join(bytes(x) for x in copy)
+    leaves = chain.leaves_of(b"".join(binary.split_rows(raw[19:-2])))
+    root = chain.root(leaves)
+    (prev,) = c.sql(
+        "SELECT prev_hash FROM {d} WHERE stream = %s AND first_pos = %s", stream.id, first
+    )[0]
+    digest = chain.digest_hash(stream.id, first, count, (), root, bytes(prev))
+    c.sql("ALTER TABLE {d} DISABLE TRIGGER USER")
+    c.sql(
+        "UPDATE {d} SET leaves = %s, root = %s, hash = %s WHERE stream = %s AND first_pos = %s",
+        leaves,
+        root,
+        digest,
+        stream.id,
+        first,
+    )
+
+
+def test_replaced_digest_breaks_the_next_link(chained: Chained) -> None:
+    stream = filled(chained)
+    chained.sql("UPDATE {t} SET actor_id = 'mallory' WHERE id = %s", pos_id(chained, stream, 7))
+    _forge_batch(chained, stream, 6, 5)
     _, found = run(chained)
-    assert ("BROKEN", 11, "digest does not link to the previous one") in {(f.kind, f.first_pos, f.detail) for f in found}
+    assert [(f.kind, f.first_pos, f.last_pos, f.detail) for f in found] == [
+        ("BROKEN", 11, 15, "digest does not link to the previous one")
+    ]
+
+
+def test_replaced_last_digest_is_caught_by_the_checkpoint(chained: Chained) -> None:
+    stream = filled(chained)
+    key = keygen("k")
+    with psycopg.connect(chained.dsn) as conn:
+        make_checkpoint(conn, chained.schema, chained.table, key)
+    chained.sql("UPDATE {t} SET actor_id = 'mallory' WHERE id = %s", pos_id(chained, stream, 12))
+    _forge_batch(chained, stream, 11, 5)
+    _, found = run(chained, keys=(key.verifier(),))
+    assert [(f.kind, f.first_pos, f.checkpoint) for f in found] == [("BROKEN", 11, 1)]
+    assert found[0].detail == "digest differs from the one the checkpoint signed"
 
 
 def test_tail_cut_is_caught_only_behind_a_checkpoint(chained: Chained, tmp_path: Path) -> None:
@@ -142,7 +216,9 @@ def test_tail_cut_is_caught_only_behind_a_checkpoint(chained: Chained, tmp_path:
     chained.sql("DELETE FROM {t} WHERE chain_stream = %s AND chain_pos >= 11", stream.id)
     chained.sql("DELETE FROM {d} WHERE stream = %s AND first_pos >= 11", stream.id)
     _, found = run(chained, keys=(key.verifier(),))
-    assert [(f.kind, f.first_pos, f.last_pos, f.checkpoint) for f in found] == [("TRUNCATED", 11, 15, 1)]
+    assert [(f.kind, f.first_pos, f.last_pos, f.checkpoint) for f in found] == [
+        ("TRUNCATED", 11, 15, 1)
+    ]
     # and when the checkpoint is deleted too, only the copy outside the database sees it
     chained.sql("ALTER TABLE {c} DISABLE TRIGGER USER")
     chained.sql("DELETE FROM {c}")
@@ -173,7 +249,9 @@ def test_time_range_drop_is_missing_unless_a_retention_record_covers_it(chained:
     assert [(f.kind, f.first_pos, f.last_pos) for f in found] == [("MISSING", 1, 5)]
     key = keygen("retention")
     with psycopg.connect(chained.dsn) as conn:
-        record_retention(conn, chained.schema, chained.table, key, [PurgedRange(stream.id, 1, 6, 5)], "13 months")
+        record_retention(
+            conn, chained.schema, chained.table, key, [PurgedRange(stream.id, 1, 6, 5)], "13 months"
+        )
     summary, found = run(chained, keys=(key.verifier(),))
     assert [(f.kind, f.first_pos, f.last_pos) for f in found] == [("PURGED", 1, 5)]
     assert not summary.damaged
@@ -199,14 +277,21 @@ def test_since_checkpoint_and_tenant_and_jobs(chained: Chained) -> None:
     assert kinds(found) == ["MODIFIED", "UNANCHORED", "UNANCHORED"] and summary.streams == 2
 
 
-def test_cli_keygen_checkpoint_verify(chained: Chained, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_keygen_checkpoint_verify(
+    chained: Chained, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     stream = filled(chained)
     target = ["--dsn", chained.dsn, "--table", chained.table]
     assert main(["keygen", "ops/ckpt", "--out", str(tmp_path)]) == 0
     private = tmp_path / "ops_ckpt.key"
     assert private.stat().st_mode & 0o777 == 0o600
     assert main(["keygen", "ops/ckpt", "--out", str(tmp_path)]) == 2
-    assert main(["checkpoint", *target, "--key", str(private), "--checkpoint-dir", str(tmp_path / "cp")]) == 0
+    assert (
+        main(
+            ["checkpoint", *target, "--key", str(private), "--checkpoint-dir", str(tmp_path / "cp")]
+        )
+        == 0
+    )
     pub = ["--public-key", str(tmp_path / "ops_ckpt.pub")]
     capsys.readouterr()
     assert main(["verify", *target, *pub, "--json"]) == 0
