@@ -27,8 +27,17 @@
 
 /* -- SHA-256 ------------------------------------------------------------------------------ */
 
-typedef unsigned char *(*sha256_fn)(const unsigned char *, size_t, unsigned char *);
-static sha256_fn openssl_sha256 = NULL;
+/* OpenSSL 3's one-shot SHA256() goes through EVP_Q_digest, which fetches the algorithm
+ * from a provider on every call; the low-level SHA256_Init/Update/Final (deprecated, still
+ * exported by 1.1 and 3.x) call the block function directly. SHA256_CTX is 112 bytes in
+ * both; the context here is bigger and aligned. */
+typedef int (*sha_init_fn)(void *);
+typedef int (*sha_update_fn)(void *, const void *, size_t);
+typedef int (*sha_final_fn)(unsigned char *, void *);
+static sha_init_fn ossl_init = NULL;
+static sha_update_fn ossl_update = NULL;
+static sha_final_fn ossl_final = NULL;
+static void *openssl_sha256 = NULL; /* non-NULL when the three above are set */
 static int sha_probed = 0;
 static int force_portable = 0;
 
@@ -119,9 +128,14 @@ static void probe_openssl(void) {
         if (lib == NULL) {
             continue;
         }
-        void *fn = dlsym(lib, "SHA256");
-        if (fn != NULL) {
-            openssl_sha256 = (sha256_fn)fn;
+        void *init = dlsym(lib, "SHA256_Init");
+        void *update = dlsym(lib, "SHA256_Update");
+        void *final = dlsym(lib, "SHA256_Final");
+        if (init != NULL && update != NULL && final != NULL) {
+            ossl_init = (sha_init_fn)init;
+            ossl_update = (sha_update_fn)update;
+            ossl_final = (sha_final_fn)final;
+            openssl_sha256 = lib;
             return;
         }
         dlclose(lib);
@@ -133,7 +147,10 @@ static inline void sha256(const unsigned char *data, size_t len, unsigned char *
         probe_openssl();
     }
     if (openssl_sha256 != NULL && !force_portable) {
-        openssl_sha256(data, len, out);
+        _Alignas(16) unsigned char ctx[256];
+        ossl_init(ctx);
+        ossl_update(ctx, data, len);
+        ossl_final(out, ctx);
     } else {
         sha256_portable(data, len, out);
     }
@@ -457,10 +474,28 @@ static int member_cmp(const void *a, const void *b) {
     return x->index < y->index ? -1 : (x->index > y->index ? 1 : 0);
 }
 
+/* Insertion sort for the usual handful of keys (qsort's call per comparison costs more). */
+static void sort_members(Member *m, size_t n) {
+    if (n > 16) {
+        qsort(m, n, sizeof(Member), member_cmp);
+        return;
+    }
+    for (size_t i = 1; i < n; i++) {
+        Member key = m[i];
+        size_t j = i;
+        while (j > 0 && member_cmp(&m[j - 1], &key) > 0) {
+            m[j] = m[j - 1];
+            j--;
+        }
+        m[j] = key;
+    }
+}
+
 static int parse_object(Parser *ps, Buf *out) {
     size_t start = out->len;
-    Member *members = NULL;
-    size_t count = 0, cap = 0;
+    Member local[16];
+    Member *members = local;
+    size_t count = 0, cap = 16;
     int rc = -1;
     if (buf_byte(out, 'o') < 0 || buf_u32(out, 0) < 0) {
         return -1;
@@ -479,11 +514,15 @@ static int parse_object(Parser *ps, Buf *out) {
         }
         ps->p++;
         if (count == cap) {
-            cap = cap ? cap * 2 : 8;
-            Member *grown = PyMem_Realloc(members, cap * sizeof(Member));
+            cap *= 2;
+            Member *grown = PyMem_Malloc(cap * sizeof(Member));
             if (grown == NULL) {
                 PyErr_NoMemory();
                 goto done;
+            }
+            memcpy(grown, members, count * sizeof(Member));
+            if (members != local) {
+                PyMem_Free(members);
             }
             members = grown;
         }
@@ -518,7 +557,7 @@ static int parse_object(Parser *ps, Buf *out) {
     }
     /* sort by key bytes (then text order), keep the last of equal keys, write back */
     member_base = out->data;
-    qsort(members, count, sizeof(Member), member_cmp);
+    sort_members(members, count);
     members_tmp.len = 0;
     size_t kept = 0;
     for (size_t i = 0; i < count; i++) {
@@ -542,7 +581,9 @@ static int parse_object(Parser *ps, Buf *out) {
     put_u32_at(out, start + 1, (uint32_t)kept);
     rc = 0;
 done:
-    PyMem_Free(members);
+    if (members != local) {
+        PyMem_Free(members);
+    }
     return rc;
 }
 

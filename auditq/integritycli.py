@@ -107,6 +107,8 @@ def _checkpoint(args: argparse.Namespace, dsn: Dsn, schema: str, table: str) -> 
             )
     except Inconsistent as exc:
         return _fail("checkpoint", f"refusing to sign: {exc}", 1)
+    except psycopg.errors.UndefinedTable as exc:
+        return _fail("checkpoint", f"{schema}.{table} is not chained: {dsn.scrub(str(exc))}")
     except psycopg.Error as exc:
         return _fail("checkpoint", dsn.scrub(str(exc)), 1)
     print(f"auditq checkpoint: {point.number} signs {len(point.heads)} stream heads")
@@ -164,6 +166,8 @@ def _verify(args: argparse.Namespace, dsn: Dsn, schema: str, table: str) -> int:
 
     try:
         summary = verify(opts, show)
+    except psycopg.errors.UndefinedTable as exc:
+        return _fail("verify", f"{schema}.{table} is not chained: {dsn.scrub(str(exc))}")
     except psycopg.Error as exc:
         return _fail("verify", dsn.scrub(str(exc)), 1)
     out: dict[str, Any] = summary.json()

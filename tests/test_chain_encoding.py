@@ -251,3 +251,18 @@ def test_canonical_survives_the_jsonb_round_trip(
         assert chain.canonical_json(tuple_bytes[7:]) == want  # 2 count + 4 length + 1 version
         if C is not None:
             assert C.chain_canonical_json(text) == want
+
+
+def test_wide_and_deep_objects_agree() -> None:
+    wide = {f"k{i:03d}": i for i in range(70)}
+    wide["nested"] = {f"{chr(0x41 + i % 26) * (i % 5 + 1)}": [i, {"x": i}] for i in range(40)}
+    deep: dict[str, Any] = {"v": 1}
+    for i in range(100):
+        deep = {"d": deep, "i": i}
+    for value in (wide, deep):
+        text = orjson.dumps(value)
+        want = chain._canonical_json_python(text)
+        assert chain.canonical_json(text) == want
+    dup = '{"b":1,' + ",".join(f'"k{i}":{i}' for i in range(30)) + ',"b":2}'
+    assert chain.canonical_json(dup) == chain._canonical_json_python(dup)
+    assert chain.canonical_json(dup) == chain.canonical_json(dup.replace('"b":1,', ""))
