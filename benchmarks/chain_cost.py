@@ -34,6 +34,10 @@ def best(fn: Callable[[], object], rows: int) -> float:
     return min(times) / rows * 1e6
 
 
+def show(name: str, fn: Callable[[], object]) -> None:
+    print(f"{name:<42} {best(fn, BATCH):6.3f} µs/row")
+
+
 def main() -> None:
     rows = [typical_row(n) for n in range(BATCH)]
     block = binary.encode_block(rows, [], [])
@@ -42,44 +46,28 @@ def main() -> None:
     tuples = binary.split_rows(stamped)
     print(f"{BATCH} typical rows per batch, {len(block) // BATCH} bytes per encoded row")
     print(f"C extension: {chain.ACCELERATED}, SHA-256 from: {chain.sha256_backend()}")
-    print(
-        f"encode_block (the writer's encoder)     {best(lambda: binary.encode_block(rows, [], []), BATCH):6.3f} µs/row"
-    )
-    print(
-        f"stamp: chain fields + leaf              {best(lambda: chain.stamp(block, stream, 1), BATCH):6.3f} µs/row"
-    )
-    print(
-        f"root over the batch's leaves            {best(lambda: chain.root(leaves), BATCH):6.3f} µs/row"
-    )
+    show("encode_block (the writer's encoder)", lambda: binary.encode_block(rows, [], []))
+    show("stamp: chain fields + leaf", lambda: chain.stamp(block, stream, 1))
+    show("root over the batch's leaves", lambda: chain.root(leaves))
     cs = ChainStream()
 
     def seal() -> None:
         record = cs.seal(leaves, cs.sealed_pos, BATCH)
         cs.committed(record)
 
-    print(f"seal (root + digest record + hash)      {best(seal, BATCH):6.3f} µs/row")
+    show("seal (root + digest record + hash)", seal)
     if native.speedups is not None:
         c = native.speedups
         c.chain_sha256_backend(True)
         try:
-            print(
-                f"stamp with the portable SHA-256         {best(lambda: chain.stamp(block, stream, 1), BATCH):6.3f} µs/row"
-            )
-            print(
-                f"root with the portable SHA-256          {best(lambda: chain.root(leaves), BATCH):6.3f} µs/row"
-            )
+            show("stamp with the portable SHA-256", lambda: chain.stamp(block, stream, 1))
+            show("root with the portable SHA-256", lambda: chain.root(leaves))
         finally:
             c.chain_sha256_backend(False)
-        print(
-            f"leaves only (verify's per-row work)     {best(lambda: c.chain_leaves(stamped), BATCH):6.3f} µs/row"
-        )
+        show("leaves only (verify's per-row work)", lambda: c.chain_leaves(stamped))
     sha = hashlib.sha256
-    print(
-        f"hashlib loop over the tuples (no canon) {best(lambda: [sha(t).digest() for t in tuples], BATCH):6.3f} µs/row"
-    )
-    print(
-        f"pure-Python stamp (AUDITQ_NO_SPEEDUPS)  {best(lambda: chain._stamp_python(block, stream, 1), BATCH):6.3f} µs/row"
-    )
+    show("hashlib loop over the tuples (no canon)", lambda: [sha(t).digest() for t in tuples])
+    show("pure-Python stamp (AUDITQ_NO_SPEEDUPS)", lambda: chain._stamp_python(block, stream, 1))
 
 
 if __name__ == "__main__":
