@@ -627,15 +627,20 @@ def _scan_part(
     summary = Summary()
     where, digests = _selection(opts, anchors, part)
     columns = sql.SQL(", ").join(sql.SQL("t.{}").format(sql.Identifier(c)) for c in LEAF_COLUMNS_V1)
-    partial = (
-        opts.tenant is not None or opts.since_time is not None or opts.since_checkpoint is not None
-    )
+    # --tenant and --since TIME read only some batches of a stream, so links between batches
+    # and the stream's ends cannot be checked; --since CHECKPOINT starts each stream at its
+    # signed head and checks everything after it.
+    joined = opts.tenant is not None or opts.since_time is not None
+    starts: dict[bytes, tuple[int, bytes]] = {}
+    if opts.since_checkpoint is not None and opts.since_checkpoint in anchors.checkpoints:
+        for h in anchors.checkpoints[opts.since_checkpoint].heads:
+            starts[h.stream.bytes] = (h.next_pos, h.hash)
     with psycopg.connect(opts.dsn) as a, psycopg.connect(opts.dsn) as b:
         a.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         (snapshot,) = a.execute("SELECT pg_export_snapshot()").fetchone() or ("",)
         b.execute("BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY")
         b.execute(sql.SQL("SET TRANSACTION SNAPSHOT {}").format(sql.Literal(snapshot)))
-        if partial:
+        if joined:
             rows_sql = sql.SQL(
                 "COPY (SELECT {} FROM {} t JOIN "
                 "(SELECT d.stream, d.first_pos, d.pos_count FROM {} d WHERE {}) s "
@@ -651,12 +656,28 @@ def _scan_part(
                 if part
                 else sql.SQL("")
             )
+            since = (
+                sql.SQL(
+                    "LEFT JOIN unnest({}::uuid[], {}::bigint[]) AS s(stream, pos) "
+                    "ON s.stream = t.chain_stream"
+                ).format(
+                    sql.Literal([uuid.UUID(bytes=k) for k in starts]),
+                    sql.Literal([v[0] for v in starts.values()]),
+                )
+                if opts.since_checkpoint is not None
+                else sql.SQL("")
+            )
+            since_cond = (
+                sql.SQL("AND t.chain_pos >= coalesce(s.pos, 1)")
+                if opts.since_checkpoint is not None
+                else sql.SQL("")
+            )
             rows_sql = sql.SQL(
-                "COPY (SELECT {} FROM {} t WHERE t.chain_stream IS NOT NULL {} "
+                "COPY (SELECT {} FROM {} t {} WHERE t.chain_stream IS NOT NULL {} {} "
                 "ORDER BY t.chain_stream, t.chain_pos, t.id) TO STDOUT (FORMAT binary)"
-            ).format(columns, q(opts.schema, opts.table), part_cond)
+            ).format(columns, q(opts.schema, opts.table), since, part_cond, since_cond)
         dcur = a.cursor(name="auditq_verify_digests")
-        dcur.itersize = 512
+        dcur.itersize = 64  # a batch of 1,000 rows carries 32 KB of leaves
         dcur.execute(
             sql.SQL(
                 "SELECT d.stream, d.first_pos, d.pos_count, d.skipped_pos, d.skipped_reason, "
@@ -664,7 +685,7 @@ def _scan_part(
                 "d.prev_hash, d.hash, d.leaves FROM {} d WHERE {} ORDER BY d.stream, d.first_pos"
             ).format(digests, where)
         )
-        check = _StreamCheck(anchors, report, summary, chain_links=not partial)
+        check = _StreamCheck(anchors, report, summary, chain_links=not joined)
         rows = _Peek(_rows(b.cursor(), rows_sql))
         ds = _Peek(_digests(dcur))
         visited: set[bytes] = set()
@@ -682,25 +703,23 @@ def _scan_part(
                 while ds.head is not None and ds.head.stream == s:
                     yield ds.pop()
 
-            start = None
-            if opts.since_checkpoint is not None and opts.since_checkpoint in anchors.checkpoints:
-                for h in anchors.checkpoints[opts.since_checkpoint].heads:
-                    if h.stream.bytes == stream:
-                        start = (h.next_pos, h.hash)
-            check.run(stream, of_stream(), rows, start)
-        if not partial:
+            check.run(stream, of_stream(), rows, starts.get(stream))
+        if not joined:
             for stream, known in anchors.heads.items():
                 if stream in visited or (part and stream[15] % part[1] != part[0]):
                     continue
+                first = starts.get(stream, (1, b""))[0]
                 latest = max(known)
-                if not all(anchors.is_purged(stream, p) for p in (1, latest - 1)):
+                if latest > first and not all(
+                    anchors.is_purged(stream, p) for p in (first, latest - 1)
+                ):
                     check.finding(
                         "TRUNCATED",
                         stream,
-                        1,
+                        first,
                         last=latest - 1,
                         checkpoint=known[latest][1],
-                        detail="the whole stream is gone",
+                        detail="every digest of these signed positions is gone",
                     )
         dcur.close()
     return summary

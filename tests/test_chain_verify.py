@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
@@ -267,14 +268,27 @@ def test_since_checkpoint_and_tenant_and_jobs(chained: Chained) -> None:
     chained.sql("UPDATE {t} SET actor_id = 'x' WHERE id = %s", ident)
     summary, found = run(chained, since_checkpoint=1)
     assert found == [] and summary.rows == 3
+    chained.sql("DELETE FROM {t} WHERE chain_stream = %s AND chain_pos = 17", stream.id)
+    _, found = run(chained, since_checkpoint=1)
+    assert [(f.kind, f.first_pos) for f in found] == [("MISSING", 17)]
+    _, found = run(chained, since_time=datetime.now(UTC) - timedelta(hours=1))
+    assert kinds(found) == ["MISSING", "MODIFIED"]
+    _, found = run(chained, since_time=datetime.now(UTC) + timedelta(hours=1))
+    assert found == []
     _, found = run(chained, tenant="t1")
     assert [(f.kind, f.id) for f in found] == [("MODIFIED", ident)]
     _, found = run(chained, tenant="t2")
-    assert found == []
+    assert kinds(found) == ["MISSING"]
     other = ChainStream()
     chained.write(other, [make_row(i) for i in range(4)])
     summary, found = run(chained, unanchored=True, jobs=2)
-    assert kinds(found) == ["MODIFIED", "UNANCHORED", "UNANCHORED"] and summary.streams == 2
+    assert sorted((f.kind, f.first_pos, f.last_pos) for f in found) == [
+        ("MISSING", 17, 17),
+        ("MODIFIED", 2, 2),
+        ("UNANCHORED", 1, 4),
+        ("UNANCHORED", 16, 18),
+    ]
+    assert summary.streams == 2
 
 
 def test_cli_keygen_checkpoint_verify(
