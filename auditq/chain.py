@@ -55,6 +55,9 @@ class Skip(IntEnum):
     DEAD_LETTER = 1
     #: The writer gave up on the row at shutdown (no spool) and it was dead-lettered.
     ABANDONED = 2
+    #: An idempotent replay found another row with the same id stored (not this batch's
+    #: own earlier commit): the row was dead-lettered as a duplicate.
+    DUPLICATE_ID = 3
 
 
 class CanonicalError(ValueError):

@@ -8,12 +8,13 @@ phase-2 `init-db` calls `create_chain_tables` after creating the table.
 from __future__ import annotations
 
 import hashlib
+import uuid
 from typing import Any, Final
 
 import psycopg
 from psycopg import sql
 
-from .chain import DigestRecord
+from .chain import ChainStream, DigestRecord
 
 DIGESTS_SUFFIX: Final = "_digests"
 CHECKPOINTS_SUFFIX: Final = "_checkpoints"
@@ -193,6 +194,31 @@ def digest_params(record: DigestRecord) -> tuple[Any, ...]:
         record.leaves,
         record.version,
     )
+
+
+def stream_head(
+    conn: psycopg.Connection[Any], schema: str, table: str, stream: uuid.UUID
+) -> tuple[int, bytes] | None:
+    """(next position, head hash) of `stream` as the digests table has it: what a writer
+    replaying another (dead) writer's spooled rows resumes that stream from."""
+    row = conn.execute(
+        sql.SQL(
+            "SELECT first_pos + pos_count, hash FROM {} WHERE stream = %s "
+            "ORDER BY first_pos DESC LIMIT 1"
+        ).format(q(schema, digests_table(table))),
+        (stream,),
+    ).fetchone()
+    return None if row is None else (int(row[0]), bytes(row[1]))
+
+
+def resume_stream(
+    conn: psycopg.Connection[Any], schema: str, table: str, stream: uuid.UUID
+) -> ChainStream:
+    """A `ChainStream` continuing `stream` from its last committed digest (or its start)."""
+    head = stream_head(conn, schema, table, stream)
+    if head is None:
+        return ChainStream(stream)
+    return ChainStream(stream, next_pos=head[0], head_hash=head[1])
 
 
 def insert_digest(

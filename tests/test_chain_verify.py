@@ -318,3 +318,17 @@ def test_cli_keygen_checkpoint_verify(
     assert lines[-1]["findings"] == {"MISSING": 1}
     assert main(["verify", *target, "--jobs", "0"]) == 2
     assert main(["verify", *target, "--since", "yesterday"]) == 2
+
+
+def test_resume_stream_continues_a_dead_writers_chain(chained: Chained) -> None:
+    from auditq.chain_schema import resume_stream
+
+    stream = filled(chained, batches=2)
+    with psycopg.connect(chained.dsn) as conn:
+        again = resume_stream(conn, chained.schema, chained.table, stream.id)
+        fresh = resume_stream(conn, chained.schema, chained.table, uuid.uuid4())
+    assert (again.sealed_pos, again.head_hash) == (stream.sealed_pos, stream.head_hash)
+    assert fresh.sealed_pos == 1
+    chained.write(again, [make_row(70 + i) for i in range(3)], skip=[1])
+    summary, found = run(chained)
+    assert found == [] and summary.rows == 12 and summary.digests == 3
