@@ -898,10 +898,11 @@ static PyObject *chain_root(PyObject *self, PyObject *args) {
     return PyBytes_FromStringAndSize((const char *)out, HASH_SIZE);
 }
 
-/* scan(buf, start, fields) -> (next, records, ended): the complete tuples of a binary COPY
+/* scan(buf, start, fields) -> (next, records, ended, leaves): the complete tuples of a binary COPY
  * TO stream from `start`; each gives an 80-byte record: stream[16] pos[8] id[16] leaf[32]
  * tuple offset[4] tuple length[4]. Stops at an incomplete tuple (next is where it starts)
- * or at the trailer (ended). The stream and position are the last two fields. */
+ * or at the trailer (ended). The stream and position are the last two fields; `leaves` is
+ * the records' leaves again, contiguous, so a whole batch is checked with one comparison. */
 static PyObject *chain_scan(PyObject *self, PyObject *args) {
     Py_buffer view;
     Py_ssize_t start;
@@ -911,7 +912,7 @@ static PyObject *chain_scan(PyObject *self, PyObject *args) {
     }
     const unsigned char *data = view.buf;
     size_t len = (size_t)view.len, at = (size_t)start;
-    Buf out = {NULL, 0, 0};
+    Buf out = {NULL, 0, 0}, leaves = {NULL, 0, 0};
     int ended = 0;
     PyObject *result = NULL;
     while (at < len) {
@@ -953,13 +954,18 @@ static PyObject *chain_scan(PyObject *self, PyObject *args) {
         }
         put_u32_at(&out, out.len + 72, (uint32_t)at);
         put_u32_at(&out, out.len + 76, (uint32_t)n);
+        if (buf_put(&leaves, rec + 40, HASH_SIZE) < 0) {
+            goto done;
+        }
         out.len += SCAN_RECORD;
         at += (size_t)n;
     }
-    result = Py_BuildValue("ny#O", (Py_ssize_t)at, out.data ? (const char *)out.data : "",
-                           (Py_ssize_t)out.len, ended ? Py_True : Py_False);
+    result = Py_BuildValue("ny#Oy#", (Py_ssize_t)at, out.data ? (const char *)out.data : "",
+                           (Py_ssize_t)out.len, ended ? Py_True : Py_False,
+                           leaves.data ? (const char *)leaves.data : "", (Py_ssize_t)leaves.len);
 done:
     PyMem_Free(out.data);
+    PyMem_Free(leaves.data);
     PyBuffer_Release(&view);
     return result;
 }
@@ -1015,7 +1021,7 @@ static PyMethodDef chain_methods[] = {
      "appended, their leaves)"},
     {"chain_root", chain_root, METH_VARARGS, "chain_root(leaves) -> RFC 6962 Merkle root"},
     {"chain_scan", chain_scan, METH_VARARGS,
-     "chain_scan(buf, start, fields=15) -> (next, records, ended) over a COPY TO stream"},
+     "chain_scan(buf, start, fields=15) -> (next, records, ended, leaves) over COPY TO data"},
     {"chain_canonical_json", chain_canonical_json, METH_VARARGS,
      "chain_canonical_json(text) -> the canonical form of a JSON text"},
     {"chain_sha256", chain_sha256, METH_VARARGS, "chain_sha256(data) -> SHA-256 digest"},

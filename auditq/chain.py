@@ -251,7 +251,7 @@ SCAN_RECORD: Final = struct.Struct(">16sQ16s32sII")
 
 def _scan_python(
     buf: bytes, start: int, fields: int = len(LEAF_COLUMNS_V1)
-) -> tuple[int, bytes, bool]:
+) -> tuple[int, bytes, bool, bytes]:
     out: list[bytes] = []
     at = start
     end = len(buf)
@@ -260,7 +260,7 @@ def _scan_python(
             break
         (count,) = _I16.unpack_from(buf, at)
         if count == -1:
-            return at + 2, b"".join(out), True
+            return at + 2, b"".join(out), True, b"".join(r[40:72] for r in out)
         # a complete tuple?
         probe = at + 2
         complete = True
@@ -284,7 +284,7 @@ def _scan_python(
         (pos,) = _Q.unpack(pos_bytes)
         out.append(SCAN_RECORD.pack(stream, pos, ident, _leaf_python(values), at, after - at))
         at = after
-    return at, b"".join(out), False
+    return at, b"".join(out), False, b"".join(r[40:72] for r in out)
 
 
 # -- the C twins, when built ---------------------------------------------------------------
@@ -319,9 +319,9 @@ else:
 # root(leaves) -> bytes: RFC 6962 Merkle root over concatenated 32-byte leaves.
 # stamp(data, stream, first_pos) -> (tuples, leaves): append chain_stream and chain_pos
 #   (first_pos, first_pos + 1, ...) to each tuple and return the new tuples and their leaves.
-# scan_rows(buf, start, fields=15) -> (next, records, ended): the complete tuples of a COPY
-#   TO stream from `start`, one SCAN_RECORD each; stops before an incomplete tuple or after
-#   the trailer (ended).
+# scan_rows(buf, start, fields=15) -> (next, records, ended, leaves): the complete tuples
+#   of a COPY TO stream from `start`, one SCAN_RECORD each (and their leaves again,
+#   contiguous); stops before an incomplete tuple or after the trailer (ended).
 
 
 def leaf_of_fields(fields: Sequence[bytes | None], json_field: int = JSON_FIELD_V1) -> bytes:

@@ -283,20 +283,24 @@ class _Peek:
 
 #: A scanned row: (stream, pos, id, leaf, its tuple's bytes).
 Row = tuple[bytes, int, bytes, bytes, memoryview]
+#: One scanned piece of COPY data: (the data, its records, their leaves).
+Chunk = tuple[bytes, bytes, bytes]
+_RECORD: Final = SCAN_RECORD.size
+_HEAD: Final = struct.Struct(">16sQ")
 
 
-def _rows(cur: psycopg.Cursor[Any], statement: sql.Composed) -> Iterator[Row]:
+def _chunks(cur: psycopg.Cursor[Any], statement: sql.Composed) -> Iterator[Chunk]:
+    """The rows of the COPY as scanned pieces of ~64 KiB (the server sends one message per
+    row; a C call and a Python step per row would cost more than the hash)."""
     rest = b""
     started = False
     with cur.copy(statement) as copy:
-        chunks = iter(copy)
+        messages = iter(copy)
         finished = False
         while not finished:
-            # ~64 KiB per scan: the server sends one message per row, and a C call per row
-            # would cost more than the hash.
             pending: list[Any] = [rest]
             size = len(rest)
-            for data in chunks:
+            for data in messages:
                 pending.append(data)
                 size += len(data)
                 if size >= 1 << 16:
@@ -312,13 +316,83 @@ def _rows(cur: psycopg.Cursor[Any], statement: sql.Composed) -> Iterator[Row]:
                 (ext,) = struct.unpack_from(">I", buf, 15)
                 at = 19 + ext
                 started = True
-            at, records, ended = chain.scan_rows(buf, at)
-            view = memoryview(buf)
-            for stream, pos, ident, leaf, off, length in SCAN_RECORD.iter_unpack(records):
-                yield stream, pos, ident, leaf, view[off : off + length]
+            at, records, ended, leaves = chain.scan_rows(buf, at)
+            if records:
+                yield buf, records, leaves
             if ended:
                 return
             rest = buf[at:]
+
+
+class _Taken:
+    """The rows of one stream below a position, as pieces of scanned chunks."""
+
+    __slots__ = ("count", "pieces")
+
+    def __init__(self) -> None:
+        self.pieces: list[tuple[bytes, bytes, bytes]] = []
+        self.count = 0
+
+    def leaves(self) -> bytes:
+        return b"".join(p[2] for p in self.pieces)
+
+    def rows(self) -> Iterator[Row]:
+        for buf, records, _ in self.pieces:
+            view = memoryview(buf)
+            for stream, pos, ident, leaf, off, length in SCAN_RECORD.iter_unpack(records):
+                yield stream, pos, ident, leaf, view[off : off + length]
+
+
+class _RowSource:
+    """The scanned rows in (stream, position) order, taken a run at a time."""
+
+    def __init__(self, chunks: Iterator[Chunk]) -> None:
+        self._chunks = chunks
+        self._buf = self._records = self._leaves = b""
+        self._at = self._n = 0
+        self._load()
+
+    def _load(self) -> bool:
+        for buf, records, leaves in self._chunks:
+            self._buf, self._records, self._leaves = buf, records, leaves
+            self._at, self._n = 0, len(records) // _RECORD
+            return True
+        self._n = self._at = 0
+        return False
+
+    @property
+    def head(self) -> tuple[bytes, int] | None:
+        if self._at >= self._n:
+            return None
+        stream, pos = _HEAD.unpack_from(self._records, self._at * _RECORD)
+        return stream, pos
+
+    def take(self, stream: bytes, end: int) -> _Taken:
+        """Every row of `stream` at a position below `end`, from here on."""
+        taken = _Taken()
+        while self._at < self._n:
+            # rows sorted by (stream, pos): the ones wanted are a prefix; find where it ends
+            lo, hi = self._at, self._n
+            while lo < hi:
+                mid = (lo + hi) // 2
+                s, pos = _HEAD.unpack_from(self._records, mid * _RECORD)
+                if s == stream and pos < end:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            if lo > self._at:
+                taken.pieces.append(
+                    (
+                        self._buf,
+                        self._records[self._at * _RECORD : lo * _RECORD],
+                        self._leaves[self._at * HASH_SIZE : lo * HASH_SIZE],
+                    )
+                )
+                taken.count += lo - self._at
+            self._at = lo
+            if lo < self._n or not self._load():
+                break
+        return taken
 
 
 def _digests(cur: psycopg.Cursor[Any]) -> Iterator[Digest]:
@@ -393,7 +467,7 @@ class _StreamCheck:
         self,
         stream: bytes,
         digests: Iterator[Digest],
-        rows: _Peek,
+        rows: _RowSource,
         start: tuple[int, bytes] | None,
     ) -> None:
         expected, prev = start or (1, GENESIS)
@@ -447,11 +521,10 @@ class _StreamCheck:
                         detail="digest does not link to the previous one",
                     )
             # rows before this digest: in a gap no digest covers
-            while rows.head is not None and rows.head[0] == stream and rows.head[1] < d.first_pos:
-                row = rows.pop()
-                self.summary.rows += 1
-                if row[1] >= expected or not self.chain_links:
-                    self.extra_row(row, "no digest covers its position")
+            before = rows.take(stream, d.first_pos)
+            self.summary.rows += before.count
+            for row in before.rows() if before.count else ():
+                self.extra_row(row, "no digest covers its position")
             self.batch(stream, d, rows)
             head = known.get(d.next_pos)
             if head is not None and head[0] != d.hash:
@@ -464,9 +537,10 @@ class _StreamCheck:
                     detail="digest differs from the one the checkpoint signed",
                 )
             expected, prev = max(expected, d.next_pos), d.hash
-        while rows.head is not None and rows.head[0] == stream:
-            self.summary.rows += 1
-            self.extra_row(rows.pop(), "after the stream's last digest")
+        after = rows.take(stream, 1 << 63)
+        self.summary.rows += after.count
+        for row in after.rows() if after.count else ():
+            self.extra_row(row, "after the stream's last digest")
         if not self.chain_links:
             self.ranges.flush()
             return
@@ -490,7 +564,7 @@ class _StreamCheck:
     def extra_row(self, row: Row, detail: str) -> None:
         self.finding("EXTRA", row[0], row[1], id=str(uuid.UUID(bytes=row[2])), detail=detail)
 
-    def batch(self, stream: bytes, d: Digest, rows: _Peek) -> None:
+    def batch(self, stream: bytes, d: Digest, rows: _RowSource) -> None:
         skipped = {p for p, _ in d.skipped}
         skips = sorted(skipped)
         present = d.count - len(skipped)
@@ -508,9 +582,11 @@ class _StreamCheck:
         suspects: list[tuple[int, bytes, bytes]] = []
         first = d.first_pos
         end = d.next_pos
-        while rows.head is not None and rows.head[0] == stream and rows.head[1] < end:
-            s, pos, ident, leaf, data = rows.pop()
-            self.summary.rows += 1
+        taken = rows.take(stream, end)
+        self.summary.rows += taken.count
+        if taken.count == present and taken.leaves() == leaves:
+            return  # each row has the leaf of its position: the whole batch is intact
+        for s, pos, ident, leaf, data in taken.rows():
             if pos in skipped:
                 self.extra_row((s, pos, ident, leaf, data), "at a position its digest skipped")
                 continue
@@ -532,12 +608,12 @@ class _StreamCheck:
         unmatched = [i for i in range(present) if not matched[i]]
         positions = [p for p in range(first, end) if p not in skipped]
         later: list[tuple[int, bytes, bytes]] = []
-        for pos, ident, data in suspects:
+        for pos, ident, tuple_bytes in suspects:
             for i in unmatched[:_REORDER_TRIES]:
                 if matched[i]:
                     continue
                 if (
-                    _leaf_at(data, positions[i])
+                    _leaf_at(tuple_bytes, positions[i])
                     == leaves[i * HASH_SIZE : i * HASH_SIZE + HASH_SIZE]
                 ):
                     matched[i] = 1
@@ -550,7 +626,7 @@ class _StreamCheck:
                     )
                     break
             else:
-                later.append((pos, ident, data))
+                later.append((pos, ident, tuple_bytes))
         for pos, ident, _data in later:
             index = positions.index(pos)
             if not matched[index]:
@@ -686,15 +762,12 @@ def _scan_part(
             ).format(digests, where)
         )
         check = _StreamCheck(anchors, report, summary, chain_links=not joined)
-        rows = _Peek(_rows(b.cursor(), rows_sql))
+        rows = _RowSource(_chunks(b.cursor(), rows_sql))
         ds = _Peek(_digests(dcur))
         visited: set[bytes] = set()
         while ds.head is not None or rows.head is not None:
-            candidates = [
-                x.head[0] if isinstance(x.head, tuple) else x.head.stream
-                for x in (rows, ds)
-                if x.head is not None
-            ]
+            row_head = rows.head
+            candidates = [x for x in (row_head and row_head[0], ds.head and ds.head.stream) if x]
             stream = min(candidates)
             visited.add(stream)
             summary.streams += 1

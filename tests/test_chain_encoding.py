@@ -159,14 +159,14 @@ def test_stamp_appends_chain_fields_and_leaves_match() -> None:
 def test_scan_twins_agree_and_stop_at_partial_tuples() -> None:
     stamped, leaves = chain._stamp_python(_block(4), uuid.uuid4().bytes, 1)
     buf = stamped + b"\xff\xff"
-    at, records, ended = chain._scan_python(buf, 0)
+    at, records, ended, again = chain._scan_python(buf, 0)
     assert ended and at == len(buf) and len(records) == 4 * chain.SCAN_RECORD.size
-    assert b"".join(r[3] for r in chain.SCAN_RECORD.iter_unpack(records)) == leaves
+    assert b"".join(r[3] for r in chain.SCAN_RECORD.iter_unpack(records)) == leaves == again
     cut = len(stamped) - 7
     part = chain._scan_python(stamped[:cut], 0)
     assert not part[2] and len(part[1]) == 3 * chain.SCAN_RECORD.size
     if C is not None:
-        assert C.chain_scan(buf, 0) == (at, records, True)
+        assert C.chain_scan(buf, 0) == (at, records, True, leaves)
         assert C.chain_scan(stamped[:cut], 0) == part
 
 
