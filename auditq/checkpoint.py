@@ -34,7 +34,7 @@ _ALG_ED25519: Final = b"\x01"
 _SIG_LINE: Final = re.compile(r"^\u2014 (\S+) (\S+)$")
 
 
-class KeyError_(ValueError):
+class KeyFileError(ValueError):
     """A key file that cannot be read (the message says why)."""
 
 
@@ -76,17 +76,17 @@ class VerifierKey:
     def parse(cls, text: str) -> VerifierKey:
         parts = text.strip().split("+", 2)  # base64 may hold '+'; names and hashes do not
         if len(parts) != 3:
-            raise KeyError_("not a verifier key (name+hash+key)")
+            raise KeyFileError("not a verifier key (name+hash+key)")
         name, hexid, encoded = parts
         try:
             raw = base64.b64decode(encoded, validate=True)
         except ValueError:
-            raise KeyError_("the key is not base64") from None
+            raise KeyFileError("the key is not base64") from None
         if raw[:1] != _ALG_ED25519 or len(raw) != 33:
-            raise KeyError_("not an Ed25519 key")
+            raise KeyFileError("not an Ed25519 key")
         key = cls(name, raw[1:])
         if key.id.hex() != hexid:
-            raise KeyError_("the key hash does not match the key")
+            raise KeyFileError("the key hash does not match the key")
         return key
 
 
@@ -112,13 +112,13 @@ class SignerKey:
     def parse(cls, text: str) -> SignerKey:
         parts = text.strip().split("+", 4)
         if len(parts) != 5 or parts[:2] != ["PRIVATE", "KEY"]:
-            raise KeyError_("not a signer key (PRIVATE+KEY+name+hash+key)")
+            raise KeyFileError("not a signer key (PRIVATE+KEY+name+hash+key)")
         raw = base64.b64decode(parts[4])
         if raw[:1] != _ALG_ED25519 or len(raw) != 33:
-            raise KeyError_("not an Ed25519 key")
+            raise KeyFileError("not an Ed25519 key")
         key = cls(parts[2], raw[1:])
         if key.verifier().id.hex() != parts[3]:
-            raise KeyError_("the key hash does not match the key")
+            raise KeyFileError("the key hash does not match the key")
         return key
 
     def sign(self, body: bytes) -> bytes:
@@ -129,7 +129,7 @@ class SignerKey:
 
 def keygen(name: str) -> SignerKey:
     if not name or any(c in name for c in "+ \n\u2014") or not name.isprintable():
-        raise KeyError_("a key name is printable, without spaces or '+'")
+        raise KeyFileError("a key name is printable, without spaces or '+'")
     _crypto()
     return SignerKey(name, os.urandom(32))
 
@@ -147,7 +147,7 @@ def read_verifier(path: Path) -> VerifierKey:
 
 def read_signer(path: Path) -> SignerKey:
     if path.stat().st_mode & 0o077:
-        raise KeyError_(f"{path} is readable by others; chmod 600 it")
+        raise KeyFileError(f"{path} is readable by others; chmod 600 it")
     return SignerKey.parse(path.read_text())
 
 

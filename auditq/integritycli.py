@@ -28,11 +28,19 @@ def add_integrity_commands(commands: Any) -> None:
     keygen.add_argument("name", help="the key's name, e.g. audit.example.com/checkpoints")
     keygen.add_argument("--out", default=".", help="directory for the two files (.)")
     keygen.set_defaults(dsn=None, schema=None, table=None)
-    for name, text in (
-        ("checkpoint", "sign the heads of every stream; store the note in the database"),
-        ("verify", "recompute every chained row and batch and name the damage"),
-    ):
-        sub = commands.add_parser(name, help=text)
+    checkpoint = commands.add_parser(
+        "checkpoint",
+        help="sign the heads of every stream; store the note in the database",
+        description="Run as its own role (SELECT on the digests, INSERT on the checkpoints), "
+        "from cron or a sidecar: the interval is how long a cut tail can go unnoticed.",
+    )
+    verify = commands.add_parser(
+        "verify",
+        help="recompute every chained row and batch and name the damage",
+        description="Exit status: 0 clean, 1 damage found, 2 bad usage. See "
+        "docs/tamper-evidence.md for the findings and the --json fields.",
+    )
+    for sub in (checkpoint, verify):
         sub.add_argument("--dsn", help="PostgreSQL connection string")
         sub.add_argument("--schema", help="schema (default: $AUDITQ_SCHEMA or public)")
         sub.add_argument("--table", help="table (default: $AUDITQ_TABLE or audit_logs)")
@@ -41,10 +49,8 @@ def add_integrity_commands(commands: Any) -> None:
             help="directory of checkpoint notes kept outside the database (written by "
             "checkpoint, compared by verify)",
         )
-    checkpoint = commands._name_parser_map["checkpoint"]
     checkpoint.add_argument("--key", required=True, help="the private key file from keygen")
     checkpoint.add_argument("--origin", help="the note's origin line (auditq/<schema>.<table>)")
-    verify = commands._name_parser_map["verify"]
     verify.add_argument("--since", help="a checkpoint number, or a time (ISO 8601)")
     verify.add_argument("--tenant", help="only the batches holding this tenant's rows")
     verify.add_argument(
@@ -60,9 +66,9 @@ def _fail(command: str, message: str, status: int = 2) -> int:
 
 
 def run_integrity(args: argparse.Namespace, env: dict[str, object], schema: str) -> int:
-    table = args.table or str(env.get("table") or "audit_logs") if args.command != "keygen" else ""
     if args.command == "keygen":
         return _keygen(args)
+    table = args.table or str(env.get("table") or "audit_logs")
     dsn = args.dsn or dsn_from_env()
     if not dsn:
         return _fail(args.command, "no database: pass --dsn or set AUDITQ_DSN / DATABASE_URL")
@@ -72,11 +78,11 @@ def run_integrity(args: argparse.Namespace, env: dict[str, object], schema: str)
 
 
 def _keygen(args: argparse.Namespace) -> int:
-    from .checkpoint import KeyError_, MissingExtra, keygen, write_private
+    from .checkpoint import KeyFileError, MissingExtra, keygen, write_private
 
     try:
         key = keygen(args.name)
-    except (KeyError_, MissingExtra) as exc:
+    except (KeyFileError, MissingExtra) as exc:
         return _fail("keygen", str(exc))
     safe = args.name.replace("/", "_")
     out = Path(args.out)
@@ -93,11 +99,11 @@ def _keygen(args: argparse.Namespace) -> int:
 
 
 def _checkpoint(args: argparse.Namespace, dsn: Dsn, schema: str, table: str) -> int:
-    from .checkpoint import Inconsistent, KeyError_, MissingExtra, make_checkpoint, read_signer
+    from .checkpoint import Inconsistent, KeyFileError, MissingExtra, make_checkpoint, read_signer
 
     try:
         key = read_signer(Path(args.key))
-    except (OSError, KeyError_, MissingExtra, ValueError) as exc:
+    except (OSError, KeyFileError, MissingExtra, ValueError) as exc:
         return _fail("checkpoint", f"key: {exc}")
     directory = Path(args.checkpoint_dir) if args.checkpoint_dir else None
     try:
@@ -116,7 +122,7 @@ def _checkpoint(args: argparse.Namespace, dsn: Dsn, schema: str, table: str) -> 
 
 
 def _verify(args: argparse.Namespace, dsn: Dsn, schema: str, table: str) -> int:
-    from .checkpoint import KeyError_, MissingExtra, read_verifier
+    from .checkpoint import KeyFileError, MissingExtra, read_verifier
     from .verify import Finding, Options, verify
 
     try:
@@ -144,7 +150,7 @@ def _verify(args: argparse.Namespace, dsn: Dsn, schema: str, table: str) -> int:
             from .checkpoint import _crypto
 
             _crypto()
-    except (OSError, KeyError_, MissingExtra) as exc:
+    except (OSError, KeyFileError, MissingExtra) as exc:
         return _fail("verify", f"public key: {exc}")
     opts = Options(
         dsn=dsn.secret_value,

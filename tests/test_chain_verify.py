@@ -332,3 +332,63 @@ def test_resume_stream_continues_a_dead_writers_chain(chained: Chained) -> None:
     chained.write(again, [make_row(70 + i) for i in range(3)], skip=[1])
     summary, found = run(chained)
     assert found == [] and summary.rows == 12 and summary.digests == 3
+
+
+def test_edited_digest_field_and_deleted_checkpoint_are_broken(chained: Chained) -> None:
+    stream = filled(chained)
+    key = keygen("k")
+    with psycopg.connect(chained.dsn) as conn:
+        for _ in range(3):
+            make_checkpoint(conn, chained.schema, chained.table, key)
+    chained.sql("ALTER TABLE {d} DISABLE TRIGGER USER")
+    chained.sql("ALTER TABLE {c} DISABLE TRIGGER USER")
+    chained.sql("UPDATE {d} SET pos_count = 4 WHERE stream = %s AND first_pos = 11", stream.id)
+    chained.sql("DELETE FROM {c} WHERE checkpoint_no = 2")
+    _, found = run(chained, keys=(key.verifier(),))
+    got = {(f.kind, f.first_pos, f.checkpoint, f.detail) for f in found}
+    assert ("BROKEN", 11, None, "digest hash does not match its fields") in got
+    assert ("BROKEN", None, 3, "does not link to checkpoint 1") in got
+    # the last digest now ends at 14: the signed head (16) is behind it, so position 15 is
+    # cut, and its row is outside every digest
+    assert ("TRUNCATED", 15, 3, "positions the checkpoint signed are gone") in got
+    assert "EXTRA" in {f.kind for f in found}
+
+
+def test_checkpointer_refuses_heads_that_do_not_extend_the_last_checkpoint(
+    chained: Chained, tmp_path: Path
+) -> None:
+    from auditq.checkpoint import Inconsistent
+
+    stream = filled(chained)
+    key = keygen("k")
+    with psycopg.connect(chained.dsn) as conn:
+        make_checkpoint(conn, chained.schema, chained.table, key)
+        chained.write(stream, [make_row(40)])
+        make_checkpoint(conn, chained.schema, chained.table, key)  # 16 -> 17 links: signed
+    chained.sql("ALTER TABLE {d} DISABLE TRIGGER USER")
+    chained.sql("DELETE FROM {d} WHERE stream = %s AND first_pos = 16", stream.id)
+    with psycopg.connect(chained.dsn) as conn, pytest.raises(Inconsistent, match="behind"):
+        make_checkpoint(conn, chained.schema, chained.table, key)
+    (tmp_path / "k.key").write_text(key.text())
+    (tmp_path / "k.key").chmod(0o600)
+    target = ["--dsn", chained.dsn, "--table", chained.table]
+    assert main(["checkpoint", *target, "--key", str(tmp_path / "k.key")]) == 1
+    (tmp_path / "k.key").chmod(0o644)
+    assert main(["checkpoint", *target, "--key", str(tmp_path / "k.key")]) == 2
+
+
+def test_key_files_round_trip_and_refuse_damage(tmp_path: Path) -> None:
+    from auditq.checkpoint import KeyFileError, SignerKey, VerifierKey, note_signed_by, sign_note
+
+    key = keygen("audit.example/2026")
+    assert SignerKey.parse(key.text()) == key
+    public = VerifierKey.parse(key.verifier().text())
+    note = sign_note("hello\n", key)
+    assert note_signed_by(note, public)
+    assert not note_signed_by(note.replace("hello", "hallo"), public)
+    assert not note_signed_by(note, keygen("audit.example/2026").verifier())
+    text = key.verifier().text()
+    with pytest.raises(KeyFileError):
+        VerifierKey.parse(text.replace(text.split("+")[1], "00000000"))
+    with pytest.raises(KeyFileError):
+        keygen("has space")
