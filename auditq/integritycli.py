@@ -123,7 +123,7 @@ def _checkpoint(args: argparse.Namespace, dsn: Dsn, schema: str, table: str) -> 
 
 def _verify(args: argparse.Namespace, dsn: Dsn, schema: str, table: str) -> int:
     from .checkpoint import KeyFileError, MissingExtra, read_verifier
-    from .verify import Finding, Options, verify
+    from .verify import Finding, Options, UsageError, verify
 
     try:
         jobs = int(args.jobs)
@@ -172,6 +172,8 @@ def _verify(args: argparse.Namespace, dsn: Dsn, schema: str, table: str) -> int:
 
     try:
         summary = verify(opts, show)
+    except UsageError as exc:
+        return _fail("verify", str(exc))
     except psycopg.errors.UndefinedTable as exc:
         return _fail("verify", f"{schema}.{table} is not chained: {dsn.scrub(str(exc))}")
     except psycopg.Error as exc:

@@ -140,6 +140,10 @@ class Options:
 Report = Callable[[Finding], None]
 
 
+class UsageError(ValueError):
+    """What was asked cannot be checked (exit status 2)."""
+
+
 # -- checkpoints and retention ---------------------------------------------------------------
 
 
@@ -472,6 +476,7 @@ class _StreamCheck:
     ) -> None:
         expected, prev = start or (1, GENESIS)
         known = self.anchors.heads.get(stream, {})
+        seen = self.summary.digests
         for d in digests:
             self.summary.digests += 1
             if d.hash != digest_hash(
@@ -540,7 +545,12 @@ class _StreamCheck:
         after = rows.take(stream, 1 << 63)
         self.summary.rows += after.count
         for row in after.rows() if after.count else ():
-            self.extra_row(row, "after the stream's last digest")
+            self.extra_row(
+                row,
+                "after the stream's last digest"
+                if self.summary.digests > seen
+                else "its stream has no digest",
+            )
         if not self.chain_links:
             self.ranges.flush()
             return
@@ -839,6 +849,8 @@ def verify(opts: Options, report: Report) -> Summary:
 
     with psycopg.connect(opts.dsn) as conn:
         anchors = load_anchors(conn, opts, counted)
+        if opts.since_checkpoint is not None and opts.since_checkpoint not in anchors.checkpoints:
+            raise UsageError(f"there is no valid checkpoint {opts.since_checkpoint}")
         summary.checkpoints = len(anchors.checkpoints)
         _unchained(conn, opts, counted, summary)
     if opts.jobs <= 1:

@@ -318,6 +318,9 @@ def test_cli_keygen_checkpoint_verify(
     assert lines[-1]["findings"] == {"MISSING": 1}
     assert main(["verify", *target, "--jobs", "0"]) == 2
     assert main(["verify", *target, "--since", "yesterday"]) == 2
+    assert main(["verify", *target, "--since", "7"]) == 2  # no such checkpoint
+    assert main(["verify", *target, "--public-key", str(tmp_path / "nope.pub")]) == 2
+    assert main(["verify", "--dsn", chained.dsn, "--table", "not_chained_here"]) == 2
 
 
 def test_resume_stream_continues_a_dead_writers_chain(chained: Chained) -> None:
