@@ -79,16 +79,21 @@ class Chained:
         stream.committed(record)
         return record
 
-    def sql(self, text: str, *params: Any) -> list[tuple[Any, ...]]:
-        """Run as superuser with the guards off (the tamperer); {t} {d} {c} {r} name the tables."""
+    def compose(self, text: str) -> sql.Composed:
+        """`text` with {t} {d} {c} {r} naming the table and its digests, checkpoints and
+        retention tables."""
         from auditq.chain_schema import checkpoints_table, digests_table, retention_table
 
-        statement = sql.SQL(text).format(
+        return sql.SQL(text).format(
             t=q(self.schema, self.table),
             d=q(self.schema, digests_table(self.table)),
             c=q(self.schema, checkpoints_table(self.table)),
             r=q(self.schema, retention_table(self.table)),
         )
+
+    def sql(self, text: str, *params: Any) -> list[tuple[Any, ...]]:
+        """Run as superuser (the tamperer; the digests' guards need DISABLE TRIGGER)."""
+        statement = self.compose(text)
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             cur = conn.execute(statement, params or None)
             return cur.fetchall() if cur.description else []

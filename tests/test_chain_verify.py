@@ -395,3 +395,64 @@ def test_key_files_round_trip_and_refuse_damage(tmp_path: Path) -> None:
         VerifierKey.parse(text.replace(text.split("+")[1], "00000000"))
     with pytest.raises(KeyFileError):
         keygen("has space")
+
+
+def test_forged_stream_is_extra(chained: Chained) -> None:
+    filled(chained)
+    forged = ChainStream()
+    chained.sql(
+        "INSERT INTO {t} (id, occurred_at, action, chain_stream, chain_pos) "
+        "VALUES (gen_random_uuid(), now(), 'x', %s, 1)",
+        forged.id,
+    )
+    _, found = run(chained)
+    assert [(f.kind, f.stream, f.first_pos, f.detail) for f in found] == [
+        ("EXTRA", str(forged.id), 1, "its stream has no digest")
+    ]
+
+
+def test_chain_tables_refuse_changes_even_in_replica_mode(chained: Chained) -> None:
+    filled(chained, batches=1)
+    with psycopg.connect(chained.dsn, autocommit=True) as conn:
+        conn.execute("SET session_replication_role = replica")
+        for statement in ("UPDATE {d} SET version = 2", "DELETE FROM {d}", "TRUNCATE {d}"):
+            with pytest.raises(psycopg.errors.InsufficientPrivilege, match="append-only"):
+                conn.execute(chained.compose(statement))
+
+
+def test_roles_checkpoint_and_verify_with_their_grants_only(chained: Chained) -> None:
+    from auditq.chain_schema import grant_statements
+
+    suffix = uuid.uuid4().hex[:8]
+    signer, auditor = f"auditq_ckpt_{suffix}", f"auditq_audit_{suffix}"
+    filled(chained)
+    key = keygen("k")
+    with psycopg.connect(chained.dsn, autocommit=True) as conn:
+        for role in (signer, auditor):
+            conn.execute(sql.SQL("CREATE ROLE {} LOGIN").format(sql.Identifier(role)))
+        for statement in grant_statements(
+            chained.schema, chained.table, checkpointer=signer, verifier=auditor
+        ):
+            conn.execute(statement)
+    try:
+        base = psycopg.conninfo.conninfo_to_dict(chained.dsn)
+        as_signer = psycopg.conninfo.make_conninfo(**{**base, "user": signer})
+        as_auditor = psycopg.conninfo.make_conninfo(**{**base, "user": auditor})
+        with psycopg.connect(as_signer) as conn:
+            make_checkpoint(conn, chained.schema, chained.table, key)
+        with (
+            psycopg.connect(as_signer, autocommit=True) as conn,
+            pytest.raises(psycopg.errors.InsufficientPrivilege),
+        ):
+            conn.execute(chained.compose("SELECT count(*) FROM {t}"))
+        found: list[Finding] = []
+        summary = verify(
+            Options(as_auditor, chained.schema, chained.table, keys=(key.verifier(),)),
+            found.append,
+        )
+        assert found == [] and summary.rows == 15 and summary.checkpoints == 1
+    finally:
+        with psycopg.connect(chained.dsn, autocommit=True) as conn:
+            for role in (signer, auditor):
+                conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
+                conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
