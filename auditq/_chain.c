@@ -24,6 +24,9 @@
 #define HASH_SIZE 32
 #define MAX_DEPTH 1000
 #define SCAN_RECORD 80
+/* A v1 tuple before stamping (chain.STAMPED_FIELDS_V1) and after (len(LEAF_COLUMNS_V1)). */
+#define STAMPED_FIELDS 14
+#define LEAF_FIELDS 16
 
 /* -- SHA-256 ------------------------------------------------------------------------------ */
 
@@ -817,6 +820,11 @@ static PyObject *chain_stamp(PyObject *self, PyObject *args) {
             PyErr_SetString(PyExc_ValueError, "truncated tuple");
             goto done;
         }
+        if (fields != STAMPED_FIELDS) {
+            PyErr_Format(PyExc_ValueError, "a row with %d fields, expected %d", fields,
+                         STAMPED_FIELDS);
+            goto done;
+        }
         for (int i = 0; i < 8; i++) {
             extra[16 + i] = (unsigned char)(pos >> (56 - 8 * i));
         }
@@ -906,7 +914,7 @@ static PyObject *chain_root(PyObject *self, PyObject *args) {
 static PyObject *chain_scan(PyObject *self, PyObject *args) {
     Py_buffer view;
     Py_ssize_t start;
-    int want = 15;
+    int want = LEAF_FIELDS;
     if (!PyArg_ParseTuple(args, "y*n|i", &view, &start, &want)) {
         return NULL;
     }
@@ -1021,7 +1029,7 @@ static PyMethodDef chain_methods[] = {
      "appended, their leaves)"},
     {"chain_root", chain_root, METH_VARARGS, "chain_root(leaves) -> RFC 6962 Merkle root"},
     {"chain_scan", chain_scan, METH_VARARGS,
-     "chain_scan(buf, start, fields=15) -> (next, records, ended, leaves) over COPY TO data"},
+     "chain_scan(buf, start, fields=16) -> (next, records, ended, leaves) over COPY TO data"},
     {"chain_canonical_json", chain_canonical_json, METH_VARARGS,
      "chain_canonical_json(text) -> the canonical form of a JSON text"},
     {"chain_sha256", chain_sha256, METH_VARARGS, "chain_sha256(data) -> SHA-256 digest"},

@@ -23,13 +23,32 @@ from enum import IntEnum
 from typing import Any, Final
 
 from . import native
-from .binary import COPY_COLUMNS
 
 #: The columns a v1 leaf covers, in the order their fields appear in the tuple it hashes:
-#: the writer's COPY columns, then the two chain columns the writer appends.
-LEAF_COLUMNS_V1: Final = (*COPY_COLUMNS, "chain_stream", "chain_pos")
+#: the writer's COPY columns (`binary.COPY_COLUMNS`, `origin` last), then the two chain
+#: columns the writer appends. Frozen: a change is a new leaf version.
+LEAF_COLUMNS_V1: Final = (
+    "id",
+    "occurred_at",
+    "action",
+    "tenant_id",
+    "actor_type",
+    "resource_type",
+    "outcome",
+    "user_agent",
+    "actor_id",
+    "resource_id",
+    "ip",
+    "request_id",
+    "metadata",
+    "origin",
+    "chain_stream",
+    "chain_pos",
+)
 #: Where in a v1 tuple the jsonb field is (replaced by its canonical form before hashing).
-JSON_FIELD_V1: Final = COPY_COLUMNS.index("metadata")
+JSON_FIELD_V1: Final = 12
+#: Fields of a tuple `stamp` takes: the v1 columns before the chain columns.
+STAMPED_FIELDS_V1: Final = len(LEAF_COLUMNS_V1) - 2
 LEAF_VERSION: Final = 1
 #: Tag that starts every leaf's hashed entry (after RFC 6962's 0x00 leaf prefix).
 LEAF_TAG: Final = b"AQL1"
@@ -209,6 +228,8 @@ def _stamp_python(data: bytes, stream: bytes, first_pos: int) -> tuple[bytes, by
     pos = first_pos
     while offset < len(data):
         fields, end = _tuple_fields(data, offset)
+        if len(fields) != STAMPED_FIELDS_V1:
+            raise ValueError(f"a row with {len(fields)} fields, expected {STAMPED_FIELDS_V1}")
         fields.append(stream)
         fields.append(_Q.pack(pos))
         tuple_bytes = (
@@ -319,7 +340,7 @@ else:
 # root(leaves) -> bytes: RFC 6962 Merkle root over concatenated 32-byte leaves.
 # stamp(data, stream, first_pos) -> (tuples, leaves): append chain_stream and chain_pos
 #   (first_pos, first_pos + 1, ...) to each tuple and return the new tuples and their leaves.
-# scan_rows(buf, start, fields=15) -> (next, records, ended, leaves): the complete tuples
+# scan_rows(buf, start, fields=16) -> (next, records, ended, leaves): the complete tuples
 #   of a COPY TO stream from `start`, one SCAN_RECORD each (and their leaves again,
 #   contiguous); stops before an incomplete tuple or after the trailer (ended).
 

@@ -320,7 +320,7 @@ def _chunks(cur: psycopg.Cursor[Any], statement: sql.Composed) -> Iterator[Chunk
                 (ext,) = struct.unpack_from(">I", buf, 15)
                 at = 19 + ext
                 started = True
-            at, records, ended, leaves = chain.scan_rows(buf, at)
+            at, records, ended, leaves = chain.scan_rows(buf, at, len(LEAF_COLUMNS_V1))
             if records:
                 yield buf, records, leaves
             if ended:

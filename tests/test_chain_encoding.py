@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from auditq import binary, chain, native
 from auditq.chain import ChainError, ChainStream, Skip
 
-from .chain_build import make_row
+from .chain_build import encoded, make_row
 
 C = native.speedups if chain.ACCELERATED else None
 needs_c = pytest.mark.skipif(C is None, reason="the C extension is not built")
@@ -138,7 +138,21 @@ def test_root_is_rfc6962(n: int) -> None:
 
 
 def _block(n: int, meta: dict[str, Any] | None = None) -> bytes:
-    return b"".join(binary.encode_row(make_row(i, metadata=meta))[0] for i in range(n))
+    return b"".join(encoded(make_row(i, metadata=meta)) for i in range(n))
+
+
+def test_leaf_columns_follow_the_writers_copy_columns() -> None:
+    """v1 is frozen: the encoder's columns must be its prefix (origin included), else the
+    writer's tuples would not be v1 tuples."""
+    assert chain.LEAF_COLUMNS_V1[: len(binary.COPY_COLUMNS)] == binary.COPY_COLUMNS
+    assert chain.LEAF_COLUMNS_V1[13:] == ("origin", "chain_stream", "chain_pos")
+    assert chain.LEAF_COLUMNS_V1[chain.JSON_FIELD_V1] == "metadata"
+    short = binary.encode_row(make_row(1))[0]
+    if len(binary.COPY_COLUMNS) < chain.STAMPED_FIELDS_V1:
+        with pytest.raises(ValueError, match="fields"):
+            chain.stamp(short, uuid.uuid4().bytes, 1)
+        with pytest.raises(ValueError, match="fields"):
+            chain._stamp_python(short, uuid.uuid4().bytes, 1)
 
 
 def test_stamp_appends_chain_fields_and_leaves_match() -> None:

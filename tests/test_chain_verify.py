@@ -107,10 +107,16 @@ def test_deleted_row_is_missing_exactly(chained: Chained) -> None:
     ]
 
 
+_COLUMNS = (
+    "occurred_at, action, tenant_id, actor_id, actor_type, resource_type, resource_id, "
+    "outcome, ip, user_agent, request_id, metadata, origin, chain_stream"
+)
 _COPY_OF_ROW_2 = (
-    "INSERT INTO {{t}} SELECT gen_random_uuid(), occurred_at, recorded_at, action, tenant_id, "
-    "actor_id, actor_type, resource_type, resource_id, outcome, ip, user_agent, request_id, "
-    "metadata, chain_stream, {} FROM {{t}} WHERE chain_stream = %s AND chain_pos = 2 LIMIT 1"
+    "INSERT INTO {{t}} (id, "
+    + _COLUMNS
+    + ", chain_pos) SELECT gen_random_uuid(), "
+    + _COLUMNS
+    + ", {} FROM {{t}} WHERE chain_stream = %s AND chain_pos = 2 LIMIT 1"
 )
 
 
@@ -456,3 +462,42 @@ def test_roles_checkpoint_and_verify_with_their_grants_only(chained: Chained) ->
             for role in (signer, auditor):
                 conn.execute(sql.SQL("DROP OWNED BY {}").format(sql.Identifier(role)))
                 conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(role)))
+
+
+def test_dropped_partition_is_missing_until_a_retention_record_covers_it(pg_dsn: str) -> None:
+    from auditq.partitions import ensure_months
+
+    c = Chained(pg_dsn, "public", f"chain_{uuid.uuid4().hex[:10]}")
+    c.setup(partitioned=True)
+    try:
+        january, february = datetime(2026, 1, 1, tzinfo=UTC), datetime(2026, 2, 1, tzinfo=UTC)
+        with psycopg.connect(c.dsn) as conn:
+            ensure_months(conn, c.schema, c.table, [january, february])
+        stream = ChainStream()
+        ns = [
+            int((m + timedelta(days=d)).timestamp()) * 10**9
+            for m in (january, february)
+            for d in (1, 2, 3)
+        ]
+        c.write(stream, [make_row(i, at_ns=t) for i, t in enumerate(ns)])
+        summary, found = run(c)
+        assert found == [] and summary.rows == 6
+        (part,) = c.sql(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid "
+            "WHERE i.inhparent = %s::regclass AND pg_get_expr(c.relpartbound, c.oid) "
+            "LIKE '%%2026-01-01%%'",
+            f'"{c.schema}"."{c.table}"',
+        )[0]
+        c.sql(f'DROP TABLE "{c.schema}"."{part}"')
+        _, found = run(c)
+        assert [(f.kind, f.first_pos, f.last_pos) for f in found] == [("MISSING", 1, 3)]
+        key = keygen("retention")
+        with psycopg.connect(c.dsn) as conn:
+            record_retention(
+                conn, c.schema, c.table, key, [PurgedRange(stream.id, 1, 4, 3)], "keep 1 month"
+            )
+        summary, found = run(c, keys=(key.verifier(),))
+        assert [(f.kind, f.first_pos, f.last_pos) for f in found] == [("PURGED", 1, 3)]
+        assert not summary.damaged
+    finally:
+        c.drop()
