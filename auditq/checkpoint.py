@@ -419,6 +419,21 @@ def parse_retention(note: str) -> tuple[int, list[PurgedRange]]:
     return int(lines[1]), ranges
 
 
+def purged_ranges(conn: psycopg.Connection[Any], schema: str, relation: str) -> list[PurgedRange]:
+    """The runs of consecutive positions each stream has in `relation` (the partition about
+    to be dropped): what its retention record must list. Run it under the lock that
+    precedes the drop, so the record states exactly what goes."""
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT chain_stream, min(chain_pos), max(chain_pos) + 1, count(*) FROM ("
+            "SELECT chain_stream, chain_pos, chain_pos - row_number() OVER "
+            "(PARTITION BY chain_stream ORDER BY chain_pos) AS run FROM {} "
+            "WHERE chain_stream IS NOT NULL) s GROUP BY chain_stream, run ORDER BY 1, 2"
+        ).format(q(schema, relation))
+    ).fetchall()
+    return [PurgedRange(r[0], int(r[1]), int(r[2]), int(r[3])) for r in rows]
+
+
 def record_retention(
     conn: psycopg.Connection[Any],
     schema: str,

@@ -13,7 +13,13 @@ import pytest
 from psycopg import sql
 
 from auditq.chain import ChainStream
-from auditq.checkpoint import PurgedRange, keygen, make_checkpoint, record_retention
+from auditq.checkpoint import (
+    PurgedRange,
+    keygen,
+    make_checkpoint,
+    purged_ranges,
+    record_retention,
+)
 from auditq.cli import main
 from auditq.verify import Finding, Options, Summary, verify
 
@@ -488,14 +494,15 @@ def test_dropped_partition_is_missing_until_a_retention_record_covers_it(pg_dsn:
             "LIKE '%%2026-01-01%%'",
             f'"{c.schema}"."{c.table}"',
         )[0]
+        with psycopg.connect(c.dsn) as conn:
+            ranges = purged_ranges(conn, c.schema, part)
+        assert ranges == [PurgedRange(stream.id, 1, 4, 3)]
         c.sql(f'DROP TABLE "{c.schema}"."{part}"')
         _, found = run(c)
         assert [(f.kind, f.first_pos, f.last_pos) for f in found] == [("MISSING", 1, 3)]
         key = keygen("retention")
         with psycopg.connect(c.dsn) as conn:
-            record_retention(
-                conn, c.schema, c.table, key, [PurgedRange(stream.id, 1, 4, 3)], "keep 1 month"
-            )
+            record_retention(conn, c.schema, c.table, key, ranges, "keep 1 month")
         summary, found = run(c, keys=(key.verifier(),))
         assert [(f.kind, f.first_pos, f.last_pos) for f in found] == [("PURGED", 1, 3)]
         assert not summary.damaged
