@@ -58,6 +58,12 @@ def add_integrity_commands(commands: Any) -> None:
     )
     verify.add_argument("--json", action="store_true", help="one JSON object per line")
     verify.add_argument("--jobs", default="1", help="processes (1)")
+    verify.add_argument(
+        "--allow-unchained",
+        action="store_true",
+        help="count rows written without the chain after it began, do not call them EXTRA "
+        "(during a rolling upgrade)",
+    )
 
 
 def _fail(command: str, message: str, status: int = 2) -> int:
@@ -162,6 +168,7 @@ def _verify(args: argparse.Namespace, dsn: Dsn, schema: str, table: str) -> int:
         since_time=since_time,
         tenant=args.tenant,
         jobs=jobs,
+        allow_unchained=args.allow_unchained,
     )
 
     def show(finding: Finding) -> None:

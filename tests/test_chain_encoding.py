@@ -105,6 +105,17 @@ def test_sha256_backends_equal_hashlib(size: int) -> None:
         C.chain_sha256_backend(False)
 
 
+@needs_c
+@given(st.binary(max_size=300))
+def test_portable_sha256_equals_hashlib_for_any_input(data: bytes) -> None:
+    assert C is not None
+    try:
+        C.chain_sha256_backend(True)
+        assert C.chain_sha256(data) == hashlib.sha256(data).digest()
+    finally:
+        C.chain_sha256_backend(False)
+
+
 def _mth(leaves: list[bytes]) -> bytes:
     """RFC 6962 section 2.1, literally."""
     if not leaves:

@@ -140,6 +140,8 @@ def test_forged_rows_are_extra_or_duplicate(chained: Chained) -> None:
     assert dup.first_pos == 2 and dup.id != genuine
     assert {f.first_pos for f in found if f.kind == "EXTRA"} == {16, None}
     assert summary.unchained_rows == 1
+    summary, found = run(chained, allow_unchained=True)
+    assert kinds(found) == ["DUPLICATE", "EXTRA"] and summary.unchained_rows == 1
 
 
 def test_swapped_positions_are_reordered(chained: Chained) -> None:
