@@ -421,7 +421,7 @@ class ChainStream:
     database refuses leaves its position skipped in the digest that covers it.
     """
 
-    __slots__ = ("_next", "head_hash", "id", "sealed_pos")
+    __slots__ = ("_next", "_pending", "head_hash", "id", "sealed_pos")
 
     def __init__(
         self, stream: uuid.UUID | None = None, next_pos: int = 1, head_hash: bytes = GENESIS
@@ -431,6 +431,9 @@ class ChainStream:
         #: The first position not yet covered by a committed digest.
         self.sealed_pos = next_pos
         self.head_hash = head_hash
+        #: Positions given out and then resolved without a row (dead-lettered), waiting for
+        #: the digest that covers them.
+        self._pending: dict[int, int] = {}
 
     @property
     def next_pos(self) -> int:
@@ -468,6 +471,21 @@ class ChainStream:
             leaves=leaves,
         )
 
+    def skip(self, pos: int, reason: Skip) -> None:
+        """Record that stamped position `pos` will hold no row (its row was dead-lettered);
+        the next `seal_through` that reaches it lists it as skipped."""
+        if not self.sealed_pos <= pos < self._next:
+            raise ChainError(f"position {pos} is not waiting for a digest")
+        self._pending[pos] = int(reason)
+
+    def seal_through(self, leaves: bytes, end_pos: int) -> DigestRecord:
+        """The digest covering every position from the stream's sealed end up to `end_pos`
+        (exclusive): the rows that were written (their `leaves`, in position order) and the
+        positions `skip` recorded. What the sink calls after each committed sub-batch of a
+        poison-row split, and with no leaves for a batch whose last rows were all refused."""
+        skipped = sorted((p, r) for p, r in self._pending.items() if p < end_pos)
+        return self.seal(leaves, self.sealed_pos, end_pos - self.sealed_pos, skipped)
+
     def committed(self, record: DigestRecord) -> None:
         """Move the head after `record`'s transaction committed."""
         if record.first_pos != self.sealed_pos or record.prev_hash != self.head_hash:
@@ -475,3 +493,5 @@ class ChainStream:
         self.sealed_pos = record.next_pos
         self._next = max(self._next, record.next_pos)
         self.head_hash = record.hash
+        for pos, _reason in record.skipped:
+            self._pending.pop(pos, None)

@@ -12,7 +12,7 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from auditq.chain import ChainStream
+from auditq.chain import ChainError, ChainStream
 from auditq.checkpoint import (
     PurgedRange,
     keygen,
@@ -510,3 +510,47 @@ def test_dropped_partition_is_missing_until_a_retention_record_covers_it(pg_dsn:
         assert not summary.damaged
     finally:
         c.drop()
+
+
+def test_poison_row_split_keeps_the_chain(chained: Chained) -> None:
+    """What phase 2's sink does when a batch of 8 holds two rows the server refuses: the
+    halves commit left to right, each refused row is skipped, a refused last row gets a
+    digest of its own; the table verifies clean and the gaps are recorded, not missing."""
+    from auditq import binary
+    from auditq.chain import LEAF_COLUMNS_V1, Skip
+    from auditq.chain_schema import insert_digest, q
+
+    from .chain_build import encoded
+
+    stream = ChainStream()
+    stamped, leaves, first = stream.stamp(b"".join(encoded(make_row(i)) for i in range(8)))
+    tuples = binary.split_rows(stamped)
+    cols = sql.SQL(", ").join(map(sql.Identifier, LEAF_COLUMNS_V1))
+    copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+        q(chained.schema, chained.table), cols
+    )
+
+    def commit(indexes: list[int], end_pos: int) -> None:
+        record = stream.seal_through(
+            b"".join(leaves[i * 32 : i * 32 + 32] for i in indexes), end_pos
+        )
+        with psycopg.connect(chained.dsn) as conn, conn.transaction():
+            if indexes:
+                with conn.cursor() as cur, cur.copy(copy_sql) as copy:
+                    copy.write(
+                        binary.HEADER + b"".join(tuples[i] for i in indexes) + binary.TRAILER
+                    )
+            insert_digest(conn, chained.schema, chained.table, record)
+        stream.committed(record)
+
+    commit([0, 1, 2], first + 3)  # rows 0-2
+    stream.skip(first + 3, Skip.DEAD_LETTER)  # row 3 refused
+    commit([4, 5, 6], first + 7)  # rows 4-6, the digest also covers the skipped 3
+    stream.skip(first + 7, Skip.DEAD_LETTER)  # the last row refused: a digest of its own
+    commit([], first + 8)
+    with pytest.raises(ChainError):
+        stream.skip(first + 7, Skip.DEAD_LETTER)  # sealed already
+    summary, found = run(chained)
+    assert found == [] and summary.rows == 6 and summary.digests == 3
+    skips = chained.sql("SELECT skipped_pos FROM {d} ORDER BY first_pos")
+    assert [list(s[0]) for s in skips] == [[], [4], [8]]
