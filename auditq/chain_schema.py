@@ -221,6 +221,22 @@ def resume_stream(
     return ChainStream(stream, next_pos=head[0], head_hash=head[1])
 
 
+def stored_digest(
+    conn: psycopg.Connection[Any], schema: str, table: str, record: DigestRecord
+) -> bool | None:
+    """For an idempotent replay, in its transaction: None when no digest starts where
+    `record` does (the earlier attempt did not commit: write rows and digest), True when the
+    stored one is `record` (it did: write nothing), False when another digest is there (a
+    bug or tampering: do not commit)."""
+    row = conn.execute(
+        sql.SQL("SELECT hash FROM {} WHERE stream = %s AND first_pos = %s").format(
+            q(schema, digests_table(table))
+        ),
+        (record.stream, record.first_pos),
+    ).fetchone()
+    return None if row is None else bytes(row[0]) == record.hash
+
+
 def insert_digest(
     conn: psycopg.Connection[Any], schema: str, table: str, record: DigestRecord
 ) -> None:

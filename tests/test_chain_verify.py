@@ -554,3 +554,16 @@ def test_poison_row_split_keeps_the_chain(chained: Chained) -> None:
     assert found == [] and summary.rows == 6 and summary.digests == 3
     skips = chained.sql("SELECT skipped_pos FROM {d} ORDER BY first_pos")
     assert [list(s[0]) for s in skips] == [[], [4], [8]]
+
+
+def test_stored_digest_tells_a_replay_what_committed(chained: Chained) -> None:
+    from auditq.chain_schema import stored_digest
+
+    stream = ChainStream()
+    record = chained.write(stream, [make_row(i) for i in range(3)])
+    other = ChainStream(stream.id).seal(b"\x01" * 32, 1, 1)
+    later = stream.seal(b"\x02" * 32, stream.sealed_pos, 1)
+    with psycopg.connect(chained.dsn) as conn:
+        assert stored_digest(conn, chained.schema, chained.table, record) is True
+        assert stored_digest(conn, chained.schema, chained.table, other) is False
+        assert stored_digest(conn, chained.schema, chained.table, later) is None
