@@ -30,7 +30,6 @@ from auditq.chain_schema import (
 )
 from auditq.schema import create
 from auditq.verify import Options, verify
-from benchmarks.chain_cost import with_origin
 from benchmarks.compare import typical_row
 
 BATCH = 1000
@@ -42,10 +41,11 @@ def fill(dsn: str, schema: str, table: str, rows: int) -> None:
     copy_sql = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(q(schema, table), cols)
     with psycopg.connect(dsn) as conn:
         for start in range(0, rows, BATCH):
-            block = with_origin(
-                binary.encode_block(
-                    [typical_row(n) for n in range(start, min(rows, start + BATCH))], [], []
-                )
+            block = binary.encode_block(
+                [typical_row(n) for n in range(start, min(rows, start + BATCH))],
+                [],
+                [],
+                binary.origin_field("bench@host-1"),
             )
             stamped, leaves, first = stream.stamp(block)
             record = stream.seal(leaves, first, len(leaves) // 32)

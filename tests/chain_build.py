@@ -23,15 +23,10 @@ ORIGIN = "billing@host-1"
 
 
 def encoded(row: Row) -> bytes:
-    """The row's binary COPY tuple with `origin` as its 14th field (added here while the
-    encoder on this branch does not write it; left alone once it does)."""
-    data = binary.encode_row(row)[0]
-    (count,) = struct.unpack_from(">h", data, 0)
-    if count == STAMPED_FIELDS_V1:
-        return data
-    assert count == STAMPED_FIELDS_V1 - 1, count
-    origin = ORIGIN.encode()
-    return struct.pack(">h", count + 1) + data[2:] + struct.pack(">i", len(origin)) + origin
+    """The row's binary COPY tuple as the writer sends it, with this test writer's origin."""
+    data = binary.encode_row(row, binary.origin_field(ORIGIN))[0]
+    assert struct.unpack_from(">h", data, 0)[0] == STAMPED_FIELDS_V1
+    return data
 
 
 def make_row(
