@@ -11,6 +11,7 @@ plain uvicorn ended with 0 rows).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -138,6 +139,25 @@ def test_uwsgi_atexit_hook_drains_without_teardown(table: Table, tmp_path: Path)
     _serve_load_stop(
         Cell("uwsgi-no-teardown-flask", argv, keepalive=False), signal.SIGTERM, table, tmp_path
     )
+
+
+def test_uwsgi_own_atexit_hook_runs_after_the_drain(
+    table: Table, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An application's own `uwsgi.atexit`, set before auditq's setup, still runs in each
+    process, after auditq's drain (every row is in, and the hook finds the writer closed)."""
+    marker = tmp_path / "own-hook"
+    monkeypatch.setenv("EXIT_MATRIX_MARKER", str(marker))
+    app = "tests.web.apps.uwsgi_own_atexit:app"
+    argv = (*UWSGI, *UWSGI_GRACEFUL, "--module", app)
+    _serve_load_stop(
+        Cell("uwsgi-own-hook-flask", argv, keepalive=False), signal.SIGTERM, table, tmp_path
+    )
+    log = (tmp_path / "server.log").read_text(errors="replace")
+    workers = set(re.findall(r"spawned uWSGI worker \d+ \(pid: (\d+)", log))
+    seen = {path.suffix[1:]: path.read_text() for path in tmp_path.glob("own-hook.*")}
+    assert len(workers) == 2 and set(seen) >= workers, (seen, log[-3000:])
+    assert set(seen.values()) == {"drained"}, seen
 
 
 @pytest.mark.parametrize("sig", SIGNALS, ids=["SIGTERM", "SIGINT"])
