@@ -19,6 +19,13 @@ An ASGI app without a lifespan (Django's) has no other moment to flush.
 - never installs over a signal that is ignored (`SIG_IGN`) or handled outside Python (uWSGI's
   own handlers, seen as None), because it could not hand the signal back.
 
+Under uWSGI (where `import uwsgi` succeeds) it also chains a hook to `uwsgi.atexit`, which
+uWSGI calls in a worker that ends while idle, before it tears the interpreter down (and even
+when `--skip-atexit-teardown` means Python's own `atexit` never runs). uWSGI calls neither hook
+in a worker that a brutal stop (`--die-on-term` SIGTERM, SIGINT, SIGQUIT) ends in the middle of
+a request: running Python there would be unsafe, so what that worker queued is lost; the
+graceful stop documented in docs/frameworks.md avoids it.
+
 It is a global side effect of the process, so auditq never installs it on its own: the
 application calls it (the FastAPI, Starlette and Flask setups in docs/ do), or installs an
 integration that says in its docs that it does (the Django app, `auditq.contrib.django`).
@@ -27,6 +34,7 @@ integration that says in its docs that it does (the Django app, `auditq.contrib.
 from __future__ import annotations
 
 import asyncio
+import importlib
 import logging
 import os
 import signal
@@ -76,6 +84,8 @@ _timeout: float | None = None
 _stopping = threading.Event()
 _follow_up: threading.Thread | None = None
 _watched: weakref.WeakSet[AuditWriter] = weakref.WeakSet()
+_UNSET: Final = object()
+_uwsgi_previous: object = _UNSET  # what `uwsgi.atexit` held before ours; _UNSET: not chained
 
 
 def watch(writer: AuditWriter) -> AuditWriter:
@@ -106,10 +116,14 @@ def install_exit_handlers(timeout: float | None = None) -> bool:
     non-Python code). In a forked child (a pre-fork server's worker, whose server resets
     the handlers) a call installs them afresh over whatever the worker has now.
 
+    Under uWSGI it also chains auditq's drain to `uwsgi.atexit` (from any thread), and
+    returns True for that alone.
+
     `timeout` bounds the whole drain; None uses each writer's `shutdown_timeout`."""
     global _timeout, _pid
+    hooked = _chain_uwsgi_atexit()
     if threading.current_thread() is not threading.main_thread():
-        return False
+        return hooked
     with _lock:
         _timeout = timeout
         if _pid != os.getpid():
@@ -118,7 +132,7 @@ def install_exit_handlers(timeout: float | None = None) -> bool:
             _pid = os.getpid()
         if not _previous:
             _install_missing()
-        return bool(_previous)
+        return bool(_previous) or hooked
 
 
 def ensure_installed() -> bool:
@@ -168,6 +182,54 @@ def uninstall_exit_handlers() -> None:
                 pass
             del _previous[signum]
         _stopping.clear()
+    _unchain_uwsgi_atexit()
+
+
+def _uwsgi_module() -> Any:
+    """uWSGI's embedded module, or None outside uWSGI (it exists only inside its processes)."""
+    try:
+        return importlib.import_module("uwsgi")
+    except ImportError:
+        return None
+
+
+def _chain_uwsgi_atexit() -> bool:
+    """Make `uwsgi.atexit` drain auditq, then call what it held before; True when in place.
+    Set once, before the fork when the app loads in the master, so every worker inherits it."""
+    global _uwsgi_previous
+    module = _uwsgi_module()
+    if module is None:
+        return False
+    with _lock:
+        current = getattr(module, "atexit", None)
+        if current is not _uwsgi_atexit:
+            _uwsgi_previous = current
+            module.atexit = _uwsgi_atexit
+    return True
+
+
+def _unchain_uwsgi_atexit() -> None:
+    global _uwsgi_previous
+    module = _uwsgi_module()
+    with _lock:
+        if module is not None and getattr(module, "atexit", None) is _uwsgi_atexit:
+            if _uwsgi_previous is None or _uwsgi_previous is _UNSET:
+                del module.atexit
+            else:
+                module.atexit = _uwsgi_previous
+        _uwsgi_previous = _UNSET
+
+
+def _uwsgi_atexit() -> None:
+    """uWSGI's exit hook: close every writer of this process within the timeout (in a helper
+    thread, bounded, as at a signal), then the hook that was there before."""
+    try:
+        _off_main_thread(_close_all, _budget(_timeout))
+    except Exception:  # uWSGI prints and ignores it; say what failed instead
+        logger.exception("auditq exit drain under uWSGI failed")
+    previous = _uwsgi_previous
+    if callable(previous):
+        previous()
 
 
 def drain_if_stopping(timeout: float | None = None) -> bool:
