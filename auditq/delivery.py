@@ -17,6 +17,7 @@ from collections.abc import Callable
 from . import hooks
 from .binary import Item
 from .buffer import Buffer, release
+from .config import DEFAULT_BATCH_SIZE
 from .entry import Row
 from .hooks import BeforeWrite
 from .ledger import Ledger
@@ -91,7 +92,7 @@ class Delivery:
         than wake the writer)."""
         at_least = 1 if drain_all else self._buffer.wake_rows
         while not self._abort.is_set():
-            rows = self._ledger.take(self._batch_size, at_least=at_least)
+            rows = self._ledger.take(self._batch_rows(), at_least=at_least)
             if not rows:
                 return
             rows = self._rewrite(rows)
@@ -194,7 +195,7 @@ class Delivery:
         a chunk of them is queued: a backlog streams through one COPY, but a trickle does
         not keep a COPY (and its transaction) open. Nothing once close() is cutting the
         writer short: what is still queued is then close()'s to account for."""
-        budget = self._batch_size - taken
+        budget = self._batch_rows() - taken
 
         def more() -> list[Row]:
             nonlocal budget
@@ -208,6 +209,16 @@ class Delivery:
             return rows
 
         return more
+
+    def _batch_rows(self) -> int:
+        """Rows per COPY: `batch_size`, and at least the default one while close() drains.
+        Each COPY costs the writer thread a few waits for the GIL (its start, its end, the
+        result), and callers still calling a closing writer flat out hold the GIL for the
+        rest: small batches would then spend close()'s whole timeout waiting, not writing.
+        A server that cancels large COPYs still gets smaller ones (the sink's row cap)."""
+        if self.closing:
+            return max(self._batch_size, DEFAULT_BATCH_SIZE)
+        return self._batch_size
 
     def _rewrite(self, rows: list[Row]) -> list[Row]:
         """Rows through the `before_write` hook: what it drops is counted as filtered, what

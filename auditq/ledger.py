@@ -122,6 +122,18 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+class _RejectCell:
+    """One thread's refused calls: `count` and `reasons` are changed by that thread only,
+    `reported` (the count the last report line covered) by the reporter, under the lock."""
+
+    __slots__ = ("count", "reasons", "reported")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.reported = 0
+        self.reasons = _Tally()
+
+
 class Ledger:
     """The counters of one writer, the condition `flush()` waits on, and its reports."""
 
@@ -167,14 +179,15 @@ class Ledger:
         self._replay_dead = 0  # ... and those it dead-lettered
         self._filtered = 0  # dropped on purpose by the application's before_write hook
         self._dropped = 0
-        self._rejected = 0
+        # Calls refused at the call, one cell per thread that had one (see `rejected`).
+        self._local = threading.local()
+        self._reject_cells: list[_RejectCell] = []
         self._batches = 0
         self._retries = 0
         self._last_error: str | None = None
         self._last_write_at: datetime | None = None
         # Rate-limited reporting: what happened since the last line, and when that was.
         self._unreported_drops = 0
-        self._rejects = _Tally()
         self._last_reject_reason = ""
         self._dead_tally = _Tally()
         self._last_report = float("-inf")
@@ -196,11 +209,23 @@ class Ledger:
             self._unreported_drops += 1
 
     def rejected(self, reason: str, action: Any = None) -> None:
-        """A call refused at the call (invalid, or the writer closed)."""
-        with self._lock:
-            self._rejected += 1
-            self._rejects.add(reason, 1, action)
-            self._last_reject_reason = reason
+        """A call refused at the call (invalid, or the writer closed). Counted without the
+        lock, in a cell of the calling thread's own (only that thread ever changes it):
+        callers refused flat out (say, while close() drains) must not contend with the
+        writer thread for the lock it needs for every batch."""
+        try:
+            cell: _RejectCell = self._local.cell
+        except AttributeError:
+            cell = _RejectCell()
+            with self._lock:
+                self._reject_cells.append(cell)
+            self._local.cell = cell
+        cell.reasons.add(reason, 1, action)
+        cell.count += 1
+        self._last_reject_reason = reason
+
+    def _rejected_count(self) -> int:
+        return sum(cell.count for cell in self._reject_cells)
 
     # -- taking rows -----------------------------------------------------------------------
 
@@ -372,7 +397,7 @@ class Ledger:
                 accepted=self._taken + queued,
                 written=self._written,
                 dropped_overflow=self._dropped,
-                rejected=self._rejected,
+                rejected=self._rejected_count(),
                 dead_lettered=self._dead,
                 spooled=self._spooled,
                 pending=self._inflight + queued,
@@ -387,8 +412,7 @@ class Ledger:
             )
 
     def last_reject_reason(self) -> str:
-        with self._lock:
-            return self._last_reject_reason
+        return self._last_reject_reason
 
     def publish(self, rows: Sequence[tuple[Row | dict[str, Any], str]]) -> None:
         """Hand dead letters to the dead-letter file and the callback (never raises)."""
@@ -433,7 +457,20 @@ class Ledger:
             if not final and now - self._last_report < self._warn_interval:
                 return
             drops, self._unreported_drops = self._unreported_drops, 0
-            rejects, self._rejects = self._rejects, _Tally()
+            rejects = _Tally()
+            for cell in self._reject_cells:
+                count, tally = cell.count, cell.reasons
+                if count == cell.reported:
+                    continue
+                cell.reasons = _Tally()
+                # The owner may still be adding to `tally` (it read it before the swap):
+                # its reasons are read from a copy, its number from the count.
+                for reason, (n, action) in list(tally.reasons.items()):
+                    rejects.add(reason, n, action)
+                unnamed = count - cell.reported - tally.total
+                if unnamed > 0:
+                    rejects.add("refused while this report was being made", unnamed)
+                cell.reported = count
             dead, self._dead_tally = self._dead_tally, _Tally()
             unfiled, self._unfiled_letters = self._unfiled_letters, 0
             file_errors, self._letter_file_errors = self._letter_file_errors, 0
