@@ -458,6 +458,7 @@ class Ledger:
                 return
             drops, self._unreported_drops = self._unreported_drops, 0
             rejects = _Tally()
+            rejected = 0  # the number said: from the counts, exact whatever the reasons
             for cell in self._reject_cells:
                 count, tally = cell.count, cell.reasons
                 if count == cell.reported:
@@ -470,12 +471,13 @@ class Ledger:
                 unnamed = count - cell.reported - tally.total
                 if unnamed > 0:
                     rejects.add("refused while this report was being made", unnamed)
+                rejected += count - cell.reported
                 cell.reported = count
             dead, self._dead_tally = self._dead_tally, _Tally()
             unfiled, self._unfiled_letters = self._unfiled_letters, 0
             file_errors, self._letter_file_errors = self._letter_file_errors, 0
             refusals, self._spool_refusals = self._spool_refusals, 0
-            if drops or rejects.total or dead.total or unfiled or file_errors or refusals:
+            if drops or rejected or dead.total or unfiled or file_errors or refusals:
                 self._last_report = now
         if drops:
             logger.warning(
@@ -483,10 +485,10 @@ class Ledger:
                 self._buffer.max_queue,
                 drops,
             )
-        if rejects.total:
+        if rejected:
             logger.warning(
                 "rejected %d invalid entries since the last report: %s",
-                rejects.total,
+                rejected,
                 rejects.describe(self._scrub),
             )
         if dead.total:
