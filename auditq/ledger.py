@@ -126,12 +126,15 @@ class _RejectCell:
     """One thread's refused calls: `count` and `reasons` are changed by that thread only,
     `reported` (the count the last report line covered) by the reporter, under the lock."""
 
-    __slots__ = ("count", "reasons", "reported")
+    __slots__ = ("count", "reasons", "reported", "thread")
 
     def __init__(self) -> None:
         self.count = 0
         self.reported = 0
         self.reasons = _Tally()
+        # Whose cell this is: once that thread has ended, its count is folded into the
+        # ledger's and the cell let go (a thread per request must not leave one each).
+        self.thread = threading.current_thread()
 
 
 class Ledger:
@@ -182,6 +185,7 @@ class Ledger:
         # Calls refused at the call, one cell per thread that had one (see `rejected`).
         self._local = threading.local()
         self._reject_cells: list[_RejectCell] = []
+        self._rejected_done = 0  # ... and those of threads that have ended since
         self._batches = 0
         self._retries = 0
         self._last_error: str | None = None
@@ -225,7 +229,17 @@ class Ledger:
         self._last_reject_reason = reason
 
     def _rejected_count(self) -> int:
-        return sum(cell.count for cell in self._reject_cells)
+        """All refused calls (lock held)."""
+        return self._rejected_done + sum(cell.count for cell in self._reject_cells)
+
+    def _fold_finished(self) -> list[_RejectCell]:
+        """Cells of threads that have ended, taken out of the list, their counts folded
+        into `_rejected_done` (lock held); returned for their last report."""
+        ended = [cell for cell in self._reject_cells if not cell.thread.is_alive()]
+        if ended:
+            self._reject_cells = [cell for cell in self._reject_cells if cell.thread.is_alive()]
+            self._rejected_done += sum(cell.count for cell in ended)
+        return ended
 
     # -- taking rows -----------------------------------------------------------------------
 
@@ -459,7 +473,8 @@ class Ledger:
             drops, self._unreported_drops = self._unreported_drops, 0
             rejects = _Tally()
             rejected = 0  # the number said: from the counts, exact whatever the reasons
-            for cell in self._reject_cells:
+            ended = self._fold_finished()
+            for cell in [*self._reject_cells, *ended]:
                 count, tally = cell.count, cell.reasons
                 if count == cell.reported:
                     continue

@@ -88,3 +88,23 @@ def test_accounting_exact_with_eight_threads_hammering_a_closing_writer(
     assert reports, "close() did not report the refused calls"
     named = sum(int(line.split()[1]) for line in reports if line.startswith("rejected "))
     assert named == stats.rejected
+
+
+def test_refusals_of_threads_that_ended_are_kept_without_a_cell_each(
+    make_writer: WriterFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A thread per request, each refused once: the count stays exact, and the ledger does
+    not keep one cell per thread that ever was (they are folded at the next report)."""
+    writer = make_writer()
+    writer.close(timeout=5)
+    for _ in range(200):
+        thread = threading.Thread(target=lambda: writer.log("closing.once"))
+        thread.start()
+        thread.join()
+    assert writer.stats().rejected == 200
+    with caplog.at_level(logging.WARNING, logger="auditq"):
+        writer.close(timeout=5)  # its final report folds the ended threads' cells
+    assert writer.stats().rejected == 200
+    assert len(writer._ledger._reject_cells) == 0
+    assert any(r.getMessage().startswith("rejected 200 ") for r in caplog.records)
+    _exact(writer)
