@@ -20,12 +20,19 @@ A hold by Python code ends at the switch interval (5 ms by default: the interpre
 the holder to let go after that long); a hold by one C call (a loop over a whole batch
 without going back to the interpreter) lasts as long as the call. `--switch-interval
 0.0005` separates the two: under it, a wait well past 0.5 ms is a C call that cannot be
-interrupted.
+interrupted. Garbage collections longer than 1 ms are listed too, with their thread: a
+full collection is one C call over every tracked object of the process, whichever thread
+(the writer, or a caller inside `log()`) allocated the object that set it off.
+
+`--write-timeout 1 --spool` makes the writer's COPY be cut while the server is stopped, so
+the failure path (Items cut from the blocks, the rest encoded, retries), the spool (the
+batch diverted to disk) and, after the thaw, the replay run too.
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import multiprocessing
 import sys
 import tempfile
@@ -85,6 +92,26 @@ def _sample(
     done[0] = n
 
 
+class _Collections:
+    """Garbage collections longer than 1 ms, with the thread they ran on (`gc.callbacks`):
+    a collection holds the GIL for all of its time, on whichever thread allocated last."""
+
+    def __init__(self) -> None:
+        self.long: list[tuple[float, int, str, int]] = []  # (ms, generation, thread, at)
+        self._began: dict[int, int] = {}
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        now = time.perf_counter_ns()
+        ident = threading.get_ident()
+        if phase == "start":
+            self._began[ident] = now
+            return
+        took = (now - self._began.pop(ident, now)) / 1e6
+        if took > 1.0:
+            name = threading.current_thread().name
+            self.long.append((took, info["generation"], name, now))
+
+
 def _control(stop: object, conn: object, seconds: float) -> None:
     """The same sampler in a process of its own, which shares no GIL: how late a 1 ms
     sleep ends on this machine anyway (the scheduler, other processes), the noise floor."""
@@ -131,6 +158,8 @@ def one_run(
         target=_control, args=(control_stop, send, freeze + 40), daemon=True
     )
     control.start()
+    collections = _Collections()
+    gc.callbacks.append(collections)
     sampler.start()
     producer.start()
     time.sleep(1.0)
@@ -151,6 +180,7 @@ def one_run(
     producer.join()
     sampler.join()
     end = time.perf_counter_ns()
+    gc.callbacks.remove(collections)
     control_stop.set()
     control_at, control_late = array("q"), array("q")
     raw_at, raw_late = receive.recv()
@@ -180,6 +210,12 @@ def one_run(
     held = array("q", (min(late[i], writer_cpu[i]) for i in range(count)))
     for name, (lo, hi) in windows.items():
         out[f"writer_max_ms_{name}"] = _window_max(at, held, count, lo, hi)
+    gcs = sorted(collections.long, reverse=True)
+    out["gc_max_ms"] = gcs[0][0] if gcs else 0.0
+    out["gc_long"] = [  # type: ignore[assignment]
+        (round(ms, 1), f"gen{gen}", "writer" if name.startswith("auditq[") else name)
+        for ms, gen, name, _ in gcs[:3]
+    ]
     holds = sorted(((held[i], at[i]) for i in range(count)), reverse=True)[:5]
     out["top_holds"] = [  # type: ignore[assignment]
         (round(v / 1e6, 2), round((t - frozen_at) / 1e9, 3)) for v, t in holds
@@ -230,7 +266,7 @@ def main(argv: list[str] | None = None) -> None:
         print(
             f"{'run':>3}  {'slowest log() ms':>28}  {'longest GIL wait (sampler) ms':>30}"
             f"  {'same, other process (noise)':>28}  {'of it, writer CPU':>28}  {'caught up':>9}"
-            "  top writer holds (ms, s after freeze)",
+            "  top writer holds (ms, s after freeze)  garbage collections > 1 ms",
             flush=True,
         )
         head = "before frozen  after"
@@ -244,7 +280,8 @@ def main(argv: list[str] | None = None) -> None:
                 f"    {r['noise_max_ms_before']:>8.2f} {r['noise_max_ms_frozen']:>7.2f} "
                 f"{r['noise_max_ms_after']:>7.2f}    {r['writer_max_ms_before']:>8.2f} "
                 f"{r['writer_max_ms_frozen']:>7.2f} {r['writer_max_ms_after']:>7.2f}"
-                f"  {r['caught_up_s']:>8.2f}s  {r['top_holds']}",
+                f"  {r['caught_up_s']:>8.2f}s  {r['top_holds']}"
+                f"  longest collections: {r['gc_long']}",
                 flush=True,
             )
 
