@@ -243,6 +243,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="give the writer a spool (spool_after=1): the spool path runs while frozen",
     )
+    parser.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="gc.freeze() once everything is imported: what an application can do about "
+        "full collections (they then skip every object made before)",
+    )
     args = parser.parse_args(argv)
     options: dict[str, Any] = {}
     if args.write_timeout is not None:
@@ -260,6 +266,9 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
     with embedded_postgres() as dsn:
+        if args.gc_freeze:
+            gc.collect()
+            gc.freeze()
         cfg = CompareConfig()
         prepare_table(dsn, cfg.schema, cfg.table)
         harness = Harness(dsn, cfg, server_owned=True, stream=sys.stderr)
