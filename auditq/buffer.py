@@ -17,8 +17,22 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Callable
+from typing import Any, Final
 
 from .entry import Row
+
+#: Rows freed (or encoded, or joined) per C call on the writer thread. One call over a
+#: whole batch is one long hold of the GIL: the interpreter cannot switch threads inside
+#: it, so every caller of log() waits until it ends. Pieces this size let it switch.
+PIECE_ROWS: Final = 1000
+
+
+def release(rows: list[Any]) -> None:
+    """Empty `rows` a piece at a time, from the end (no memmove): when this list holds the
+    last reference to its rows, freeing them all at once (`del`, or the list going out of
+    scope) would be one long hold of the GIL."""
+    while rows:
+        del rows[-PIECE_ROWS:]
 
 
 class Buffer:

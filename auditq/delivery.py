@@ -16,7 +16,8 @@ from collections.abc import Callable
 
 from . import hooks
 from .binary import Item
-from .buffer import Buffer
+from .buffer import Buffer, release
+from .config import DEFAULT_BATCH_SIZE
 from .entry import Row
 from .hooks import BeforeWrite
 from .ledger import Ledger
@@ -63,6 +64,8 @@ class Delivery:
         # spool, so a broken spool never loses more than no spool at all.
         self._spool_rests_until = 0.0
         self._spool_rest = max(1.0, retry_backoff_max)
+        # The lists of rows the batch under way has taken (see `drain`).
+        self._held: list[list[Row]] = []
         # Replays the spool once the database answers again (None without a spool); made
         # anew with the delivery, so a forked child keeps none of the parent's progress.
         self._replayer = (
@@ -89,12 +92,21 @@ class Delivery:
         than wake the writer)."""
         at_least = 1 if drain_all else self._buffer.wake_rows
         while not self._abort.is_set():
-            rows = self._ledger.take(self._batch_size, at_least=at_least)
+            rows = self._ledger.take(self._batch_rows(), at_least=at_least)
             if not rows:
                 return
             rows = self._rewrite(rows)
-            if rows:
-                self._deliver(rows)
+            # Every row the batch takes stays referenced here until it is resolved, so that
+            # the sink's own lists die with nothing to free, and the rows are freed below a
+            # piece at a time (see `release`).
+            self._held = [rows]
+            try:
+                if rows:
+                    self._deliver(rows)
+            finally:
+                held, self._held = self._held, []
+                for part in held:
+                    release(part)
 
     def drain_until(self, deadline: float) -> None:
         """close() without a writer thread: drain here, bounded by `deadline`."""
@@ -123,6 +135,8 @@ class Delivery:
             items, bad = self._sink.make_items(leftovers)
             self._ledger.dead_rows(bad)
             self._give_up(items)
+            release(items)
+            release(leftovers)
 
     def replay_spool(self, deadline: float | None) -> bool:
         """Replay every spooled segment no live writer holds, now, in the calling thread,
@@ -157,6 +171,7 @@ class Delivery:
             self._ledger.dead_rows(bad)
             refused = self._to_spool(items)
             if not refused:
+                release(items)
                 return
             handed = self._sink.deliver(refused, divert=self._should_divert)
         else:
@@ -167,18 +182,20 @@ class Delivery:
             self._probe.later()
             refused = self._to_spool(handed.items)
             if not refused:
+                release(handed.items)
                 return
             # The spool's disk refused them: keep them and go on trying the database.
             handed = self._sink.deliver(refused, divert=self._should_divert)
         if handed.items:
             self._give_up(handed.items, unconfirmed=handed.unconfirmed)
+            release(handed.items)
 
     def _follow_on(self, taken: int) -> Callable[[], list[Row]]:
         """More rows for the COPY under way, up to `batch_size` rows in all, while at least
         a chunk of them is queued: a backlog streams through one COPY, but a trickle does
         not keep a COPY (and its transaction) open. Nothing once close() is cutting the
         writer short: what is still queued is then close()'s to account for."""
-        budget = self._batch_size - taken
+        budget = self._batch_rows() - taken
 
         def more() -> list[Row]:
             nonlocal budget
@@ -187,9 +204,21 @@ class Delivery:
                 return []
             rows = self._ledger.take(want, at_least=want)
             budget -= len(rows)
-            return self._rewrite(rows)
+            rows = self._rewrite(rows)
+            self._held.append(rows)
+            return rows
 
         return more
+
+    def _batch_rows(self) -> int:
+        """Rows per COPY: `batch_size`, and at least the default one while close() drains.
+        Each COPY costs the writer thread a few waits for the GIL (its start, its end, the
+        result), and callers still calling a closing writer flat out hold the GIL for the
+        rest: small batches would then spend close()'s whole timeout waiting, not writing.
+        A server that cancels large COPYs still gets smaller ones (the sink's row cap)."""
+        if self.closing:
+            return max(self._batch_size, DEFAULT_BATCH_SIZE)
+        return self._batch_size
 
     def _rewrite(self, rows: list[Row]) -> list[Row]:
         """Rows through the `before_write` hook: what it drops is counted as filtered, what

@@ -6,12 +6,15 @@ and the two invariants
     accepted == written + dead_lettered + spooled + pending + filtered
     calls    == accepted + dropped_overflow + rejected
 
-must hold in every snapshot. So every move happens here, under one lock, and `snapshot()`
-reads all counters under that same lock. The sink, the spool replay and the delivery policy
-report to the ledger; none of them keeps a counter of its own.
+must hold in every snapshot. So every move of an accepted entry happens here, under one
+lock, and `snapshot()` reads all counters under that same lock. Calls refused at the call
+are the exception: each thread counts its own without the lock (a closing writer hammered by
+callers must not make its own thread wait for the lock), and `snapshot()` sums those counts
+under the lock, so the invariants stay exact. The sink, the spool replay and the delivery
+policy report to the ledger; none of them keeps a counter of its own.
 
-The lock is never held across I/O: callers that touch it (a drop, a rejection) never wait on
-the database. Reports (rate-limited log lines) and dead-letter publishing (the file and the
+The lock is never held across I/O: callers that touch it (a drop) never wait on the
+database. Reports (rate-limited log lines) and dead-letter publishing (the file and the
 callback) happen outside it.
 """
 
@@ -122,6 +125,21 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+class _RejectCell:
+    """One thread's refused calls: `count` and `reasons` are changed by that thread only,
+    `reported` (the count the last report line covered) by the reporter, under the lock."""
+
+    __slots__ = ("count", "reasons", "reported", "thread")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.reported = 0
+        self.reasons = _Tally()
+        # Whose cell this is: once that thread has ended, its count is folded into the
+        # ledger's and the cell let go (a thread per request must not leave one each).
+        self.thread = threading.current_thread()
+
+
 class Ledger:
     """The counters of one writer, the condition `flush()` waits on, and its reports."""
 
@@ -167,14 +185,16 @@ class Ledger:
         self._replay_dead = 0  # ... and those it dead-lettered
         self._filtered = 0  # dropped on purpose by the application's before_write hook
         self._dropped = 0
-        self._rejected = 0
+        # Calls refused at the call, one cell per thread that had one (see `rejected`).
+        self._local = threading.local()
+        self._reject_cells: list[_RejectCell] = []
+        self._rejected_done = 0  # ... and those of threads that have ended since
         self._batches = 0
         self._retries = 0
         self._last_error: str | None = None
         self._last_write_at: datetime | None = None
         # Rate-limited reporting: what happened since the last line, and when that was.
         self._unreported_drops = 0
-        self._rejects = _Tally()
         self._last_reject_reason = ""
         self._dead_tally = _Tally()
         self._last_report = float("-inf")
@@ -196,11 +216,33 @@ class Ledger:
             self._unreported_drops += 1
 
     def rejected(self, reason: str, action: Any = None) -> None:
-        """A call refused at the call (invalid, or the writer closed)."""
-        with self._lock:
-            self._rejected += 1
-            self._rejects.add(reason, 1, action)
-            self._last_reject_reason = reason
+        """A call refused at the call (invalid, or the writer closed). Counted without the
+        lock, in a cell of the calling thread's own (only that thread ever changes it):
+        callers refused flat out (say, while close() drains) must not contend with the
+        writer thread for the lock it needs for every batch."""
+        try:
+            cell: _RejectCell = self._local.cell
+        except AttributeError:
+            cell = _RejectCell()
+            with self._lock:
+                self._reject_cells.append(cell)
+            self._local.cell = cell
+        cell.reasons.add(reason, 1, action)
+        cell.count += 1
+        self._last_reject_reason = reason
+
+    def _rejected_count(self) -> int:
+        """All refused calls (lock held)."""
+        return self._rejected_done + sum(cell.count for cell in self._reject_cells)
+
+    def _fold_finished(self) -> list[_RejectCell]:
+        """Cells of threads that have ended, taken out of the list, their counts folded
+        into `_rejected_done` (lock held); returned for their last report."""
+        ended = [cell for cell in self._reject_cells if not cell.thread.is_alive()]
+        if ended:
+            self._reject_cells = [cell for cell in self._reject_cells if cell.thread.is_alive()]
+            self._rejected_done += sum(cell.count for cell in ended)
+        return ended
 
     # -- taking rows -----------------------------------------------------------------------
 
@@ -372,7 +414,7 @@ class Ledger:
                 accepted=self._taken + queued,
                 written=self._written,
                 dropped_overflow=self._dropped,
-                rejected=self._rejected,
+                rejected=self._rejected_count(),
                 dead_lettered=self._dead,
                 spooled=self._spooled,
                 pending=self._inflight + queued,
@@ -387,8 +429,7 @@ class Ledger:
             )
 
     def last_reject_reason(self) -> str:
-        with self._lock:
-            return self._last_reject_reason
+        return self._last_reject_reason
 
     def publish(self, rows: Sequence[tuple[Row | dict[str, Any], str]]) -> None:
         """Hand dead letters to the dead-letter file and the callback (never raises)."""
@@ -433,12 +474,28 @@ class Ledger:
             if not final and now - self._last_report < self._warn_interval:
                 return
             drops, self._unreported_drops = self._unreported_drops, 0
-            rejects, self._rejects = self._rejects, _Tally()
+            rejects = _Tally()
+            rejected = 0  # the number said: from the counts, exact whatever the reasons
+            ended = self._fold_finished()
+            for cell in [*self._reject_cells, *ended]:
+                count, tally = cell.count, cell.reasons
+                if count == cell.reported:
+                    continue
+                cell.reasons = _Tally()
+                # The owner may still be adding to `tally` (it read it before the swap):
+                # its reasons are read from a copy, its number from the count.
+                for reason, (n, action) in list(tally.reasons.items()):
+                    rejects.add(reason, n, action)
+                unnamed = count - cell.reported - tally.total
+                if unnamed > 0:
+                    rejects.add("refused while this report was being made", unnamed)
+                rejected += count - cell.reported
+                cell.reported = count
             dead, self._dead_tally = self._dead_tally, _Tally()
             unfiled, self._unfiled_letters = self._unfiled_letters, 0
             file_errors, self._letter_file_errors = self._letter_file_errors, 0
             refusals, self._spool_refusals = self._spool_refusals, 0
-            if drops or rejects.total or dead.total or unfiled or file_errors or refusals:
+            if drops or rejected or dead.total or unfiled or file_errors or refusals:
                 self._last_report = now
         if drops:
             logger.warning(
@@ -446,10 +503,10 @@ class Ledger:
                 self._buffer.max_queue,
                 drops,
             )
-        if rejects.total:
+        if rejected:
             logger.warning(
                 "rejected %d invalid entries since the last report: %s",
-                rejects.total,
+                rejected,
                 rejects.describe(self._scrub),
             )
         if dead.total:

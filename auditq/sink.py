@@ -42,6 +42,7 @@ from .binary import (
     items_of_block,
     origin_field,
 )
+from .buffer import PIECE_ROWS, release
 from .connection import Connection, ConnectionSource, session_timeouts
 from .dsn import Dsn
 from .entry import Row
@@ -297,10 +298,11 @@ class Sink:
         # Item of its own, as retries, splits and dead letters need.
         items = [item for block in blocks for item in items_of_block(*block)]
         if consumed[0] < len(rows):
-            encode_chunk(rows[consumed[0] :], items, bad, self._origin)
+            _encode_pieces(rows[consumed[0] :], items, bad, self._origin)
         try:
             return self.deliver(items, divert=divert, failed=error)
         finally:
+            release(items)  # what was handed back is in the Handed's own list
             if bad:
                 self._ledger.rejected_rows(bad)
 
@@ -430,7 +432,11 @@ class Sink:
             self._stream(conn, self._copy_staging, _chunks(batch))
             with conn.cursor() as cur:
                 cur.execute(self._merge)
-                inserted = {row[0].int for row in cur.fetchall()}
+                # Loaded a piece at a time: one fetchall() of a whole batch's ids is one
+                # long hold of the GIL (see `buffer.release`).
+                inserted: set[Any] = set()
+                while found := cur.fetchmany(PIECE_ROWS):
+                    inserted.update(row[0].int for row in found)
             self._committing = True
         return inserted
 
@@ -692,5 +698,14 @@ def make_items(
     off those that fail their checks, with the reason."""
     items: list[Item] = []
     bad: list[tuple[Row, str]] = []
-    encode_chunk(rows, items, bad, origin)
+    _encode_pieces(rows, items, bad, origin)
     return items, bad
+
+
+def _encode_pieces(
+    rows: Sequence[Row], items: list[Item], bad: list[tuple[Row, str]], origin: bytes
+) -> None:
+    """`encode_chunk` PIECE_ROWS rows per call: one call over a whole batch would hold the
+    GIL for all of it (see `buffer.release`)."""
+    for start in range(0, len(rows), PIECE_ROWS):
+        encode_chunk(rows[start : start + PIECE_ROWS], items, bad, origin)

@@ -82,6 +82,8 @@ _RECORD_HEAD: Final = struct.Struct(">4sI8s32s")
 RECORD_OVERHEAD: Final = _RECORD_HEAD.size
 _TAG_INPUT: Final = struct.Struct(">QI")
 _KEY_BYTES: Final = 32
+#: Rows joined per C call when a batch is appended (see `Spool.append`).
+_PIECE_ROWS: Final = 1000
 #: How much of a damaged segment is read at a time while looking for the next record.
 _SCAN_BYTES: Final = 1024 * 1024
 SEGMENT_SUFFIX: Final = ".aqs"
@@ -294,27 +296,32 @@ class Spool:
         and `OSError` when the disk refuses (the segment is then left as it was)."""
         if not rows:
             return
-        payload = b"".join(rows)
+        # Joined, tagged and written a piece at a time: one join (or copy) of a whole batch
+        # is one long C call, during which no other thread gets the GIL.
+        pieces = [b"".join(rows[i : i + _PIECE_ROWS]) for i in range(0, len(rows), _PIECE_ROWS)]
+        length = sum(map(len, pieces))
         with self._lock:
             segment = self._active
             fresh = None
-            if segment is None or segment.size + RECORD_OVERHEAD + len(payload) > SEGMENT_BYTES:
+            if segment is None or segment.size + RECORD_OVERHEAD + length > SEGMENT_BYTES:
                 fresh = _header_bytes(self.target, secrets.token_bytes(_KEY_BYTES))
-            need = RECORD_OVERHEAD + len(payload) + (len(fresh[0]) if fresh else 0)
+            need = RECORD_OVERHEAD + length + (len(fresh[0]) if fresh else 0)
             if self.size_bytes() + need > self.max_bytes:
                 raise SpoolFull(f"spool would exceed spool_max_bytes={self.max_bytes}")
             if fresh is not None:
                 segment = self._open_segment(*fresh)
             assert segment is not None
-            record = _record(segment.header.key, segment.size, payload)
+            head = _record_head(segment.header.key, segment.size, length, pieces)
             try:
-                _write_all(segment.fd, record)
+                _write_all(segment.fd, head)
+                for piece in pieces:
+                    _write_all(segment.fd, piece)
             except OSError:
                 # Never leave a torn record behind a live writer's later appends.
                 with contextlib.suppress(OSError):
                     os.ftruncate(segment.fd, segment.size)
                 raise
-            segment.size += len(record)
+            segment.size += len(head) + length
             segment.rows += len(rows)
             self._dirty = True
             self._maybe_sync(segment.fd)
@@ -760,12 +767,12 @@ def _tags(key: bytes, offset: int, payload_length: int, payload: bytes | None) -
     return mac.digest()
 
 
-def _record(key: bytes, offset: int, payload: bytes) -> bytes:
-    length = len(payload)
-    head = _RECORD_HEAD.pack(
-        RECORD_MAGIC, length, _tags(key, offset, length, None), _tags(key, offset, length, payload)
-    )
-    return head + payload
+def _record_head(key: bytes, offset: int, length: int, pieces: list[bytes]) -> bytes:
+    """The head of a record whose payload is `pieces` joined (`length` bytes in all)."""
+    mac = hmac.new(key, b"body" + _TAG_INPUT.pack(offset, length), hashlib.sha256)
+    for piece in pieces:
+        mac.update(piece)
+    return _RECORD_HEAD.pack(RECORD_MAGIC, length, _tags(key, offset, length, None), mac.digest())
 
 
 _TORN: Final = "torn"
