@@ -65,6 +65,32 @@ COLUMNS: Final = (
     "metadata",
 )
 
+#: Mapping keys accepted besides the field names: the original TypeScript service's
+#: camelCase spelling, so `write_audit_log({...})` payloads keep working.
+ALIASES: Final = {
+    "tenantId": "tenant_id",
+    "actorId": "actor_id",
+    "actorType": "actor_type",
+    "resourceType": "resource_type",
+    "resourceId": "resource_id",
+    "userAgent": "user_agent",
+    "requestId": "request_id",
+    "occurredAt": "occurred_at",
+    "ipAddress": "ip",
+}
+_COLUMN_SET: Final = frozenset(COLUMNS)
+
+
+def mapping_fields(entry: Mapping[str, Any]) -> tuple[dict[str, Any], str | None]:
+    """A mapping's fields under their own names (camelCase accepted), and the reason to
+    reject it when it names a field the entry does not have (else None)."""
+    fields = {ALIASES.get(key, key): value for key, value in entry.items()}
+    unknown = set(fields) - _COLUMN_SET
+    if unknown:
+        return fields, f"unknown field(s): {', '.join(sorted(map(str, unknown)))}"
+    return fields, None
+
+
 #: The documented outcome vocabulary. Any other text (up to `MAX_OUTCOME_CHARS`) is stored
 #: as given: an event is never refused for using a word of its own.
 OUTCOMES: Final = frozenset({"success", "failure", "denied", "error", "unknown"})

@@ -24,7 +24,7 @@ import contextlib
 import logging
 from collections.abc import Iterator, Mapping
 from datetime import datetime
-from typing import Any, Final
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -32,7 +32,7 @@ from . import default
 from .context import CONTEXT_FIELDS
 from .context import current as _current_context
 from .disabled import DisabledWriter, WriterSurface, disabled, disabled_writer
-from .entry import COLUMNS, AuditEntry, InvalidEntry
+from .entry import AuditEntry, InvalidEntry, mapping_fields
 
 __all__ = [
     "CapturingWriter",
@@ -43,20 +43,6 @@ __all__ = [
 ]
 
 logger = logging.getLogger("auditq")
-
-#: The original TypeScript service's camelCase keys, accepted by `write()` as by the writer.
-ALIASES: Final = {
-    "tenantId": "tenant_id",
-    "actorId": "actor_id",
-    "actorType": "actor_type",
-    "resourceType": "resource_type",
-    "resourceId": "resource_id",
-    "userAgent": "user_agent",
-    "requestId": "request_id",
-    "occurredAt": "occurred_at",
-    "ipAddress": "ip",
-}
-_FIELDS: Final = frozenset(COLUMNS)
 
 
 class CapturingWriter(WriterSurface):
@@ -128,10 +114,9 @@ class CapturingWriter(WriterSurface):
             return self._accept(entry)
         if not isinstance(entry, Mapping):
             return self._reject(f"expected an AuditEntry or a mapping, got {type(entry).__name__}")
-        fields = {ALIASES.get(key, key): value for key, value in entry.items()}
-        unknown = set(fields) - _FIELDS
-        if unknown:
-            return self._reject(f"unknown field(s): {', '.join(sorted(map(str, unknown)))}")
+        fields, problem = mapping_fields(entry)
+        if problem is not None:
+            return self._reject(problem)
         action = fields.pop("action", None)
         return self.log(action, **fields)
 

@@ -49,7 +49,7 @@ from .connection import (
 from .context import current as _current_context
 from .delivery import Delivery
 from .dsn import Dsn
-from .entry import COLUMNS, AuditEntry, InvalidEntry, Row, dump_metadata
+from .entry import AuditEntry, InvalidEntry, Row, dump_metadata, mapping_fields
 from .hooks import BeforeWrite
 from .ledger import DeadLetter, DeadLetterHandler, Ledger
 from .readiness import CheckResult
@@ -64,21 +64,6 @@ __all__ = ["AuditWriter", "DeadLetter", "DeadLetterHandler", "live_writers"]
 logger = logging.getLogger("auditq")
 
 _time_ns: Final = time.time_ns
-
-#: Mapping keys accepted by `write()` besides the field names: the original TypeScript
-#: service's camelCase spelling, so `write_audit_log({...})` payloads keep working.
-_ALIASES: Final = {
-    "tenantId": "tenant_id",
-    "actorId": "actor_id",
-    "actorType": "actor_type",
-    "resourceType": "resource_type",
-    "resourceId": "resource_id",
-    "userAgent": "user_agent",
-    "requestId": "request_id",
-    "occurredAt": "occurred_at",
-    "ipAddress": "ip",
-}
-_FIELDS: Final = frozenset(COLUMNS)
 
 
 class AuditWriter:
@@ -354,12 +339,9 @@ class AuditWriter:
             return self._offer(entry.to_row())
         if not isinstance(entry, Mapping):
             return self._reject(f"expected an AuditEntry or a mapping, got {type(entry).__name__}")
-        fields = {_ALIASES.get(key, key): value for key, value in entry.items()}
-        unknown = set(fields) - _FIELDS
-        if unknown:
-            return self._reject(
-                f"unknown field(s): {', '.join(sorted(map(str, unknown)))}", fields.get("action")
-            )
+        fields, problem = mapping_fields(entry)
+        if problem is not None:
+            return self._reject(problem, fields.get("action"))
         action = fields.pop("action", None)
         return self.log(action, **fields)
 
