@@ -1,8 +1,8 @@
 """The hash chain's DDL: two columns on the audit table, and the digests, checkpoints and
 retention tables beside it, all insert-only.
 
-Kept apart from schema.py so the chain can be added to (and tested on) any audit table; the
-phase-2 `init-db` calls `create_chain_tables` after creating the table.
+Kept apart from schema.py so the chain can be added to (and tested on) any audit table;
+`init-db` (`schema.create`) calls `create_chain_tables` after creating the table.
 """
 
 from __future__ import annotations
