@@ -102,7 +102,7 @@ class Chainer:
         # dedupe path then reconciles the stream with the stored head.
         self._insert = sql.SQL(
             "INSERT INTO {} (stream, first_pos, pos_count, skipped_pos, skipped_reason, root, "
-            "prev_hash, hash, leaves, version) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+            "prev_hash, hash, leaves, version) VALUES (%s, %s, %s, %s, %s, %b, %b, %b, %b, %s)"
         ).format(self._digests)
 
     # -- stamping ---------------------------------------------------------------------------
@@ -190,7 +190,7 @@ class Chainer:
             )
             stream.resync(stream.sealed_pos, stream.head_hash, end)
             for pos, reason in self._retired.get(key, {}).items():
-                if pos >= stream.sealed_pos:
+                if stream.sealed_pos <= pos < end:
                     stream.skip(pos, Skip(reason))
         sealed = stream.sealed_pos
         todo = [item for item in batch if pos_of(item[0]) >= sealed]
@@ -220,16 +220,16 @@ class Chainer:
         """Insert a digest in the open transaction (see `__init__` on conflicts)."""
         conn.execute(self._insert, chain_schema.digest_params(record))
 
-    def insert_and_commit(self, record: DigestRecord | None) -> sql.Composed:
-        """The digest's INSERT and COMMIT as one simple query (one round trip on the
-        writer's own connection, which began the transaction itself)."""
+    def insert_and_commit(self, conn: psycopg.Connection[Any], record: DigestRecord | None) -> None:
+        """The digest's INSERT and the COMMIT in one round trip (pipelined), on the
+        writer's own connection, which began the transaction itself. The hashes go as
+        binary parameters: a batch's leaves are 32 bytes a row."""
         if record is None:
-            return sql.Composed([sql.SQL("COMMIT")])
-        values = sql.SQL(", ").join(_literals(record))
-        return sql.SQL(
-            "INSERT INTO {} (stream, first_pos, pos_count, skipped_pos, skipped_reason, root, "
-            "prev_hash, hash, leaves, version) VALUES ({}); COMMIT"
-        ).format(self._digests, values)
+            conn.execute("COMMIT")
+            return
+        with conn.pipeline():
+            conn.execute(self._insert, chain_schema.digest_params(record))
+            conn.execute("COMMIT")
 
     def committed(self, stream: ChainStream, record: DigestRecord | None) -> None:
         """The transaction holding `record` committed: move its stream's head."""
@@ -279,14 +279,3 @@ class Chainer:
                 self._retired.pop(key, None)
             return stream, None
         return stream, stream.seal_through(b"", end)
-
-
-def _literals(record: DigestRecord) -> list[sql.Composable]:
-    """`digest_params` as SQL literals, the arrays typed (an empty one is otherwise
-    ambiguous)."""
-    params = chain_schema.digest_params(record)
-    out: list[sql.Composable] = [sql.Literal(value) for value in params]
-    for index, type_name in ((3, "bigint[]"), (4, "smallint[]")):
-        text = "{" + ",".join(str(int(v)) for v in params[index]) + "}"
-        out[index] = sql.SQL("{}::" + type_name).format(sql.Literal(text))
-    return out

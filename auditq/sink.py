@@ -533,7 +533,7 @@ class Sink:
     def _attempt(self, batch: list[Item], mode: Mode) -> set[Any] | Written | None:
         self._committing = False
         with self._connection() as conn:
-            if chainlink.is_chained(batch[0][DATA]):
+            if batch and chainlink.is_chained(batch[0][DATA]):
                 return self._attempt_chained(conn, batch, mode)
             if mode == "copy":
                 self._copy_chunks(conn, _chunks(batch))
@@ -563,8 +563,8 @@ class Sink:
         that also inserts the digest: rows and digest commit together or not at all.
 
         On the writer's own connection (autocommit) the transaction is begun by hand and
-        ends with the digest's INSERT and the COMMIT sent as one query, one round trip; a
-        pooled connection uses its own transaction handling. Either way a failure once
+        ends with the digest's INSERT and the COMMIT pipelined, one round trip; a pooled
+        connection uses its own transaction handling. Either way a failure once
         COMMIT may be in flight leaves the outcome unknown (`_committing`), and the replay
         then reconciles the stream with the digests table (`Chainer.plan`)."""
         if conn.autocommit and not self._local_timeouts:
@@ -572,7 +572,7 @@ class Sink:
             try:
                 record = body()
                 self._committing = True
-                conn.execute(self._chainer.insert_and_commit(record))
+                self._chainer.insert_and_commit(conn, record)
             except BaseException:
                 _roll_back(conn)
                 raise

@@ -26,9 +26,9 @@ from .proxy import COMMIT_MESSAGE, Proxy
 from .test_spool import dead_port_dsn, read_json_line, segments, spawn
 
 POISON = "poison"
-#: The end of the chained writer's last message of a transaction on its own connection:
-#: the digest's INSERT and the COMMIT, sent as one query.
-CHAINED_COMMIT = b"; COMMIT\x00"
+#: The COMMIT the chained writer pipelines after the digest's INSERT on its own connection
+#: (its Parse message: an unnamed statement, then the text).
+CHAINED_COMMIT = b"\x00COMMIT\x00"
 
 
 @pytest.fixture
@@ -168,8 +168,9 @@ SPOOLING_CHILD = """
 """
 
 
+@pytest.mark.parametrize("replayer_chains", [True, False], ids=["chained", "unchained"])
 def test_sigkill_with_the_spool_resumes_the_dead_writers_streams(
-    chained: Chained, writers: WriterMaker, tmp_path: Path
+    chained: Chained, writers: WriterMaker, tmp_path: Path, replayer_chains: bool
 ) -> None:
     spool = tmp_path / "spool"
     child = spawn(
@@ -187,13 +188,16 @@ def test_sigkill_with_the_spool_resumes_the_dead_writers_streams(
     finally:
         child.send_signal(signal.SIGKILL)
         child.wait(10)
-    writer = chain_writer(writers, chained.dsn, chained, spool_dir=spool)
-    for i in range(100):
+    # A writer that does not chain still writes the dead writer's stamped rows with their
+    # digests; one that does also writes its own rows in a stream of its own.
+    writer = writers(chained.dsn, _As(chained), spool_dir=spool, chain=replayer_chains)
+    live = 100 if replayer_chains else 0
+    for i in range(live):
         writer.log("chain.live", request_id=f"live{i}")
     assert writer.flush(timeout=10)
     spooled = report["spooled"]
     assert _wait(lambda: writer.stats().replayed == spooled and segments(spool) == [])
-    assert stored(chained) == spooled + 100
+    assert stored(chained) == spooled + live
     assert skips(chained) == []
     assert_clean(chained)
 
@@ -219,6 +223,25 @@ def test_outage_spooled_then_replayed_by_the_same_writer(
     assert stats.written == stored(chained) == 2500, stats
     summary = assert_clean(chained)
     assert summary.streams >= 2  # the rows handed to the spool keep the stream they had
+
+
+def test_close_in_an_outage_leaves_no_false_alarm(
+    proxy: Proxy, chained: Chained, writers: WriterMaker
+) -> None:
+    """Rows given up at close while the database is down are dead-lettered; their
+    positions lie past the stream's last digest, so `verify` neither sees nor blames them."""
+    writer = chain_writer(writers, proxy.dsn, chained, batch_size=100)
+    caller = Caller(writer)
+    caller.stream(300, chunk=100, pause=0.01)
+    assert writer.flush(timeout=10)
+    proxy.refuse(True)
+    proxy.cut_all()
+    caller.stream(200, chunk=100, start=300)
+    writer.close(timeout=0.5)
+    stats = writer.stats()
+    assert stats.written == stored(chained) == 300 and stats.dead_lettered == 200, stats
+    proxy.refuse(False)
+    assert_clean(chained)
 
 
 def _wait(predicate: Any, timeout: float = 30) -> bool:
