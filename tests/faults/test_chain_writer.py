@@ -75,9 +75,7 @@ def stored(c: Chained) -> int:
 
 def test_poison_rows_leave_recorded_gaps(chained: Chained, writers: WriterMaker) -> None:
     dead: list[DeadLetter] = []
-    writer = chain_writer(
-        writers, chained.dsn, chained, batch_size=500, on_dead_letter=dead.append
-    )
+    writer = chain_writer(writers, chained.dsn, chained, batch_size=500, on_dead_letter=dead.append)
     caller = Caller(writer)
     total = 3000
     poisoned = set(random.Random(5).sample(range(total - 1), 9)) | {total - 1}
@@ -339,3 +337,32 @@ def test_swapped_and_replaced_digest_are_found(written: Chained) -> None:
         )
     _, found = check(written)
     assert "BROKEN" in {f.kind for f in found}, [f.line() for f in found]
+
+
+def test_tail_cut_behind_a_checkpoint_and_an_unchained_forgery_are_found(
+    written: Chained,
+) -> None:
+    from auditq.checkpoint import keygen, make_checkpoint
+
+    key = keygen("test.example/ckpt")
+    with psycopg.connect(written.dsn) as conn:
+        make_checkpoint(conn, written.schema, written.table, key)
+    _, stream, pos = _row(written, 990)  # the second writer's stream, near its end
+    written.sql("ALTER TABLE {d} DISABLE TRIGGER USER")
+    written.sql("DELETE FROM {t} WHERE chain_stream = %s AND chain_pos >= %s", stream, pos)
+    written.sql("DELETE FROM {d} WHERE stream = %s AND first_pos + pos_count > %s", stream, pos)
+    written.sql("INSERT INTO {t} (id, occurred_at, action) VALUES (gen_random_uuid(), now(), 'x')")
+    found: list[Finding] = []
+    summary = verify(
+        Options(
+            dsn=written.dsn,
+            schema=written.schema,
+            table=written.table,
+            keys=(key.verifier(),),
+        ),
+        found.append,
+    )
+    assert summary.damaged and summary.signatures_checked
+    kinds = {f.kind for f in found}
+    assert {"TRUNCATED", "EXTRA"} <= kinds, [f.line() for f in found]
+    assert next(f for f in found if f.kind == "TRUNCATED").stream == str(stream)
