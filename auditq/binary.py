@@ -659,7 +659,7 @@ def decode_row(data: bytes) -> dict[str, Any]:
             break
         (length,) = struct.unpack_from(">i", data, offset)
         offset += 4
-        name = COPY_COLUMNS[index] if index < len(COPY_COLUMNS) else f"field{index}"
+        name = _DECODED_NAMES[index] if index < len(_DECODED_NAMES) else f"field{index}"
         if length < 0:
             out[name] = None
             continue
@@ -677,7 +677,16 @@ def decode_row(data: bytes) -> dict[str, Any]:
     return out
 
 
+#: Names of the fields `decode_row` shows: the writer's columns, then the two a chained row
+#: carries (`chain.LEAF_COLUMNS_V1`).
+_DECODED_NAMES: Final = (*COPY_COLUMNS, "chain_stream", "chain_pos")
+
+
 def _decoded(index: int, name: str, raw: bytes) -> Any:
+    if name == "chain_stream":
+        return str(uuid.UUID(bytes=raw))
+    if name == "chain_pos":
+        return struct.unpack(">q", raw)[0]
     if index == 0:
         return str(uuid.UUID(bytes=raw))
     if index == 1:
