@@ -119,10 +119,10 @@ def install_function(conn: psycopg.Connection[object], schema: str) -> None:
     owner may execute it until granted."""
     if function_exists(conn, schema, f"{FUNCTION}(text,timestamptz)"):
         current = conn.execute(
-            "SELECT position(%s in prosrc) > 0 FROM pg_proc WHERE oid = %s::regprocedure",
-            (FUNCTION_VERSION, f"{regclass_text(schema, FUNCTION)}(text,timestamptz)"),
+            "SELECT 1 FROM pg_proc WHERE oid = %s::regprocedure AND position(%s in prosrc) > 0",
+            (f"{regclass_text(schema, FUNCTION)}(text,timestamptz)", FUNCTION_VERSION),
         ).fetchone()
-        if current is None or not current[0]:
+        if current is None:
             conn.execute(function_ddl(schema))  # CREATE OR REPLACE keeps owner and grants
         return
     conn.execute(function_ddl(schema))

@@ -18,7 +18,13 @@ from psycopg import sql
 from auditq import AuditWriter
 from auditq.binary import _occurred_span_python, encode_block, occurred_span
 from auditq.hooks import row_of
-from auditq.partitions import add_months, month_start
+from auditq.partitions import (
+    FUNCTION_VERSION,
+    add_months,
+    function_ddl,
+    install_function,
+    month_start,
+)
 from auditq.schema import create, qualified
 
 from .trail_support import Trail, allow_login, trail
@@ -232,3 +238,19 @@ def test_occurred_span_reads_every_tuple() -> None:
     for broken in (b"", data[:-3], b"\x00\x01" + data[2:]):
         assert occurred_span(broken) is None
         assert _occurred_span_python(broken) is None
+
+
+def test_an_older_partition_function_is_replaced(pg_dsn: str) -> None:
+    """`install_function` (init-db, migrate, --roles) replaces a function without the
+    current version's marker, so months made after an upgrade get the writer's INSERT."""
+    with trail(pg_dsn) as made:
+        create(pg_dsn, schema=made.schema, table=made.table, partitioned=True)
+        with made.connect() as conn:
+            older = function_ddl(made.schema).as_string(conn).replace(FUNCTION_VERSION, "v1")
+            conn.execute(older.encode())
+            install_function(conn, made.schema)
+            source = conn.execute(
+                "SELECT prosrc FROM pg_proc WHERE oid = %s::regprocedure",
+                (f'"{made.schema}".auditq_ensure_partition(text,timestamptz)',),
+            ).fetchone()
+        assert source is not None and FUNCTION_VERSION in source[0]
