@@ -8,7 +8,7 @@ Two cases per round and setting:
   (the harness's single-producer case), timed from the first call to the end of `flush()`.
 
 Run from the checkout: python -m benchmarks.chain_writer [DSN] [--rounds N] [--entries N]
-(embedded PostgreSQL without a DSN). Tables are TRUNCATEd between rounds.
+[--no-chain-index] (embedded PostgreSQL without a DSN). Tables are TRUNCATEd between rounds.
 """
 
 from __future__ import annotations
@@ -73,6 +73,11 @@ def main() -> None:
     parser.add_argument("dsn", nargs="?")
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--entries", type=int, default=100_000)
+    parser.add_argument(
+        "--no-chain-index",
+        action="store_true",
+        help="drop the (chain_stream, chain_pos) index: what the server's index costs",
+    )
     args = parser.parse_args()
     target = nullcontext(args.dsn) if args.dsn else embedded_postgres()
     with target as dsn:
@@ -80,6 +85,8 @@ def main() -> None:
         with psycopg.connect(dsn, autocommit=True) as conn:
             # A scratch table: its digests' insert-only guard would refuse the TRUNCATE.
             conn.execute(f"ALTER TABLE {digests_table(TABLE)} DISABLE TRIGGER USER")
+            if args.no_chain_index:
+                conn.execute(f"DROP INDEX IF EXISTS {TABLE}_chain_idx")
         results: dict[tuple[str, bool], list[float]] = {}
         for r in range(args.rounds):
             for case in (drain, callers):
