@@ -366,3 +366,21 @@ def test_tail_cut_behind_a_checkpoint_and_an_unchained_forgery_are_found(
     kinds = {f.kind for f in found}
     assert {"TRUNCATED", "EXTRA"} <= kinds, [f.line() for f in found]
     assert next(f for f in found if f.kind == "TRUNCATED").stream == str(stream)
+
+
+def test_partitioned_table_routed_copies_verify_clean(pg_dsn: str, writers: WriterMaker) -> None:
+    """On a partitioned table the first attempt goes straight into the month's partition
+    (`auditq.routes`) with the chain's columns; a batch spanning months goes through the
+    parent."""
+    made = Chained(pg_dsn, "public", f"chainp_{uuid.uuid4().hex[:10]}")
+    made.setup(partitioned=True)
+    try:
+        writer = chain_writer(writers, pg_dsn, made, batch_size=200)
+        for i in range(600):
+            writer.log("chain.partitioned", request_id=str(i))
+        assert writer.flush(timeout=20)
+        assert writer.stats().written == stored(made) == 600
+        summary = assert_clean(made)
+        assert summary.rows == 600
+    finally:
+        made.drop()
