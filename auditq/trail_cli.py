@@ -90,7 +90,10 @@ def add_commands(commands: Any, add_target: Callable[[argparse.ArgumentParser], 
         help="drop whole partitions older than --keep (owner only; never a DELETE)",
         description="Detaches and drops each partition that ends before now minus --keep, "
         "recording each drop in auditq_retention_log. Runs as the table's owner (a login "
-        "that is a member of it switches with SET ROLE).",
+        "that is a member of it switches with SET ROLE). A partition holding hash-chained "
+        "rows needs --key (its positions are signed into <table>_retention, so `auditq "
+        "verify` reports them PURGED) and a checkpoint anchoring them. See "
+        "docs/audit-trail.md and docs/tamper-evidence.md.",
     )
     add_target(retention)
     retention.add_argument(
