@@ -18,6 +18,7 @@ from auditq.chain import ChainStream
 from auditq.checkpoint import keygen, make_checkpoint, write_private
 from auditq.cli import main
 from auditq.migrate import migrate, to_partitioned
+from auditq.proofs import verify_export
 from auditq.tables import (
     SCHEMA_VERSION,
     check_version,
@@ -159,7 +160,9 @@ def test_migrate_repairs_a_disabled_chain_guard(pg_dsn: str) -> None:
 # -- roles -----------------------------------------------------------------------------------
 
 
-def test_init_db_roles_grant_the_chain(pg_dsn: str, capsys: pytest.CaptureFixture[str]) -> None:
+def test_init_db_roles_grant_the_chain(
+    pg_dsn: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     with trail(pg_dsn) as made:
         args = ["--dsn", pg_dsn, "--schema", made.schema, "--table", made.table]
         assert (
@@ -230,6 +233,15 @@ def test_init_db_roles_grant_the_chain(pg_dsn: str, capsys: pytest.CaptureFixtur
             assert conn.execute(sql.SQL("SELECT count(*) FROM {}").format(digests)).fetchone() == (
                 2,
             )
+        # The reader exports its tenant's rows with proofs (row-level security lets it see
+        # no other), and they verify offline.
+        proofs = tmp_path / "t2.jsonl"
+        reader = ["--dsn", made.dsn_as(made.roles.reader), "--schema", made.schema]
+        command = ["export", "--tenant", "t2", "--proofs", "-o", str(proofs), "--table"]
+        assert main([*command, made.table, *reader]) == 0
+        with open(proofs, "rb") as source:
+            checked = verify_export(source, [key.verifier()], found.append)
+        assert (checked.rows, checked.proven, found) == (3, 3, [])
         # Again: idempotent.
         assert (
             main(["init-db", "--partitioned", *args, "--roles", "--role-prefix", made.schema]) == 0
