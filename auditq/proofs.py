@@ -34,7 +34,13 @@ from psycopg import sql
 from . import chain
 from .chain import HASH_SIZE, LEAF_COLUMNS_V1, SCAN_RECORD, digest_hash, node_hash
 from .chain_schema import digests_table, q
-from .checkpoint import VerifierKey, latest_checkpoint, note_signed_by, parse_checkpoint
+from .checkpoint import (
+    Checkpoint,
+    VerifierKey,
+    latest_checkpoint,
+    note_signed_by,
+    parse_checkpoint,
+)
 from .filters import TENANT_SETTING
 from .verify import DAMAGE, Finding, _chunks
 
@@ -175,26 +181,30 @@ def export_proofs(dsn: str, schema: str, table: str, tenant: str, out: IO[bytes]
             head = heads.get(stream.bytes)
             if head is None:
                 continue
-            for d in a.execute(
-                sql.SQL(
-                    "SELECT first_pos, pos_count, skipped_pos, skipped_reason, root, prev_hash, "
-                    "hash FROM {} WHERE stream = %s AND first_pos + pos_count > %s "
-                    "AND first_pos < %s ORDER BY first_pos"
-                ).format(digests),
-                (stream, first, head.next_pos),
-            ):
-                emit(
-                    {
-                        "kind": "digest",
-                        "stream": str(stream),
-                        "first_pos": d[0],
-                        "count": d[1],
-                        "skipped": [[p, r] for p, r in zip(d[2], d[3], strict=True)],
-                        "root": _b64(bytes(d[4])),
-                        "prev_hash": _b64(bytes(d[5])),
-                        "hash": _b64(bytes(d[6])),
-                    }
+            # A server-side cursor: a long-lived stream has many digests.
+            with a.cursor(name="auditq_proofs_digests") as dcur:
+                dcur.itersize = 1000
+                dcur.execute(
+                    sql.SQL(
+                        "SELECT first_pos, pos_count, skipped_pos, skipped_reason, root, "
+                        "prev_hash, hash FROM {} WHERE stream = %s AND first_pos + pos_count > %s "
+                        "AND first_pos < %s ORDER BY first_pos"
+                    ).format(digests),
+                    (stream, first, head.next_pos),
                 )
+                for d in dcur:
+                    emit(
+                        {
+                            "kind": "digest",
+                            "stream": str(stream),
+                            "first_pos": d[0],
+                            "count": d[1],
+                            "skipped": [[p, r] for p, r in zip(d[2], d[3], strict=True)],
+                            "root": _b64(bytes(d[4])),
+                            "prev_hash": _b64(bytes(d[5])),
+                            "hash": _b64(bytes(d[6])),
+                        }
+                    )
         columns = sql.SQL(", ").join(sql.Identifier(c) for c in LEAF_COLUMNS_V1)
         rows_sql = sql.SQL(
             "COPY (SELECT {} FROM {} WHERE tenant_id = {} AND chain_stream IS NOT NULL "
@@ -330,9 +340,13 @@ def verify_export(
     if header.get("kind") != "header" or header.get("format") != FORMAT:
         raise ValueError(f"not an {FORMAT} export")
     note = str(header.get("checkpoint", ""))
-    point = parse_checkpoint(note)
-    signed = bool(keys) and any(note_signed_by(note, k) for k in keys)
-    if not signed:
+    try:
+        point: Checkpoint | None = parse_checkpoint(note)
+    except ValueError as exc:
+        point = None
+        found(Finding("BAD_SIGNATURE", detail=f"the checkpoint is unreadable: {exc}"))
+    signed = point is not None and bool(keys) and any(note_signed_by(note, k) for k in keys)
+    if point is not None and not signed:
         found(
             Finding(
                 "BAD_SIGNATURE",
@@ -340,7 +354,8 @@ def verify_export(
                 detail="the checkpoint is not signed by the public key given",
             )
         )
-    heads = {str(h.stream): h for h in point.heads}
+    heads = {str(h.stream): h for h in point.heads} if point else {}
+    number = point.number if point else None
     chains: dict[str, list[_Digest]] = {}
     ok: dict[tuple[str, int], _Digest] = {}
     checked = False
@@ -365,13 +380,13 @@ def verify_export(
         if kind != "row":
             raise ValueError(f"line {number}: unknown kind {kind!r}")
         if not checked:
-            ok = _check_chains(chains, heads, point.number, found)
+            ok = _check_chains(chains, heads, number, found)
             checked = True
         summary.rows += 1
         if _check_row(obj, ok, found, signed):
             summary.proven += 1
     if not checked:
-        _check_chains(chains, heads, point.number, found)
+        _check_chains(chains, heads, number, found)
     if end is None or end.get("rows") != summary.rows:
         found(Finding("TRUNCATED", detail="the export ends before its last line"))
     return summary
@@ -380,7 +395,7 @@ def verify_export(
 def _check_chains(
     chains: dict[str, list[_Digest]],
     heads: dict[str, Any],
-    checkpoint: int,
+    checkpoint: int | None,
     found: Any,
 ) -> dict[tuple[str, int], _Digest]:
     """The digests that hash right and link up to their stream's signed head."""

@@ -163,6 +163,14 @@ def test_a_forged_digest_another_key_or_a_cut_file_are_caught(exported: Exported
     with open(exported.file, "rb") as source:
         summary = verify_export(source, [stranger.verifier()], found.append)
     assert "BAD_SIGNATURE" in {f.kind for f in found} and summary.proven == 0
+    # An edited checkpoint (a head changed): unreadable or unsigned, nothing proven.
+    lines = exported.lines()
+    lines[0]["checkpoint"] = lines[0]["checkpoint"].replace("head ", "head 0", 1)
+    exported.rewrite(lines)
+    summary, found = _found(exported)
+    assert "BAD_SIGNATURE" in {f.kind for f in found} and summary.proven == 0
+    exported.file.unlink()
+    assert exported.cli("export", "--tenant", "t1", "--proofs", "-o", str(exported.file)) == 0
     # The last lines cut off.
     lines = exported.lines()
     exported.rewrite(lines[:-2])
