@@ -368,7 +368,8 @@ def _retention(
         # lock): a refusal leaves them all in place.
         ranges = chained_ranges(conn, schema, table, part, key)
         chained = (
-            f", {sum(r.rows for r in ranges)} chained in {len(ranges)} position runs"
+            f", {sum(r.rows for r in ranges)} chained in {len(ranges)} position "
+            f"run{'s' if len(ranges) > 1 else ''}"
             if ranges
             else ""
         )
