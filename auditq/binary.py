@@ -30,7 +30,7 @@ import os
 import struct
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Any, Final, Protocol
@@ -746,3 +746,38 @@ def split_rows(data: bytes) -> list[bytes]:
         row = data[start:offset]
         rows.append(row if count == FIELD_COUNT else upgrade_row(row))
     return rows
+
+
+def _occurred_span_python(data: bytes) -> tuple[int, int] | None:
+    """`occurred_span` in Python."""
+    first = last = None
+    offset, end = 0, len(data)
+    try:
+        while offset < end:
+            (count,) = struct.unpack_from(">h", data, offset)
+            offset += 2
+            if count < 2:
+                return None
+            for field in range(count):
+                (length,) = struct.unpack_from(">i", data, offset)
+                offset += 4
+                if field == 1:
+                    if length != 8:
+                        return None
+                    (micros,) = struct.unpack_from(">q", data, offset)
+                    first = micros if first is None else min(first, micros)
+                    last = micros if last is None else max(last, micros)
+                offset += max(length, 0)
+    except struct.error:
+        return None
+    if first is None or last is None or offset != end:
+        return None
+    return first, last
+
+
+#: `occurred_span(data) -> (first, last) | None`: the earliest and latest occurred_at
+#: (microseconds since 2000-01-01 UTC) of the encoded tuples in `data`, which decides
+#: whether a COPY may go straight into one partition (`auditq.routes`).
+occurred_span: Callable[[bytes], tuple[int, int] | None] = (
+    _occurred_span_python if native.speedups is None else native.speedups.occurred_span
+)

@@ -4,7 +4,8 @@ a reader that sees one tenant at a time under row-level security.
 * owner (NOLOGIN): owns the table, its partitions, the bookkeeping tables and the
   partition function. Only a member of it (or a superuser) can drop guards, partitions or
   policies; `auditq retention` runs as it.
-* writer: INSERT, plus what the idempotent replay needs: SELECT (the replay creates a
+* writer: INSERT (on the table and on each partition, where `auditq.routes` copies a
+  month's batch directly), plus what the idempotent replay needs: SELECT (the replay creates a
   TEMP staging table `LIKE` the audit table, which PostgreSQL allows only with SELECT, and
   reads back the inserted ids with RETURNING), TEMP on the database, and EXECUTE on the
   partition function. It has BYPASSRLS: PostgreSQL refuses `COPY FROM` into a table with
@@ -198,8 +199,9 @@ _relations = guards.tree
 
 def revoke_changes(conn: psycopg.Connection[Any], schema: str, table: str) -> None:
     """No grantee but the owner keeps UPDATE/DELETE/TRUNCATE/REFERENCES/TRIGGER; partitions
-    keep no grants at all (their rows are reached through the parent, whose grants and
-    row-level security apply, and a direct grant on a partition would bypass the policy)."""
+    keep no grants at all (their rows are read through the parent, whose grants and
+    row-level security apply: a SELECT on a partition would bypass the policy). `apply`
+    then gives the writer INSERT on each partition, for `auditq.routes`."""
     for relid, rel_schema, rel_name, is_root in _relations(conn, schema, table):
         target = qualified(rel_schema, rel_name)
         for grantee in _grantees(conn, relid):
@@ -284,6 +286,13 @@ def apply(conn: psycopg.Connection[Any], schema: str, table: str, names: RoleNam
     conn.execute(sql.SQL("REVOKE ALL ON {} FROM PUBLIC").format(target))
     conn.execute(sql.SQL("GRANT USAGE ON SCHEMA {} TO {}, {}").format(s, writer, reader))
     conn.execute(sql.SQL("GRANT INSERT, SELECT ON {} TO {}").format(target, writer))
+    for _, part_schema, part_name, is_root in _relations(conn, schema, table):
+        if not is_root:  # the writer copies a month's batch straight into it: INSERT only
+            conn.execute(
+                sql.SQL("GRANT INSERT ON {} TO {}").format(
+                    qualified(part_schema, part_name), writer
+                )
+            )
     conn.execute(sql.SQL("GRANT SELECT ON {} TO {}").format(target, reader))
     conn.execute(
         sql.SQL("GRANT SELECT ON {} TO {}, {}").format(

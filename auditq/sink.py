@@ -17,6 +17,8 @@ as undelivered. The fast path is one transaction holding one binary COPY. The sl
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import threading
 import time
@@ -48,13 +50,16 @@ from .dsn import Dsn
 from .entry import Row
 from .ledger import RowReport
 from .redact import DETAIL_MARK, escape_controls
+from .routes import ROUTE_FAILURES, Routes
 from .tables import check_version, qualified
 from .watchdog import Watchdog
 
 logger = logging.getLogger("auditq")
 
 Mode = Literal["copy", "replay", "dedupe"]
-Kind = Literal["transient", "ambiguous", "data", "duplicate", "config", "partition", "cancelled"]
+Kind = Literal[
+    "transient", "ambiguous", "data", "duplicate", "config", "partition", "route", "cancelled"
+]
 
 #: SQLSTATE classes whose errors are about the rows, not the connection or the server.
 _DATA_CLASSES: Final = frozenset({"22", "23"})
@@ -181,6 +186,10 @@ class Sink:
         target = qualified(schema, table)
         columns = sql.SQL(", ").join(map(sql.Identifier, COPY_COLUMNS))
         self._copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(target, columns)
+        # A partitioned table's batches go straight into their month's partition.
+        self._routes = Routes(schema, table, columns)
+        # True while the attempt under way is a routed COPY (see `auditq.routes`).
+        self._routed = False
         # In pg_temp by name: resolved through search_path, a table of the same name in a
         # schema listed before pg_temp (`search_path = public, pg_temp`, a common hardening)
         # would receive the rows, and whatever was planted in it would be merged.
@@ -342,8 +351,19 @@ class Sink:
                     yield data
 
         self._committing = False
+        self._routed = False
         with self._connection() as conn:
-            self._copy_chunks(conn, encoded_chunks())
+            chunks = encoded_chunks()
+            first = next(chunks, None)
+            if first is None:
+                return  # every row was refused by the encoder: nothing to send
+            routes = self._routes
+            statement = routes.copy_for(first)
+            if statement is None and routes.due():
+                routes.load(conn)
+                statement = routes.copy_for(first)
+            self._routed = statement is not None
+            self._copy_chunks(conn, itertools.chain((first,), chunks), statement or self._copy)
 
     def make_items(self, rows: Sequence[Row]) -> tuple[list[Item], list[tuple[Row, str]]]:
         """`make_items` with this sink's origin."""
@@ -360,6 +380,8 @@ class Sink:
         try:
             with self._connection() as conn:
                 behind = check_version(conn, self._schema, self._table, missing_ok=True)
+                with contextlib.suppress(psycopg.Error):  # the first batch tries again
+                    self._routes.load(conn)
         except psycopg.Error:
             return  # down: the first batch reports it
         if behind is not None:
@@ -402,24 +424,27 @@ class Sink:
 
     def _attempt(self, batch: list[Item], mode: Mode) -> set[Any] | None:
         self._committing = False
+        self._routed = False  # a retry goes through the parent
         with self._connection() as conn:
             if mode == "copy":
-                self._copy_chunks(conn, _chunks(batch))
+                self._copy_chunks(conn, _chunks(batch), self._copy)
                 return None
             return self._merge_rows(conn, batch)
 
-    def _copy_chunks(self, conn: Connection, chunks: Iterable[bytes]) -> None:
+    def _copy_chunks(
+        self, conn: Connection, chunks: Iterable[bytes], statement: sql.Composed
+    ) -> None:
         if conn.autocommit and not self._local_timeouts:
             # The writer's own connection: a lone COPY is its own transaction and commits
             # when the server acknowledges the end of the data. That saves the BEGIN and
             # COMMIT round trips, and each round trip costs the writer a wait for the GIL
             # (up to the 5 ms switch interval) while callers keep it busy.
-            self._stream(conn, self._copy, chunks, ends_transaction=True)
+            self._stream(conn, statement, chunks, ends_transaction=True)
             return
         with conn.transaction():  # a pooled connection, left in the mode its pool gave
             if self._local_timeouts:
                 conn.execute(self._set_timeouts)
-            self._stream(conn, self._copy, chunks)
+            self._stream(conn, statement, chunks)
             # From here the transaction's exit sends COMMIT: a lost connection now leaves
             # the outcome unknown, and the retry must not write these rows twice.
             self._committing = True
@@ -462,6 +487,9 @@ class Sink:
 
     def _classify(self, exc: BaseException, attempts: int) -> Kind:
         state = getattr(exc, "sqlstate", None)
+        if self._routed and state in ROUTE_FAILURES and (state != "23514" or _no_partition(exc)):
+            # The route's fault (see `auditq.routes`), not the rows' nor the server's.
+            return "route"
         if state == "23505":
             return "duplicate"
         if state == "23514" and _no_partition(exc):
@@ -509,6 +537,10 @@ class Sink:
                 half = len(batch) // 2
                 work.append((batch[half:], mode, 0))
                 work.append((batch[:half], mode, 0))
+            return False
+        if kind == "route":
+            self._routes.failed()
+            work.append((batch, mode, attempts))  # at once, through the parent
             return False
         if kind == "duplicate":
             work.append((batch, "replay" if mode == "replay" else "dedupe", attempts))
