@@ -16,7 +16,7 @@ import pytest
 from auditq.chain import ChainStream, inclusion_path, root
 from auditq.checkpoint import keygen, make_checkpoint
 from auditq.cli import main
-from auditq.proofs import root_from_path, verify_export
+from auditq.proofs import path_from_levels, root_from_path, tree_levels, verify_export
 from auditq.verify import Finding
 
 from .chain_build import Chained, make_row
@@ -31,12 +31,15 @@ def chained(pg_dsn: str) -> Iterator[Chained]:
 
 
 def test_root_from_path_walks_every_leaf_of_every_tree_size() -> None:
-    for size in range(1, 20):
+    for size in range(1, 40):
         leaves = b"".join(bytes([i]) * 32 for i in range(size))
         top = root(leaves)
+        levels = tree_levels(leaves)
+        assert levels[-1] == [top]
         for index in range(size):
             leaf = leaves[index * 32 : index * 32 + 32]
             path = inclusion_path(leaves, index)
+            assert path_from_levels(levels, index) == path
             assert root_from_path(leaf, index, size, path) == top
             assert root_from_path(b"\xee" * 32, index, size, path) != top
             if size > 1:
