@@ -479,7 +479,7 @@ def _check_row(
 
     try:
         tuple_bytes = _unb64(obj.get("tuple"))
-        values, fields = decode(tuple_bytes)
+        values, _ = decode(tuple_bytes)
     except (ValueError, struct.error) as exc:
         return bad(f"its bytes do not decode: {exc}")
     if values != obj.get("row"):
@@ -508,6 +508,6 @@ def _check_row(
         path = [_unb64(p) for p in obj.get("path", [])]
     except ValueError:
         return bad("its path is not base64")
-    if root_from_path(chain.leaf_of_fields(fields), index, size, path) != d.root:
+    if root_from_path(chain.leaves_of(tuple_bytes), index, size, path) != d.root:
         return bad("its leaf does not reach its batch's root")
     return signed
