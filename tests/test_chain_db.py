@@ -446,3 +446,51 @@ def test_retention_of_unchained_rows_needs_no_key(
     assert m.c.sql("SELECT count(*) FROM {r}") == [(0,)]
     summary, _found = _verify(m.c)
     assert not summary.damaged and summary.rows == 1
+
+
+def test_retention_with_roles_signs_as_the_owner_and_the_verifier_sees_purged(
+    pg_dsn: str, tmp_path: Path
+) -> None:
+    """The roles' grants are enough: the checkpointer signs, a login that is a member of the
+    owner drops and records (it reads the checkpoints, inserts the record), the verifier
+    reads it all."""
+    from auditq.schema import create
+
+    with trail(pg_dsn) as made:
+        create(pg_dsn, schema=made.schema, table=made.table, partitioned=True, roles=made.roles)
+        allow_login(made)
+        old = partitions.add_months(partitions.month_start(NOW), -15)
+        with psycopg.connect(pg_dsn) as conn:
+            partitions.ensure_months(conn, made.schema, made.table, [old])
+        as_writer = Chained(made.dsn_as(made.roles.writer), made.schema, made.table)
+        stream = ChainStream()
+        at = int((old + timedelta(days=1)).timestamp()) * 10**9
+        as_writer.write(stream, [make_row(i, at_ns=at + i * 10**9) for i in range(3)])
+        as_writer.write(stream, [make_row(9, at_ns=int(NOW.timestamp()) * 10**9)])
+        key = keygen("owner.example/audit")
+        key_file = tmp_path / "signer.key"
+        write_private(key_file, key.text())
+        with psycopg.connect(made.dsn_as(made.roles.checkpointer)) as conn:
+            make_checkpoint(conn, made.schema, made.table, key)
+        admin = f"{made.schema}_admin"
+        with made.connect() as conn:
+            conn.execute(
+                sql.SQL("CREATE ROLE {} LOGIN IN ROLE {}").format(
+                    sql.Identifier(admin), sql.Identifier(made.roles.owner)
+                )
+            )
+        try:
+            target = ["--dsn", made.dsn_as(admin), "--schema", made.schema, "--table", made.table]
+            assert main(["retention", "--keep", "14mo", "--key", str(key_file), *target]) == 0
+        finally:
+            with made.connect() as conn:
+                conn.execute(sql.SQL("DROP ROLE {}").format(sql.Identifier(admin)))
+        found: list[Finding] = []
+        summary = verify(
+            Options(
+                made.dsn_as(made.roles.verifier), made.schema, made.table, keys=(key.verifier(),)
+            ),
+            found.append,
+        )
+        assert [(f.kind, f.first_pos, f.last_pos) for f in found] == [("PURGED", 1, 3)]
+        assert not summary.damaged and summary.rows == 1
