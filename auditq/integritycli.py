@@ -44,8 +44,8 @@ def add_integrity_commands(commands: Any) -> None:
         "verify-export",
         help="check an `auditq export --proofs` file offline (no database)",
         description="Checks the checkpoint's signature, the digests up to its signed heads, "
-        "and each row's bytes and inclusion path. Exit status: 0 every row proven, 1 damage "
-        "found, 2 bad usage.",
+        "and each row's bytes and inclusion path. Exit status: 0 nothing damaged (rows past "
+        "the checkpoint are UNANCHORED notices), 1 damage found, 2 bad usage.",
     )
     check_export.add_argument("file", help="the export (- for stdin)")
     check_export.add_argument(
