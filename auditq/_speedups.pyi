@@ -53,3 +53,16 @@ class CallerPath:
         /,
     ) -> None: ...
     def __call__(self, action: str, /, **fields: Any) -> bool: ...
+
+# _pqcopy.c: a COPY through psycopg's libpq with the GIL released (used by pqcopy.py).
+def pq_load(prefix: str, /) -> str | None: ...
+def pq_copy(
+    pgconn_ptr: int,
+    query: bytes | None,
+    pieces: tuple[bytes, ...],
+    end: bool | bytes,
+    /,
+) -> tuple[bool, bool, tuple[dict[int, bytes] | None, bytes, bool] | None]: ...
+def pq_put(
+    pgconn_ptr: int, piece: bytes, drain: bool, /
+) -> tuple[bool, tuple[dict[int, bytes] | None, bytes, bool] | None]: ...
