@@ -4,6 +4,9 @@ connection psycopg finds afterwards."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -251,3 +254,29 @@ def test_the_connection_stays_psycopgs(conn: psycopg.Connection[Any], table: Tab
         pqcopy.copy(conn, statement.as_bytes(conn), failing())
     assert conn.pgconn.transaction_status == psycopg.pq.TransactionStatus.IDLE
     assert table.count() == 15
+
+
+def test_the_psycopg_path_still_serves(
+    proxy: Proxy,
+    table: Table,
+    writers: WriterMaker,
+    c_copies: list[int],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(pqcopy, "enabled", False)
+    writer = writers(proxy.dsn, table, batch_size=1000)
+    caller = Caller(writer)
+    proxy.cut_on(COPY_SIGNATURE, forward=False, times=2)
+    caller.stream(5000, chunk=500, pause=0.01)
+    assert writer.flush(timeout=30)
+    assert proxy.triggered == 2
+    assert not c_copies
+    assert_exact(writer, table, caller)
+    assert stored_numbers(table) == list(range(5000))
+
+
+def test_no_speedups_turns_the_c_path_off() -> None:
+    code = "from auditq import pqcopy; print(pqcopy.available())"
+    env = {**os.environ, "AUDITQ_NO_SPEEDUPS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert out.stdout.strip() == "False", out.stderr
