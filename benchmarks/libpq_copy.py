@@ -86,6 +86,13 @@ def main() -> None:
     parser.add_argument("--no-writer", action="store_true", help="only the pre-encoded COPYs")
     parser.add_argument("--no-ceiling", action="store_true", help="only the writer's drain")
     parser.add_argument(
+        "--producers",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also the harness's auditq-Nt cases (N threads calling log()) for these N",
+    )
+    parser.add_argument(
         "--spinners", type=int, nargs="+", default=[0, SPINNERS], help="threads spinning"
     )
     args = parser.parse_args()
@@ -113,6 +120,14 @@ def main() -> None:
                         run = harness.drain(round_, spinners=spinners)
                     assert run.consistent, run
                     key = f"writer drain,       {path:7}, {spinners} spinning"
+                    results.setdefault(key, []).append(run.rows_per_second)
+                    print(f"round {round_}: {key}: {run.rows_per_second:>9,.0f} rows/s", flush=True)
+            for producers in args.producers:
+                for path in PATHS:
+                    harness.reset()
+                    with c_path(path):
+                        run = harness.auditq(round_, producers)
+                    key = f"auditq-{producers}t,          {path:7}"
                     results.setdefault(key, []).append(run.rows_per_second)
                     print(f"round {round_}: {key}: {run.rows_per_second:>9,.0f} rows/s", flush=True)
         print(f"\nmedians of {args.rounds} rounds (rows/s):")
