@@ -108,19 +108,24 @@ def _stream(
     pq_copy, pq_put = speedups.pq_copy, speedups.pq_put
     _check(conn, pq_copy(ptr, query, (), False), None)
     unsent = 0
+    # The last piece goes with the end of the data, in one send (as psycopg's exit sends
+    # the trailer and CopyDone together).
+    held: bytes | None = None
     try:
         for piece in pieces:
-            size = len(piece)
-            pending, error = pq_put(ptr, piece, unsent + size >= HIGH_WATER)
-            if error is not None:
-                _check(conn, (False, False, error), None)
-            unsent = unsent + size if pending else 0
+            if held is not None:
+                size = len(held)
+                pending, error = pq_put(ptr, held, unsent + size >= HIGH_WATER)
+                if error is not None:
+                    _check(conn, (False, False, error), None)
+                unsent = unsent + size if pending else 0
+            held = piece
     except psycopg.Error:
         raise
     except BaseException:
         pq_copy(ptr, None, (), _ABORT)  # the COPY is open: abort it, as psycopg's block does
         raise
-    _check(conn, pq_copy(ptr, None, (), True), on_end)
+    _check(conn, pq_copy(ptr, None, () if held is None else (held,), True), on_end)
 
 
 def _groups(
