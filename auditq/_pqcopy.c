@@ -303,6 +303,26 @@ static void put_pieces(PGconn *conn, const char **data, const Py_ssize_t *sizes,
     }
 }
 
+/* Put one piece after sending everything buffered, without flushing it. */
+static void put_last(PGconn *conn, const char *data, Py_ssize_t size, outcome_t *out) {
+    if (flush_all(conn) < 0) {
+        out->copy_in = 0;
+        read_results(conn, out);
+        return;
+    }
+    for (;;) {
+        int r = pq.put_copy_data(conn, data, (int)size);
+        if (r == 1) {
+            return;
+        }
+        if (r < 0 || wait_socket(conn, POLLOUT) < 0 || flush_all(conn) < 0) {
+            out->copy_in = 0;
+            read_results(conn, out);
+            return;
+        }
+    }
+}
+
 static void end_copy(PGconn *conn, const char *abort_message, outcome_t *out) {
     for (;;) {
         int r = pq.put_copy_end(conn, abort_message);
@@ -426,7 +446,14 @@ static PyObject *pq_copy(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         start_copy(conn, query, &out);
     }
     if (out.copy_in && !out.lost && out.error == NULL && abort_message == NULL) {
-        put_pieces(conn, data, sizes, n, &out);
+        /* With the end, the last piece is not flushed on its own: it leaves with the end
+         * of the data in one send, after everything before it (as psycopg's exit sends
+         * the trailer and CopyDone). */
+        Py_ssize_t body = end && n > 0 ? n - 1 : n;
+        put_pieces(conn, data, sizes, body, &out);
+        if (body < n && out.copy_in && !out.lost && out.error == NULL) {
+            put_last(conn, data[body], sizes[body], &out);
+        }
     }
     if (end && out.copy_in && !out.lost && out.error == NULL) {
         end_copy(conn, abort_message, &out);

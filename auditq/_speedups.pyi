@@ -1,6 +1,7 @@
 """Types of the C extension: the row encoder (_speedups.c, used by binary.py), the
 caller path of `AuditWriter.log()` (_caller.c, made by native.py) and the arena prefault
-hook (_prefault.c, installed by auditq.prefault_memory())."""
+hook (_prefault.c, installed by auditq.prefault_memory()), the hash chain (_chain.c) and the
+COPY through psycopg's libpq (_pqcopy.c, used by pqcopy.py)."""
 
 from collections.abc import Callable, Sequence
 from typing import Any
