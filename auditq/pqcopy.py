@@ -33,7 +33,7 @@ from .native import speedups
 #: only once HIGH_WATER bytes are unsent. Compared in benchmarks/libpq_copy.py.
 mode = "stream"
 GROUP_BYTES: Final = 8 * 1024 * 1024
-HIGH_WATER: Final = 4 * 1024 * 1024
+HIGH_WATER: Final = 1024 * 1024
 _ABORT: Final = b"error from Python: the data could not be produced"
 #: PG_DIAG_SQLSTATE (psycopg's DiagnosticField value).
 _SQLSTATE: Final = ord("C")

@@ -32,8 +32,9 @@ from benchmarks.compare import CompareConfig, Harness, encode_ceiling, spinning
 
 SPINNERS = 4
 #: psycopg's copy.write(); the C path sending a group of pieces per call without the GIL;
-#: the C path handing each piece over with the GIL held and waiting only at a high water.
-PATHS = ("psycopg", "groups", "stream")
+#: the C path handing each piece over with the GIL held and waiting only at a high water
+#: (pqcopy.HIGH_WATER, or 4 MiB: "stream4m").
+PATHS = ("psycopg", "groups", "stream", "stream4m")
 
 
 def copy_psycopg(
@@ -68,14 +69,17 @@ def ceiling(harness: Harness, chunks: list[list[bytes]], path: str) -> float:
 
 @contextmanager
 def c_path(path: str) -> Iterator[None]:
-    """psycopg's path, or the C path in `pqcopy.mode` "stream" or "groups"."""
-    saved = pqcopy.enabled, pqcopy.mode
+    """psycopg's path, or the C path: "groups", or "stream" with its high water, or
+    "stream4m" with a 4 MiB high water instead."""
+    saved = pqcopy.enabled, pqcopy.mode, pqcopy.HIGH_WATER
     pqcopy.enabled = path != "psycopg"
-    pqcopy.mode = path if path != "psycopg" else saved[1]
+    pqcopy.mode = "groups" if path == "groups" else "stream"
+    if path == "stream4m":
+        pqcopy.HIGH_WATER = 4 * 1024 * 1024  # type: ignore[misc]
     try:
         yield
     finally:
-        pqcopy.enabled, pqcopy.mode = saved
+        pqcopy.enabled, pqcopy.mode, pqcopy.HIGH_WATER = saved  # type: ignore[misc]
 
 
 def main() -> None:
@@ -85,6 +89,7 @@ def main() -> None:
     parser.add_argument("--dsn", help="a server whose bench table may be emptied (else embedded)")
     parser.add_argument("--no-writer", action="store_true", help="only the pre-encoded COPYs")
     parser.add_argument("--no-ceiling", action="store_true", help="only the writer's drain")
+    parser.add_argument("--paths", nargs="+", default=list(PATHS), choices=PATHS)
     parser.add_argument(
         "--producers",
         type=int,
@@ -105,7 +110,7 @@ def main() -> None:
         results: dict[str, list[float]] = {}
         for round_ in range(1, args.rounds + 1):
             for spinners in args.spinners:
-                for path in () if args.no_ceiling else PATHS:
+                for path in () if args.no_ceiling else args.paths:
                     harness.reset()
                     with c_path(path), spinning(spinners):
                         rate = ceiling(harness, chunks, path)
@@ -114,7 +119,7 @@ def main() -> None:
                     print(f"round {round_}: {key}: {rate:>9,.0f} rows/s", flush=True)
                 if args.no_writer:
                     continue
-                for path in PATHS:
+                for path in args.paths:
                     harness.reset()
                     with c_path(path):
                         run = harness.drain(round_, spinners=spinners)
@@ -123,7 +128,7 @@ def main() -> None:
                     results.setdefault(key, []).append(run.rows_per_second)
                     print(f"round {round_}: {key}: {run.rows_per_second:>9,.0f} rows/s", flush=True)
             for producers in args.producers:
-                for path in PATHS:
+                for path in args.paths:
                     harness.reset()
                     with c_path(path):
                         run = harness.auditq(round_, producers)
