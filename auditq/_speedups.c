@@ -17,6 +17,7 @@
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <limits.h>
 #include <stdint.h>
 #include <string.h>
 #include <pthread.h>
@@ -594,10 +595,75 @@ static PyObject *configure(PyObject *self, PyObject *const *args, Py_ssize_t nar
     Py_RETURN_NONE;
 }
 
+
+PyDoc_STRVAR(occurred_span_doc,
+             "occurred_span(data) -> (first, last) | None\n\n"
+             "The earliest and the latest occurred_at (microseconds since 2000-01-01 UTC) of\n"
+             "the COPY tuples in `data`; None when it holds none or is not well-formed.");
+
+static PyObject *occurred_span(PyObject *self, PyObject *arg) {
+    Py_buffer view;
+    if (PyObject_GetBuffer(arg, &view, PyBUF_SIMPLE) < 0) {
+        return NULL;
+    }
+    const unsigned char *p = view.buf, *end = p + view.len;
+    long long first = LLONG_MAX, last = LLONG_MIN;
+    int rows = 0, ok = 1;
+    while (ok && p < end) {
+        if (end - p < 2) {
+            ok = 0;
+            break;
+        }
+        int fields = (int16_t)(((unsigned)p[0] << 8) | p[1]);
+        p += 2;
+        if (fields < 2) {
+            ok = 0;
+            break;
+        }
+        for (int f = 0; f < fields; f++) {
+            if (end - p < 4) {
+                ok = 0;
+                break;
+            }
+            int32_t len = (int32_t)(((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) |
+                                    ((uint32_t)p[2] << 8) | (uint32_t)p[3]);
+            p += 4;
+            if (len < 0) {
+                ok = f != 1; /* occurred_at is never NULL */
+                if (!ok) {
+                    break;
+                }
+                continue;
+            }
+            if (end - p < len || (f == 1 && len != 8)) {
+                ok = 0;
+                break;
+            }
+            if (f == 1) {
+                uint64_t u = 0;
+                for (int b = 0; b < 8; b++) {
+                    u = (u << 8) | p[b];
+                }
+                long long micros = (long long)(int64_t)u;
+                first = micros < first ? micros : first;
+                last = micros > last ? micros : last;
+            }
+            p += len;
+        }
+        rows++;
+    }
+    PyBuffer_Release(&view);
+    if (!ok || rows == 0) {
+        Py_RETURN_NONE;
+    }
+    return Py_BuildValue("(LL)", first, last);
+}
+
 static PyMethodDef methods[] = {
     {"encode_chunk", (PyCFunction)(void (*)(void))encode_chunk, METH_FASTCALL, encode_chunk_doc},
     {"encode_block", (PyCFunction)(void (*)(void))encode_block, METH_FASTCALL, encode_block_doc},
     {"configure", (PyCFunction)(void (*)(void))configure, METH_FASTCALL, configure_doc},
+    {"occurred_span", occurred_span, METH_O, occurred_span_doc},
     {NULL, NULL, 0, NULL},
 };
 

@@ -30,7 +30,7 @@ import os
 import struct
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime, timedelta
 from enum import Enum
 from typing import Any, Final, Protocol
@@ -659,7 +659,7 @@ def decode_row(data: bytes) -> dict[str, Any]:
             break
         (length,) = struct.unpack_from(">i", data, offset)
         offset += 4
-        name = COPY_COLUMNS[index] if index < len(COPY_COLUMNS) else f"field{index}"
+        name = _DECODED_NAMES[index] if index < len(_DECODED_NAMES) else f"field{index}"
         if length < 0:
             out[name] = None
             continue
@@ -677,7 +677,16 @@ def decode_row(data: bytes) -> dict[str, Any]:
     return out
 
 
+#: Names of the fields `decode_row` shows: the writer's columns, then the two a chained row
+#: carries (`chain.LEAF_COLUMNS_V1`).
+_DECODED_NAMES: Final = (*COPY_COLUMNS, "chain_stream", "chain_pos")
+
+
 def _decoded(index: int, name: str, raw: bytes) -> Any:
+    if name == "chain_stream":
+        return str(uuid.UUID(bytes=raw))
+    if name == "chain_pos":
+        return struct.unpack(">q", raw)[0]
     if index == 0:
         return str(uuid.UUID(bytes=raw))
     if index == 1:
@@ -746,3 +755,38 @@ def split_rows(data: bytes) -> list[bytes]:
         row = data[start:offset]
         rows.append(row if count == FIELD_COUNT else upgrade_row(row))
     return rows
+
+
+def _occurred_span_python(data: bytes) -> tuple[int, int] | None:
+    """`occurred_span` in Python."""
+    first = last = None
+    offset, end = 0, len(data)
+    try:
+        while offset < end:
+            (count,) = struct.unpack_from(">h", data, offset)
+            offset += 2
+            if count < 2:
+                return None
+            for field in range(count):
+                (length,) = struct.unpack_from(">i", data, offset)
+                offset += 4
+                if field == 1:
+                    if length != 8:
+                        return None
+                    (micros,) = struct.unpack_from(">q", data, offset)
+                    first = micros if first is None else min(first, micros)
+                    last = micros if last is None else max(last, micros)
+                offset += max(length, 0)
+    except struct.error:
+        return None
+    if first is None or last is None or offset != end:
+        return None
+    return first, last
+
+
+#: `occurred_span(data) -> (first, last) | None`: the earliest and latest occurred_at
+#: (microseconds since 2000-01-01 UTC) of the encoded tuples in `data`, which decides
+#: whether a COPY may go straight into one partition (`auditq.routes`).
+occurred_span: Callable[[bytes], tuple[int, int] | None] = (
+    _occurred_span_python if native.speedups is None else native.speedups.occurred_span
+)

@@ -495,3 +495,30 @@ class ChainStream:
         self.head_hash = record.hash
         for pos, _reason in record.skipped:
             self._pending.pop(pos, None)
+
+    def skipped(self, pos: int) -> bool:
+        """Is `pos` recorded as skipped, waiting for the digest that covers it?"""
+        return pos in self._pending
+
+    def pending_run(self) -> int:
+        """The end (exclusive) of the run of skipped positions starting at the sealed end:
+        how far a digest with no rows may seal without claiming any position that could
+        still be written (`sealed_pos` when there is none)."""
+        end = self.sealed_pos
+        while end in self._pending:
+            end += 1
+        return end
+
+    def resync(self, sealed_pos: int, head_hash: bytes, reserve_to: int = 0) -> None:
+        """Take the stream's committed head as the database has it (an idempotent replay
+        after a commit cut in flight, or a stream resumed from another writer's spool), and
+        let positions up to `reserve_to` (exclusive) be skipped and sealed. Skips below
+        the new head are forgotten: the digest that covered them is committed."""
+        self.sealed_pos = sealed_pos
+        self.head_hash = head_hash
+        self._next = max(self._next, sealed_pos, reserve_to)
+        self._pending = {p: r for p, r in self._pending.items() if p >= sealed_pos}
+
+    def pending(self) -> dict[int, int]:
+        """The skips waiting for a digest: position -> `Skip` reason."""
+        return dict(self._pending)

@@ -1,8 +1,8 @@
 """The hash chain's DDL: two columns on the audit table, and the digests, checkpoints and
 retention tables beside it, all insert-only.
 
-Kept apart from schema.py so the chain can be added to (and tested on) any audit table; the
-phase-2 `init-db` calls `create_chain_tables` after creating the table.
+Kept apart from schema.py so the chain can be added to (and tested on) any audit table;
+`init-db` (`schema.create`) calls `create_chain_tables` after creating the table.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import psycopg
 from psycopg import sql
 
 from .chain import ChainStream, DigestRecord
+from .regclass import regclass_text
 
 DIGESTS_SUFFIX: Final = "_digests"
 CHECKPOINTS_SUFFIX: Final = "_checkpoints"
@@ -43,24 +44,43 @@ def retention_table(table: str) -> str:
     return _name(table, RETENTION_SUFFIX)
 
 
+def chain_tables(table: str) -> tuple[str, str, str]:
+    """The digests, checkpoints and retention tables of `table`."""
+    return digests_table(table), checkpoints_table(table), retention_table(table)
+
+
+def guard_function(table: str) -> str:
+    """The trigger function that keeps the chain tables append-only."""
+    return _name(table, "_chain_append_only")
+
+
+def chain_index(table: str) -> str:
+    """The (chain_stream, chain_pos) index on the audit table (and, cloned, its partitions)."""
+    return _name(table, "_chain_idx")
+
+
+def _guard_triggers(name: str) -> tuple[str, str]:
+    return _name(name, "_no_change"), _name(name, "_no_truncate")
+
+
 def q(schema: str, name: str) -> sql.Composed:
     return sql.SQL("{}.{}").format(sql.Identifier(schema), sql.Identifier(name))
 
 
-def chain_ddl(schema: str, table: str) -> list[sql.Composed]:
-    """The statements (each safe to run again) that make `table` chainable."""
+def chain_ddl(schema: str, table: str, *, index: bool = True) -> list[sql.Composed]:
+    """The statements (each safe to run again) that make `table` chainable (`index=False`:
+    all but the index, for a caller that builds it CONCURRENTLY)."""
     target = q(schema, table)
     digests = q(schema, digests_table(table))
     checkpoints = q(schema, checkpoints_table(table))
     retention = q(schema, retention_table(table))
+    built_index = index_sql(schema, table)
     statements: list[sql.Composed] = [
         sql.SQL(
             "ALTER TABLE {} ADD COLUMN IF NOT EXISTS chain_stream uuid, "
             "ADD COLUMN IF NOT EXISTS chain_pos bigint"
         ).format(target),
-        sql.SQL("CREATE INDEX IF NOT EXISTS {} ON {} (chain_stream, chain_pos)").format(
-            sql.Identifier(_name(table, "_chain_idx")), target
-        ),
+        built_index,
         sql.SQL(
             """CREATE TABLE IF NOT EXISTS {} (
     stream         uuid        NOT NULL,
@@ -98,44 +118,126 @@ BEGIN
         USING ERRCODE = 'insufficient_privilege';
 END
 $$"""
-        ).format(q(schema, _name(table, "_chain_append_only"))),
+        ).format(q(schema, guard_function(table))),
     ]
+    if not index:
+        statements = [st for st in statements if st is not built_index]
     for name in (digests_table(table), checkpoints_table(table), retention_table(table)):
-        guard = q(schema, _name(table, "_chain_append_only"))
+        guard = q(schema, guard_function(table))
+        no_change, no_truncate = _guard_triggers(name)
         for trigger, when in (
-            (_name(name, "_no_change"), "BEFORE UPDATE OR DELETE ON {} FOR EACH ROW"),
-            (_name(name, "_no_truncate"), "BEFORE TRUNCATE ON {} FOR EACH STATEMENT"),
+            (no_change, "BEFORE UPDATE OR DELETE ON {table} FOR EACH ROW"),
+            (no_truncate, "BEFORE TRUNCATE ON {table} FOR EACH STATEMENT"),
         ):
             statements.append(
+                # Created when missing, and set to fire always again where someone
+                # disabled it (so `auditq migrate` repairs it, as it does the table's).
                 sql.SQL(
-                    "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = {} "
-                    "AND tgrelid = {}::regclass) THEN "
-                    "CREATE TRIGGER {} " + when + " EXECUTE FUNCTION {}(); "
-                    "ALTER TABLE {} ENABLE ALWAYS TRIGGER {}; END IF; END $$"
+                    "DO $$ BEGIN IF NOT EXISTS (SELECT 1 FROM pg_trigger WHERE tgname = {name} "
+                    "AND tgrelid = {rel}::regclass) THEN "
+                    "CREATE TRIGGER {trigger} " + when + " EXECUTE FUNCTION {guard}(); END IF; "
+                    "IF (SELECT tgenabled FROM pg_trigger WHERE tgname = {name} "
+                    "AND tgrelid = {rel}::regclass) <> 'A' THEN "
+                    "ALTER TABLE {table} ENABLE ALWAYS TRIGGER {trigger}; END IF; END $$"
                 ).format(
-                    sql.Literal(trigger),
-                    sql.Literal(f'"{schema}"."{name}"'),
-                    sql.Identifier(trigger),
-                    q(schema, name),
-                    guard,
-                    q(schema, name),
-                    sql.Identifier(trigger),
+                    name=sql.Literal(trigger),
+                    rel=sql.Literal(regclass_text(schema, name)),
+                    trigger=sql.Identifier(trigger),
+                    guard=guard,
+                    table=q(schema, name),
                 )
             )
     return statements
 
 
-def create_chain_tables(conn: psycopg.Connection[Any], schema: str, table: str) -> None:
+def index_sql(schema: str, table: str, *, concurrently: bool = False) -> sql.Composed:
+    return sql.SQL("CREATE INDEX {}IF NOT EXISTS {} ON {} (chain_stream, chain_pos)").format(
+        sql.SQL("CONCURRENTLY " if concurrently else ""),
+        sql.Identifier(chain_index(table)),
+        q(schema, table),
+    )
+
+
+def create_chain_tables(
+    conn: psycopg.Connection[Any], schema: str, table: str, *, index: bool = True
+) -> None:
     """Add the chain columns to `table` and create its digests, checkpoints and retention
-    tables; idempotent, and serialised against concurrent runs."""
+    tables; idempotent, and serialised against concurrent runs. `index=False` leaves the
+    (chain_stream, chain_pos) index to the caller (`auditq migrate` builds it CONCURRENTLY
+    on a plain table that may be large)."""
     with conn.transaction():
         key = hashlib.sha1(f"auditq-chain:{schema}.{table}".encode(), usedforsecurity=False)
         conn.execute(
             "SELECT pg_advisory_xact_lock(%s)",
             (int.from_bytes(key.digest()[:8], "big", signed=True),),
         )
-        for statement in chain_ddl(schema, table):
+        # Nothing to do: no DDL at all, so a rerun (init-db, migrate) needs no ownership of
+        # the table (ALTER TABLE ... IF NOT EXISTS still does).
+        wanted = missing_pieces(conn, schema, table)
+        if not index:
+            wanted = [w for w in wanted if not w.startswith("index ")]
+        if not wanted:
+            return
+        for statement in chain_ddl(schema, table, index=index):
             conn.execute(statement)
+
+
+CHAIN_COLUMNS: Final = ("chain_stream", "chain_pos")
+
+
+def missing_pieces(conn: psycopg.Connection[Any], schema: str, table: str) -> list[str]:
+    """What `create_chain_tables` would still add to `schema.table` (empty: it is chained),
+    so that `auditq migrate` reports what it did and does nothing the second time."""
+    missing: list[str] = []
+    found = {
+        str(r[0])
+        for r in conn.execute(
+            "SELECT attname FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0 "
+            "AND NOT attisdropped AND attname = ANY(%s)",
+            (regclass_text(schema, table), list(CHAIN_COLUMNS)),
+        )
+    }
+    missing.extend(f"column {c}" for c in CHAIN_COLUMNS if c not in found)
+    relations = [
+        ("index", chain_index(table)),
+        ("table", digests_table(table)),
+        ("table", checkpoints_table(table)),
+        ("table", retention_table(table)),
+    ]
+    for kind, name in relations:
+        exists = conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL", (regclass_text(schema, name),)
+        ).fetchone()
+        if not (exists and exists[0]):
+            missing.append(f"{kind} {name}")
+            continue
+        if kind == "index":
+            valid = conn.execute(
+                "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)",
+                (regclass_text(schema, name),),
+            ).fetchone()
+            if not (valid and valid[0]):
+                missing.append(f"{kind} {name} (invalid: a concurrent build failed)")
+        if kind != "table":
+            continue
+        triggers = conn.execute(
+            "SELECT count(*) FROM pg_trigger WHERE tgrelid = to_regclass(%s) "
+            "AND tgname = ANY(%s) AND tgenabled = 'A'",
+            (regclass_text(schema, name), list(_guard_triggers(name))),
+        ).fetchone()
+        if not triggers or triggers[0] != 2:
+            missing.append(f"append-only guards on {name}")
+    return missing
+
+
+def is_chained(conn: psycopg.Connection[Any], schema: str, relation: str) -> bool:
+    """True when `relation` (the audit table or one of its partitions) has the chain columns."""
+    row = conn.execute(
+        "SELECT count(*) FROM pg_attribute WHERE attrelid = to_regclass(%s) "
+        "AND attname = ANY(%s) AND NOT attisdropped",
+        (regclass_text(schema, relation), list(CHAIN_COLUMNS)),
+    ).fetchone()
+    return bool(row and row[0] == len(CHAIN_COLUMNS))
 
 
 def grant_statements(

@@ -145,6 +145,12 @@ def _add_read_commands(commands: argparse._SubParsersAction[_Parser]) -> None:
     export.add_argument("--format", default="jsonl", help="jsonl (default) or csv")
     export.add_argument("--output", "-o", help="write to this file instead of stdout")
     export.add_argument("--limit", help="at most this many entries (the oldest first)")
+    export.add_argument(
+        "--proofs",
+        action="store_true",
+        help="the tenant's hash-chained rows with their inclusion proofs and the signed "
+        "checkpoint, for `auditq verify-export` (JSON Lines; docs/tamper-evidence.md)",
+    )
     tail.add_argument("-n", "--lines", default="20", help="how many of the latest to print (20)")
     tail.add_argument("-f", "--follow", action="store_true", help="keep printing new entries")
     tail.add_argument("--interval", default="1", help="seconds between polls (1)")
@@ -191,7 +197,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             table = args.table or str(env.get("table") or DEFAULT_TABLE)
             run = run_export if args.command == "export" else run_tail
             return run(args, schema, table)
-        if args.command in {"keygen", "checkpoint", "verify"}:
+        if args.command in {"keygen", "checkpoint", "verify", "verify-export"}:
             from .integritycli import run_integrity
 
             return run_integrity(args, env, schema)

@@ -42,6 +42,8 @@ DEFAULT_BATCH_SIZE: Final = 50_000
 #: Queued entries that wake the writer before flush_interval, unless `wake_rows` says
 #: otherwise (see `WriterOptions.wake_every`).
 WAKE_ROWS: Final = 5_000
+#: Whether writers hash-chain their rows unless told (`chain=`, `AUDITQ_CHAIN`).
+CHAIN_DEFAULT: Final = False
 
 FsyncPolicy = Literal["always", "interval", "never"]
 T = TypeVar("T")
@@ -86,6 +88,7 @@ EXPECTED: Final = {
     "spool_after": "a number of seconds >= 0",
     "spool_max_bytes": "a whole number > 0",
     "spool_fsync": "always, interval or never",
+    "chain": "true or false (1/0, yes/no, on/off)",
 }
 
 
@@ -117,6 +120,9 @@ class WriterOptions(BaseModel):
     spool_after: _SecondsOrZero = 5.0
     spool_max_bytes: _Count = 1024**3
     spool_fsync: FsyncPolicy = "interval"
+    #: Hash-chain the rows (docs/tamper-evidence.md): each COPY transaction also commits a
+    #: digest of its rows, so `auditq verify` can prove them untouched.
+    chain: bool = CHAIN_DEFAULT
 
     @property
     def schema(self) -> str:  # type: ignore[override]  # BaseModel.schema() is deprecated
@@ -253,6 +259,7 @@ class _WriterEnv(BaseSettings):
     spool_after: _SecondsOrZero | None = None
     spool_max_bytes: _Count | None = None
     spool_fsync: FsyncPolicy | None = None
+    chain: bool | None = None
 
     @field_validator("spool_fsync", mode="before")
     @classmethod

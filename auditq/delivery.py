@@ -266,12 +266,14 @@ class Delivery:
                 items,
                 f"not written: the database is unavailable and the spool refused them ({exc})",
             )
+            self._sink.abandoned(items)
             return []
         except OSError as exc:
             self._spool_rests_until = time.monotonic() + self._spool_rest
             self._ledger.spool_refused(f"{type(exc).__name__}: {exc}")
             return items
         self._ledger.spooled(len(items))
+        self._sink.handed_off(items)
         return []
 
     def _give_up(self, items: list[Item], *, unconfirmed: int = 0) -> None:
@@ -287,6 +289,7 @@ class Delivery:
             items = refused
             if not items:
                 return
+        self._sink.abandoned(items)
         if unconfirmed:
             self._ledger.unconfirmed(unconfirmed)
             self._ledger.dead(

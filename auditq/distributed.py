@@ -13,6 +13,10 @@ What Citus needs, and why each line is there:
     installs a TRUNCATE trigger of its own. TRUNCATE is therefore refused by grants:
     nobody but the owner holds it.
   * no sequences: ids are UUIDv7 made by the client, so the writer needs nothing else.
+  * the hash chain's columns go on the distributed table; its digests, checkpoints and
+    retention records are ordinary tables on the coordinator (a chained writer inserts a
+    digest in the same transaction as its COPY). Chaining on a Citus cluster is untested
+    here: only vanilla PostgreSQL is at hand.
 The script is plain text (no connection needed); tests run it on vanilla PostgreSQL
 against stand-ins for the two Citus functions and check the resulting catalog.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 from psycopg import sql
 
 from . import guards
+from .chain_schema import chain_ddl
 from .partitions import FUNCTION as PARTITION_FUNCTION
 from .partitions import function_ddl as partition_function_ddl
 from .roles import RoleNames
@@ -63,6 +68,12 @@ def script(
     for statement in meta_ddl(schema):
         out.append(_text(statement))
     for statement in table_ddl(schema, table, layout)[1:]:
+        out.append(_text(statement))
+    out.append(
+        "-- The hash chain (schema version 3): two columns and an index on the audit table;"
+        "\n-- its digests, checkpoints and retention records stay on the coordinator."
+    )
+    for statement in chain_ddl(schema, table):
         out.append(_text(statement))
     out.append(
         "-- The bookkeeping tables are small and read with the audit table: reference tables."

@@ -7,6 +7,11 @@ Version 1 -> 2 (idempotent; each step is skipped when already done):
     writers go on);
   * append-only guards on the table and every partition;
   * the roles, when asked for.
+Version 2 -> 3: the hash chain (docs/tamper-evidence.md): the nullable `chain_stream` and
+`chain_pos` columns (metadata only), their index (CONCURRENTLY on a plain table; on a
+partitioned one, which cannot take CONCURRENTLY, under SHARE on each partition: writers
+wait for the build), and the digests, checkpoints and retention tables with their
+append-only guards. Rows written before stay unchained and valid.
 Each DDL statement waits at most `lock_timeout` for its lock, so a long-running query on
 the table makes the migration fail with a clear message instead of queueing every writer
 behind it.
@@ -23,7 +28,7 @@ from typing import Any, Final
 import psycopg
 from psycopg import sql
 
-from . import guards, partitions
+from . import chain_schema, guards, partitions
 from .roles import RoleNames
 from .roles import apply as apply_roles
 from .tables import (
@@ -135,6 +140,15 @@ def migrate(
             )
         if partitions.is_partitioned(conn, schema, table):
             partitions.install_function(conn, schema)
+        missing_chain = chain_schema.missing_pieces(conn, schema, table)
+        # A plain table's index is built CONCURRENTLY below (writers go on); a partitioned
+        # parent cannot take CONCURRENTLY, so its partitions are indexed here.
+        plain = not partitions.is_partitioned(conn, schema, table)
+        if missing_chain:
+            chain_schema.create_chain_tables(conn, schema, table, index=not plain)
+            report.steps.append(f"added the hash chain: {', '.join(missing_chain)}")
+    if missing_chain and plain:
+        _chain_index_concurrently(conn, schema, table)
     if has_length is None or not has_length[0]:
         with conn.transaction():
             conn.execute(
@@ -145,10 +159,8 @@ def migrate(
     with conn.transaction():
         if roles is not None:
             apply_roles(conn, schema, table, roles)
-            report.steps.append(
-                f"roles {roles.owner} (owner), {roles.writer} (writer), "
-                f"{roles.reader} (reader) applied"
-            )
+            named = ", ".join(f"{name} ({kind})" for kind, name in roles.kinds())
+            report.steps.append(f"roles {named} applied")
         if state is None or state[0] < SCHEMA_VERSION:
             record_version(
                 conn,
@@ -159,6 +171,19 @@ def migrate(
             )
             report.steps.append(f"recorded schema version {SCHEMA_VERSION}")
     return report
+
+
+def _chain_index_concurrently(conn: psycopg.Connection[Any], schema: str, table: str) -> None:
+    """Build the (chain_stream, chain_pos) index without blocking writers; an invalid one
+    left by a failed earlier build is dropped first."""
+    name = chain_schema.chain_index(table)
+    valid = conn.execute(
+        "SELECT indisvalid FROM pg_index WHERE indexrelid = to_regclass(%s)",
+        (regclass_text(schema, name),),
+    ).fetchone()
+    if valid is not None and not valid[0]:
+        conn.execute(sql.SQL("DROP INDEX CONCURRENTLY {}").format(qualified(schema, name)))
+    conn.execute(chain_schema.index_sql(schema, table, concurrently=True))
 
 
 def _boundary(conn: psycopg.Connection[Any], schema: str, table: str, now: datetime) -> datetime:
@@ -297,6 +322,7 @@ def _swap(
     for index, suffix in (
         (f"{table}_pkey", "_legacy_pkey"),
         (_index_name(table), "_legacy_tenant_idx"),
+        (chain_schema.chain_index(table), "_legacy_chain_idx"),
     ):
         if conn.execute("SELECT to_regclass(%s)", (regclass_text(schema, index),)).fetchone() != (
             None,
@@ -352,6 +378,11 @@ def _swap(
     conn.execute(
         sql.SQL("CREATE INDEX {} ON {} (tenant_id, occurred_at)").format(
             sql.Identifier(_index_name(table)), target
+        )
+    )
+    conn.execute(
+        sql.SQL("CREATE INDEX {} ON {} (chain_stream, chain_pos)").format(
+            sql.Identifier(chain_schema.chain_index(table)), target
         )
     )
     conn.execute(sql.SQL("ALTER TABLE {} OWNER TO {}").format(target, sql.Identifier(owner)))

@@ -44,6 +44,7 @@ def function_ddl(schema: str) -> sql.Composed:
 LANGUAGE plpgsql SECURITY DEFINER
 SET search_path = pg_catalog, pg_temp SET timezone = 'UTC' SET datestyle = 'ISO, YMD'
 AS $auditq$
+-- {marker} (grants INSERT on a new month)
 DECLARE
     sch  constant text := {schema};
     lo   timestamptz := date_trunc('month', ts);
@@ -51,6 +52,7 @@ DECLARE
     lay  text;
     base text;
     part text;
+    who  text;
 BEGIN
     SELECT v.layout INTO lay FROM {s}.{versions} v
         WHERE v.table_name = tbl ORDER BY v.applied_at DESC, v.version DESC LIMIT 1;
@@ -81,6 +83,16 @@ BEGIN
                        sch, part, sch);
         EXECUTE format('ALTER TABLE %I.%I ENABLE ALWAYS TRIGGER auditq_no_truncate', sch, part);
     END IF;
+    -- Whoever may INSERT into the parent may INSERT into the month directly (auditq.routes
+    -- copies a batch straight into its month): nothing more, and no SELECT, which would
+    -- let a reader past the parent's row-level security.
+    FOR who IN SELECT DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC'
+                                    ELSE a.grantee::regrole::text END
+               FROM pg_class c, aclexplode(c.relacl) a
+               WHERE c.oid = format('%I.%I', sch, tbl)::regclass
+                 AND a.privilege_type = 'INSERT' AND a.grantee <> c.relowner LOOP
+        EXECUTE format('GRANT INSERT ON %I.%I TO %s', sch, part, who);
+    END LOOP;
     IF EXISTS (SELECT 1 FROM pg_trigger
                WHERE tgrelid = format('%I.%I', sch, part)::regclass
                  AND tgname = 'auditq_append_only' AND tgenabled <> 'A') THEN
@@ -94,12 +106,24 @@ $auditq$"""
         fn=sql.Identifier(FUNCTION),
         schema=sql.Literal(schema),
         versions=sql.Identifier(VERSION_TABLE),
+        marker=sql.SQL(FUNCTION_VERSION),
     )
 
 
+#: Marks the function's current text: an older one is replaced (owner and grants kept).
+FUNCTION_VERSION: Final = "auditq partition function, version 2"
+
+
 def install_function(conn: psycopg.Connection[object], schema: str) -> None:
-    """Create the function if missing; nobody but its owner may execute it until granted."""
+    """Create the function if missing, or replace an older version of it; nobody but its
+    owner may execute it until granted."""
     if function_exists(conn, schema, f"{FUNCTION}(text,timestamptz)"):
+        current = conn.execute(
+            "SELECT 1 FROM pg_proc WHERE oid = %s::regprocedure AND position(%s in prosrc) > 0",
+            (f"{regclass_text(schema, FUNCTION)}(text,timestamptz)", FUNCTION_VERSION),
+        ).fetchone()
+        if current is None:
+            conn.execute(function_ddl(schema))  # CREATE OR REPLACE keeps owner and grants
         return
     conn.execute(function_ddl(schema))
     conn.execute(

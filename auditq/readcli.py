@@ -90,12 +90,25 @@ def run_export(args: argparse.Namespace, schema: str, table: str) -> int:
         filters = _filters(args, limit=limit)
         if args.output not in {None, "-"}:
             check_output(args.output)
+        if args.proofs:
+            others = [
+                f"--{name}"
+                for name in ("since", "until", "action", "actor", "limit")
+                if getattr(args, name) is not None
+            ]
+            if others or args.format != "jsonl":
+                raise _BadOption(
+                    "--proofs exports all of the tenant's chained rows as JSON Lines: "
+                    f"drop {' '.join(others) or '--format ' + args.format}"
+                )
     except (_BadOption, FilterError, OutputError) as exc:
         return _refuse("export", str(exc))
     found = _dsn(args)
     if not found:
         return _refuse("export", "no database: pass --dsn or set AUDITQ_DSN / DATABASE_URL")
     safe = Dsn(found)
+    if args.proofs:
+        return _export_proofs(found, safe, args.tenant, args.output, schema, table)
     to_stdout = args.output in {None, "-"}
     try:
         with psycopg.connect(found) as conn, open_output(args.output) as out:
@@ -111,6 +124,28 @@ def run_export(args: argparse.Namespace, schema: str, table: str) -> int:
             )
     except NoTable as exc:
         return _fail("export", str(exc))
+    except psycopg.Error as exc:
+        return _fail("export", f"failed: {safe.scrub(str(exc)).strip()}")
+    except BrokenPipeError:
+        _quiet_stdout()
+        return 1
+    except OSError as exc:
+        return _fail("export", f"cannot write the output: {exc}")
+    return 0
+
+
+def _export_proofs(
+    found: str, safe: Dsn, tenant: str, output: str | None, schema: str, table: str
+) -> int:
+    from .proofs import ProofsError, export_proofs
+
+    try:
+        with open_output(output) as out:
+            export_proofs(found, schema, table, tenant, out)
+    except ProofsError as exc:
+        return _fail("export", str(exc))
+    except psycopg.errors.UndefinedColumn:
+        return _fail("export", f"{schema}.{table} is not chained: run `auditq migrate`")
     except psycopg.Error as exc:
         return _fail("export", f"failed: {safe.scrub(str(exc)).strip()}")
     except BrokenPipeError:

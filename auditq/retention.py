@@ -6,6 +6,13 @@ almost no WAL. Each drop is recorded first, in the same transaction, in the appe
 the current role and the session's login): the record and the drop commit together or
 not at all.
 
+A chained table (docs/tamper-evidence.md) keeps verifying after a drop: in the drop's
+transaction, under the lock, the runs of chain positions the partition holds are listed
+and signed (`--key`, the checkpointer's signer key) into `<table>_retention`, so `auditq
+verify` reports them PURGED rather than MISSING. A partition holding chained rows that no
+checkpoint has signed yet is not dropped: until a checkpoint anchors them nothing proves
+what they were, and dropping them would leave an unverifiable gap.
+
 Only the table's owner may do this: a login that is a member of the (NOLOGIN) owner role
 switches to it with SET ROLE; anyone else is refused before anything is touched.
 DETACH without CONCURRENTLY takes an ACCESS EXCLUSIVE lock on the parent for the moment
@@ -23,6 +30,8 @@ from typing import Any, Final
 import psycopg
 from psycopg import sql
 
+from . import chain_schema
+from .checkpoint import PurgedRange, SignerKey, latest_checkpoint, purged_ranges, record_retention
 from .partitions import Partition, add_months, is_partitioned, list_partitions
 from .tables import RETENTION_TABLE, qualified, regclass_text
 
@@ -133,21 +142,77 @@ def become_owner(conn: psycopg.Connection[Any], schema: str, table: str) -> str:
     return str(owner)
 
 
+def chained_ranges(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    table: str,
+    part: Partition,
+    key: SignerKey | None,
+) -> list[PurgedRange]:
+    """The chain position runs `part` holds (empty when it holds no chained row), after
+    checking they may go: RetentionError when there is no key to sign their record, or
+    when the latest checkpoint does not anchor all of them."""
+    if not chain_schema.is_chained(conn, schema, part.name):
+        return []
+    ranges = purged_ranges(conn, schema, part.name)
+    if not ranges:
+        return []
+    rows = sum(r.rows for r in ranges)
+    where = f"{schema}.{part.name}"
+    if key is None:
+        raise RetentionError(
+            f"{where} holds {rows} chained rows: pass --key FILE (the checkpoint signer key) "
+            f"so the drop is recorded, signed, and `auditq verify` reports them PURGED"
+        )
+    point = latest_checkpoint(conn, schema, table)
+    signed = {h.stream: h.next_pos for h in point.heads} if point else {}
+    behind = [r for r in ranges if signed.get(r.stream, 1) < r.end_pos]
+    if behind:
+        late = sum(r.rows for r in behind)
+        raise RetentionError(
+            f"{where} holds {late} chained rows no checkpoint anchors yet "
+            f"(stream {behind[0].stream} up to position {behind[0].end_pos - 1}): run "
+            f"`auditq checkpoint` first, then retention again"
+        )
+    return ranges
+
+
 def drop(
     conn: psycopg.Connection[Any],
     schema: str,
     table: str,
     keep: Keep,
     partitions: list[Partition],
-) -> None:
-    """Record, detach and drop each of `partitions`, one transaction each."""
+    *,
+    key: SignerKey | None = None,
+) -> list[int]:
+    """Record, detach and drop each of `partitions`, one transaction each; returns the
+    numbers of the chain's retention records written (none for unchained partitions).
+    `key` signs those records; RetentionError (nothing of that partition dropped) when a
+    partition holds chained rows and there is no key or no checkpoint anchoring them."""
     parent = qualified(schema, table)
     log = qualified(schema, RETENTION_TABLE)
+    purges: list[int] = []
     for part in partitions:
         target = qualified(schema, part.name)
         with conn.transaction():
             conn.execute(sql.SQL("SET LOCAL lock_timeout = {}").format(sql.Literal(LOCK_TIMEOUT)))
             conn.execute(sql.SQL("LOCK TABLE {} IN ACCESS EXCLUSIVE MODE").format(target))
+            # Under the lock, so the signed record lists exactly the positions that go.
+            ranges = chained_ranges(conn, schema, table, part, key)
+            if ranges:
+                assert key is not None
+                purges.append(
+                    record_retention(
+                        conn,
+                        schema,
+                        table,
+                        key,
+                        ranges,
+                        f"auditq retention --keep {keep.text}: partition {part.name} "
+                        f"[{_bound(part.range_from)}, {_bound(part.range_to)})",
+                    )
+                )
             # Counted under the lock: the record states exactly what was dropped.
             counted = conn.execute(
                 sql.SQL("SELECT count(*), pg_total_relation_size({}::regclass) FROM {}").format(
@@ -172,3 +237,8 @@ def drop(
             )
             conn.execute(sql.SQL("ALTER TABLE {} DETACH PARTITION {}").format(parent, target))
             conn.execute(sql.SQL("DROP TABLE {}").format(target))
+    return purges
+
+
+def _bound(value: datetime | None) -> str:
+    return value.isoformat() if value is not None else "unbounded"

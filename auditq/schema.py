@@ -12,7 +12,7 @@ from typing import Any
 
 import psycopg
 
-from . import guards, partitions
+from . import chain_schema, guards, partitions
 from . import roles as role_setup
 from .dsn import Dsn
 from .regclass import regclass_text as regclass_text
@@ -145,6 +145,9 @@ def _create(
             record_version(conn, schema, table, layout, "created by auditq init-db")
         if partitioned:
             partitions.install_function(conn, schema)
+        # The hash chain's columns and tables (docs/tamper-evidence.md): on the parent of a
+        # partitioned table, which its partitions inherit.
+        chain_schema.create_chain_tables(conn, schema, table)
         if guarded:
             guards.install(conn, schema, table)
         if roles is not None:

@@ -17,18 +17,21 @@ as undelivered. The fast path is one transaction holding one binary COPY. The sl
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import threading
 import time
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal, NamedTuple, Protocol
 
 import psycopg
 from psycopg import sql
 
-from . import partitions, pqcopy
+from . import chainlink, partitions, pqcopy
 from .backoff import Backoff
 from .binary import (
     COPY_COLUMNS,
@@ -43,18 +46,23 @@ from .binary import (
     origin_field,
 )
 from .buffer import PIECE_ROWS, release
+from .chain import ChainStream, DigestRecord, Skip
+from .chainlink import Chainer, Plan
 from .connection import Connection, ConnectionSource, session_timeouts
 from .dsn import Dsn
 from .entry import Row
 from .ledger import RowReport
 from .redact import DETAIL_MARK, escape_controls
+from .routes import ROUTE_FAILURES, Routes
 from .tables import check_version, qualified
 from .watchdog import Watchdog
 
 logger = logging.getLogger("auditq")
 
 Mode = Literal["copy", "replay", "dedupe"]
-Kind = Literal["transient", "ambiguous", "data", "duplicate", "config", "partition", "cancelled"]
+Kind = Literal[
+    "transient", "ambiguous", "data", "duplicate", "config", "partition", "route", "cancelled"
+]
 
 #: SQLSTATE classes whose errors are about the rows, not the connection or the server.
 _DATA_CLASSES: Final = frozenset({"22", "23"})
@@ -142,8 +150,13 @@ class Sink:
         write_timeout: float,
         retry_backoff_max: float,
         origin: str | None = None,
+        chain: bool = False,
     ) -> None:
         self._source = source
+        # The hash chain (docs/tamper-evidence.md): with `chain`, new rows are stamped and
+        # each COPY transaction commits their digest; stamped rows (from a spool, say) are
+        # written with their digests whatever `chain` says.
+        self._chainer = Chainer(schema, table, enabled=chain)
         # The writer's own session bounds (see connection.session_timeouts): set at connect
         # time on its own connections, per transaction on borrowed ones.
         source.bound_session(write_timeout)
@@ -181,6 +194,17 @@ class Sink:
         target = qualified(schema, table)
         columns = sql.SQL(", ").join(map(sql.Identifier, COPY_COLUMNS))
         self._copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(target, columns)
+        # A partitioned table's batches go straight into their month's partition (with the
+        # chain, the first attempt's rows are stamped: the chained columns).
+        self._routes = Routes(
+            schema,
+            table,
+            sql.SQL(", ").join(map(sql.Identifier, chainlink.CHAINED_COLUMNS))
+            if chain
+            else columns,
+        )
+        # True while the attempt under way is a routed COPY (see `auditq.routes`).
+        self._routed = False
         # In pg_temp by name: resolved through search_path, a table of the same name in a
         # schema listed before pg_temp (`search_path = public, pg_temp`, a common hardening)
         # would receive the rows, and whatever was planted in it would be merged.
@@ -198,6 +222,24 @@ class Sink:
         self._merge = sql.SQL(
             "INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT DO NOTHING RETURNING id"
         ).format(target, columns, columns, staging)
+        # The same statements for stamped rows (two more columns); a staging table of its
+        # own, as one made before the chain columns existed would lack them.
+        chained = sql.SQL(", ").join(map(sql.Identifier, chainlink.CHAINED_COLUMNS))
+        self._copy_chained = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+            target, chained
+        )
+        chained_staging = sql.Identifier(
+            "pg_temp", f"auditq_staging_{zlib.crc32(f'{schema}.{table}'.encode()):08x}_c"
+        )
+        self._create_staging_chained = sql.SQL(
+            "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+        ).format(chained_staging, target)
+        self._copy_staging_chained = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
+            chained_staging, chained
+        )
+        self._merge_chained = sql.SQL(
+            "INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT DO NOTHING RETURNING id"
+        ).format(target, chained, chained, chained_staging)
         self._schema = schema
         self._table = table
 
@@ -214,10 +256,31 @@ class Sink:
         handed back unresolved, and why: the writer is aborting, or `divert()` said so
         after a failed attempt (the writer then spools them). `failed` is the error of a
         first attempt already made (by `deliver_rows`)."""
-        report = ledger or self._ledger
+        chained = self._chainer.enabled or any(chainlink.is_chained(i[DATA]) for i in items)
+        handed = self._deliver(items, mode, divert, ledger or self._ledger, failed, chained)
+        if chained:
+            if handed.items:
+                self._chainer.retire(handed.items)
+            else:
+                self.seal_gaps()
+        return handed
+
+    def _deliver(
+        self,
+        items: list[Item],
+        mode: Mode,
+        divert: Callable[[], bool] | None,
+        report: RowReport,
+        failed: Exception | None,
+        chained: bool,
+    ) -> Handed:
         work: list[tuple[list[Item], Mode, int]] = []
         if failed is None:
-            work.extend(reversed([(part, mode, 0) for part in self._capped(items)]))
+            # Chained rows are written a stream at a time, in position order.
+            parts = chainlink.group(items) if chained else [items]
+            work.extend(
+                reversed([(part, mode, 0) for whole in parts for part in self._capped(whole)])
+            )
         else:
             kind = self._classify(failed, 0)
             if self._on_failure(items, mode, 0, kind, failed, work, report) and (
@@ -244,7 +307,13 @@ class Sink:
                 continue
             self._recovered()
             self._grow_cap(len(batch))
-            if inserted is None or mode == "replay":
+            if isinstance(inserted, Written):
+                report.committed(inserted.rows)
+                if inserted.duplicates:
+                    report.dead(
+                        inserted.duplicates, "duplicate id: a row with this id is already stored"
+                    )
+            elif inserted is None or mode == "replay":
                 report.committed(len(batch))
             else:
                 written = [item for item in batch if item_id(item) in inserted]
@@ -271,6 +340,7 @@ class Sink:
         again."""
         rows = list(rows)  # rows taken by more() are added to this copy
         blocks: list[Block] = []
+        leaves: list[bytes] = []  # with the chain: the stamped rows' leaves, in order
         bad: list[tuple[Row, str]] = []
         consumed = [0]  # rows the first attempt has encoded so far
         error: Exception | None = None
@@ -279,7 +349,7 @@ class Sink:
         attempted = not self.stopping() and (cap is None or len(rows) <= cap)
         if attempted:
             try:
-                self._attempt_rows(rows, blocks, bad, consumed, more)
+                self._attempt_rows(rows, blocks, bad, consumed, more, leaves)
             except Exception as exc:
                 error = exc
         # Rows that failed their checks are reported once the rest of the batch is resolved,
@@ -298,7 +368,7 @@ class Sink:
         # Item of its own, as retries, splits and dead letters need.
         items = [item for block in blocks for item in items_of_block(*block)]
         if consumed[0] < len(rows):
-            _encode_pieces(rows[consumed[0] :], items, bad, self._origin)
+            self._encode(rows[consumed[0] :], items, bad)
         try:
             return self.deliver(items, divert=divert, failed=error)
         finally:
@@ -313,13 +383,22 @@ class Sink:
         bad: list[tuple[Row, str]],
         consumed: list[int],
         more: Callable[[], list[Row]] | None,
+        leaves: list[bytes],
     ) -> None:
+        chainer = self._chainer
+        stamping = chainer.enabled
+
         def block(chunk: Sequence[Row]) -> bytes:
             # All or nothing: if encode_block raises, none of the chunk is in `blocks` or
             # `bad`, and `consumed` leaves it to be encoded again on the failure path.
             kept: list[Row] = []
             rejected: list[tuple[Row, str]] = []
             data = encode_block(chunk, kept, rejected, self._origin)
+            if stamping and data:
+                # Numbered once, here: every retry, split, spool record and dead letter
+                # carries these positions.
+                data, leaf = chainer.stamp(data)
+                leaves.append(leaf)
             blocks.append((data, kept))
             bad.extend(rejected)
             return data
@@ -342,12 +421,91 @@ class Sink:
                     yield data
 
         self._committing = False
+        self._routed = False
         with self._connection() as conn:
-            self._copy_chunks(conn, encoded_chunks())
+            chunks = encoded_chunks()
+            first = next(chunks, None)
+            if first is None:
+                return  # every row was refused by the encoder: nothing to send
+            routes = self._routes
+            statement = routes.copy_for(first)
+            if statement is None and routes.due():
+                routes.load(conn)
+                statement = routes.copy_for(first)
+            self._routed = statement is not None
+            rest = itertools.chain((first,), chunks)
+            if not stamping:
+                self._copy_chunks(conn, rest, statement or self._copy)
+                return
+
+            def copy() -> DigestRecord | None:
+                self._stream(conn, statement or self._copy_chained, rest)
+                return chainer.seal_live(leaves)
+
+            record = self._chained_transaction(conn, copy)
+        if chainer.live is not None:
+            chainer.committed(chainer.live, record)
 
     def make_items(self, rows: Sequence[Row]) -> tuple[list[Item], list[tuple[Row, str]]]:
-        """`make_items` with this sink's origin."""
-        return make_items(rows, self._origin)
+        """`make_items` with this sink's origin (and, with the chain, stamped)."""
+        items: list[Item] = []
+        bad: list[tuple[Row, str]] = []
+        self._encode(rows, items, bad)
+        return items, bad
+
+    def _encode(self, rows: Sequence[Row], items: list[Item], bad: list[tuple[Row, str]]) -> None:
+        """Encode rows into Items (stamped with the chain), a piece at a time."""
+        if not self._chainer.enabled:
+            _encode_pieces(rows, items, bad, self._origin)
+            return
+        for start in range(0, len(rows), PIECE_ROWS):
+            kept: list[Row] = []
+            data = encode_block(rows[start : start + PIECE_ROWS], kept, bad, self._origin)
+            if data:
+                data, _leaves = self._chainer.stamp(data)
+                items.extend(items_of_block(data, kept))
+
+    def handed_off(self, items: list[Item]) -> None:
+        """`items` left the sink for the spool: their stream is continued by its replay."""
+        self._chainer.retire(items)
+
+    def abandoned(self, items: list[Item]) -> None:
+        """`items` were given up on (dead-lettered at close, or refused by a full spool):
+        their positions are recorded as skipped (Skip.ABANDONED), in a digest with no rows
+        when the database answers now, else by the next write of their stream."""
+        self._chainer.skip(items, Skip.ABANDONED)
+        self._chainer.retire(items)
+        if self.outage_seconds() == 0:
+            self.seal_gaps()
+
+    def seal_gaps(self) -> None:
+        """Commit digests with no rows for the skipped positions at the end of streams
+        (rows dead-lettered after the last row written): a gap is recorded, never silent.
+        One try each; what fails stays pending for the next batch of the stream."""
+        for key in self._chainer.open_gaps():
+            self._committing = False
+            try:
+                with self._connection() as conn:
+                    sealed: list[ChainStream] = []
+
+                    def gap(
+                        conn: Connection = conn,
+                        key: bytes = key,
+                        sealed: list[ChainStream] = sealed,
+                    ) -> DigestRecord | None:
+                        stream, record = self._chainer.seal_gap(conn, key)
+                        sealed.append(stream)
+                        return record
+
+                    record = self._chained_transaction(conn, gap)
+                self._chainer.committed(sealed[0], record)
+            except Exception as exc:
+                logger.warning(
+                    "could not record the chain positions of dead-lettered rows (%s); "
+                    "the next write of their stream records them",
+                    self._describe(exc),
+                )
+                return
 
     def warm_up(self) -> None:
         """Get ready for the first batch while it is still filling up: open the writer's
@@ -360,6 +518,8 @@ class Sink:
         try:
             with self._connection() as conn:
                 behind = check_version(conn, self._schema, self._table, missing_ok=True)
+                with contextlib.suppress(psycopg.Error):  # the first batch tries again
+                    self._routes.load(conn)
         except psycopg.Error:
             return  # down: the first batch reports it
         if behind is not None:
@@ -400,29 +560,102 @@ class Sink:
         finally:
             self._source.release(conn, broken=broken)
 
-    def _attempt(self, batch: list[Item], mode: Mode) -> set[Any] | None:
+    def _attempt(self, batch: list[Item], mode: Mode) -> set[Any] | Written | None:
         self._committing = False
+        self._routed = False  # a retry goes through the parent
         with self._connection() as conn:
+            if batch and chainlink.is_chained(batch[0][DATA]):
+                return self._attempt_chained(conn, batch, mode)
             if mode == "copy":
-                self._copy_chunks(conn, _chunks(batch))
+                self._copy_chunks(conn, _chunks(batch), self._copy)
                 return None
             return self._merge_rows(conn, batch)
 
-    def _copy_chunks(self, conn: Connection, chunks: Iterable[bytes]) -> None:
+    def _copy_chunks(
+        self, conn: Connection, chunks: Iterable[bytes], statement: sql.Composed
+    ) -> None:
         if conn.autocommit and not self._local_timeouts:
             # The writer's own connection: a lone COPY is its own transaction and commits
             # when the server acknowledges the end of the data. That saves the BEGIN and
             # COMMIT round trips, and each round trip costs the writer a wait for the GIL
             # (up to the 5 ms switch interval) while callers keep it busy.
-            self._stream(conn, self._copy, chunks, ends_transaction=True)
+            self._stream(conn, statement, chunks, ends_transaction=True)
             return
         with conn.transaction():  # a pooled connection, left in the mode its pool gave
             if self._local_timeouts:
                 conn.execute(self._set_timeouts)
-            self._stream(conn, self._copy, chunks)
+            self._stream(conn, statement, chunks)
             # From here the transaction's exit sends COMMIT: a lost connection now leaves
             # the outcome unknown, and the retry must not write these rows twice.
             self._committing = True
+
+    def _chained_transaction(
+        self, conn: Connection, body: Callable[[], DigestRecord | None]
+    ) -> DigestRecord | None:
+        """Run `body` (the COPY, returning the digest to commit with it) in a transaction
+        that also inserts the digest: rows and digest commit together or not at all.
+
+        On the writer's own connection (autocommit) the transaction is begun by hand and
+        ends with the digest's INSERT and the COMMIT pipelined, one round trip; a pooled
+        connection uses its own transaction handling. Either way a failure once
+        COMMIT may be in flight leaves the outcome unknown (`_committing`), and the replay
+        then reconciles the stream with the digests table (`Chainer.plan`)."""
+        if conn.autocommit and not self._local_timeouts:
+            conn.execute("BEGIN")
+            try:
+                record = body()
+                self._committing = True
+                self._chainer.insert_and_commit(conn, record)
+            except BaseException:
+                _roll_back(conn)
+                raise
+            return record
+        with conn.transaction():
+            if self._local_timeouts:
+                conn.execute(self._set_timeouts)
+            record = body()
+            if record is not None:
+                self._chainer.insert(conn, record)
+            self._committing = True
+        return record
+
+    def _attempt_chained(self, conn: Connection, batch: list[Item], mode: Mode) -> Written:
+        """Write one stream's rows (position order) with their digest. In `replay` and
+        `dedupe` mode the rows go through the staging table's merge, and a row another row's
+        id keeps out is skipped (Skip.DUPLICATE_ID) and dead-lettered."""
+        chainer = self._chainer
+        plans: list[Plan] = []
+        outcome = Written()
+
+        def write() -> DigestRecord | None:
+            plan = chainer.plan(conn, batch, reconcile=mode != "copy")
+            plans.append(plan)
+            written, duplicates = plan.todo, []
+            if plan.todo and mode == "copy":
+                self._stream(conn, self._copy_chained, _chunks(plan.todo))
+            elif plan.todo:
+                conn.execute(self._create_staging_chained)
+                self._stream(conn, self._copy_staging_chained, _chunks(plan.todo))
+                inserted = self._merged_ids(conn, self._merge_chained)
+                written = [item for item in plan.todo if item_id(item) in inserted]
+                duplicates = [item for item in plan.todo if item_id(item) not in inserted]
+            outcome.duplicates = duplicates
+            # Rows an earlier attempt committed (the stream's head covers them) count as
+            # written: their digest proves it.
+            outcome.rows = len(written) + len(plan.done)
+            return chainer.seal(plan, written, duplicates)
+
+        record = self._chained_transaction(conn, write)
+        chainer.committed(plans[-1].stream, record)
+        return outcome
+
+    def _merged_ids(self, conn: Connection, merge: sql.Composed) -> set[Any]:
+        with conn.cursor() as cur:
+            cur.execute(merge)
+            inserted: set[Any] = set()
+            while found := cur.fetchmany(PIECE_ROWS):
+                inserted.update(row[0].int for row in found)
+        return inserted
 
     def _merge_rows(self, conn: Connection, batch: list[Item]) -> set[Any]:
         with conn.transaction():
@@ -449,9 +682,10 @@ class Sink:
         ends_transaction: bool = False,
     ) -> None:
         if pqcopy.available():
-            # The whole COPY from C with the GIL released: behind busy threads each of
-            # psycopg's GIL re-acquisitions (a piece's flush, the end, the result) would
-            # wait up to the switch interval while the server idles.
+            # Through libpq from C (see `auditq.pqcopy`): the writer waits for the GIL at
+            # the COPY's start, its end and a high water only, not after each piece's
+            # flush; behind busy threads each such wait lasts up to the switch interval
+            # while the server idles.
             def ended() -> None:
                 # The end of the data is out; in autocommit that commits, so a lost
                 # connection from here on leaves the outcome unknown.
@@ -473,6 +707,9 @@ class Sink:
 
     def _classify(self, exc: BaseException, attempts: int) -> Kind:
         state = getattr(exc, "sqlstate", None)
+        if self._routed and state in ROUTE_FAILURES and (state != "23514" or _no_partition(exc)):
+            # The route's fault (see `auditq.routes`), not the rows' nor the server's.
+            return "route"
         if state == "23505":
             return "duplicate"
         if state == "23514" and _no_partition(exc):
@@ -516,10 +753,15 @@ class Sink:
         if kind == "data":
             if len(batch) == 1:
                 report.dead(batch, self._dead_reason(exc, message))
+                self._chainer.skip(batch, Skip.DEAD_LETTER)
             else:
                 half = len(batch) // 2
                 work.append((batch[half:], mode, 0))
                 work.append((batch[:half], mode, 0))
+            return False
+        if kind == "route":
+            self._routes.failed()
+            work.append((batch, mode, attempts))  # at once, through the parent
             return False
         if kind == "duplicate":
             work.append((batch, "replay" if mode == "replay" else "dedupe", attempts))
@@ -676,6 +918,26 @@ class Sink:
             self._outage_since = None
             self._outage_retries = 0
             self._config_error_logged = False
+
+
+@dataclass
+class Written:
+    """What a chained attempt wrote: rows written (or found committed), and the rows
+    another row's id kept out."""
+
+    rows: int = 0
+    duplicates: list[Item] = field(default_factory=list)
+
+
+def _roll_back(conn: Connection) -> None:
+    """End a transaction begun by hand that failed, so the connection is usable again (a
+    lost one is given back broken anyway)."""
+    if conn.closed or conn.broken:
+        return
+    try:
+        conn.execute("ROLLBACK")
+    except psycopg.Error:
+        pass
 
 
 def _login_fix(exc_or_text: BaseException | str) -> str | None:

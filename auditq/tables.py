@@ -23,7 +23,9 @@ DEFAULT_SCHEMA = "public"
 
 #: The shape `create()` makes. 1: the table before versions were recorded (outcome CHECKed
 #: against a vocabulary, no origin, no guards). 2: free-text outcome, `origin`, guards.
-SCHEMA_VERSION: Final = 2
+#: 3: the hash chain (`chain_stream`, `chain_pos`, their index, the digests, checkpoints and
+#: retention tables: `chain_schema`).
+SCHEMA_VERSION: Final = 3
 VERSION_TABLE: Final = "auditq_schema_version"
 RETENTION_TABLE: Final = "auditq_retention_log"
 #: The longest outcome the table takes; the vocabulary itself is documented, not enforced.

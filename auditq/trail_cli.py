@@ -90,7 +90,10 @@ def add_commands(commands: Any, add_target: Callable[[argparse.ArgumentParser], 
         help="drop whole partitions older than --keep (owner only; never a DELETE)",
         description="Detaches and drops each partition that ends before now minus --keep, "
         "recording each drop in auditq_retention_log. Runs as the table's owner (a login "
-        "that is a member of it switches with SET ROLE).",
+        "that is a member of it switches with SET ROLE). A partition holding hash-chained "
+        "rows needs --key (its positions are signed into <table>_retention, so `auditq "
+        "verify` reports them PURGED) and a checkpoint anchoring them. See "
+        "docs/audit-trail.md and docs/tamper-evidence.md.",
     )
     add_target(retention)
     retention.add_argument(
@@ -99,6 +102,12 @@ def add_commands(commands: Any, add_target: Callable[[argparse.ArgumentParser], 
     retention.add_argument(
         "--dry-run", action="store_true", help="show what would be dropped, drop nothing"
     )
+    retention.add_argument(
+        "--key",
+        metavar="FILE",
+        help="the checkpoint signer key (from `auditq keygen`): signs the record of the chain "
+        "positions a dropped partition held; needed when it holds chained rows",
+    )
 
 
 def _add_roles(parser: argparse.ArgumentParser) -> None:
@@ -106,12 +115,19 @@ def _add_roles(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--roles",
         action="store_true",
-        help="create the owner (NOLOGIN), writer (INSERT) and reader (SELECT, one tenant) roles",
+        help="create the owner (NOLOGIN), writer (INSERT), reader (SELECT, one tenant), "
+        "checkpointer and verifier roles",
     )
     group.add_argument("--role-prefix", default="auditq", help="role names' prefix (auditq)")
     group.add_argument("--owner-role", help="owner role name (<prefix>_owner)")
     group.add_argument("--writer-role", help="writer role name (<prefix>_writer)")
     group.add_argument("--reader-role", help="reader role name (<prefix>_reader)")
+    group.add_argument(
+        "--checkpointer-role", help="hash chain checkpointer role name (<prefix>_checkpointer)"
+    )
+    group.add_argument(
+        "--verifier-role", help="role that verifies the hash chain (<prefix>_verifier)"
+    )
 
 
 class BadOption(ValueError):
@@ -121,7 +137,13 @@ class BadOption(ValueError):
 def _roles(args: argparse.Namespace) -> Any:
     from .roles import RoleNames
 
-    given = [args.owner_role, args.writer_role, args.reader_role]
+    given = [
+        args.owner_role,
+        args.writer_role,
+        args.reader_role,
+        args.checkpointer_role,
+        args.verifier_role,
+    ]
     if not args.roles:
         if any(given) or args.role_prefix != "auditq":
             raise BadOption("--role-prefix and --*-role need --roles")
@@ -131,8 +153,10 @@ def _roles(args: argparse.Namespace) -> Any:
         args.owner_role or base.owner,
         args.writer_role or base.writer,
         args.reader_role or base.reader,
+        args.checkpointer_role or base.checkpointer,
+        args.verifier_role or base.verifier,
     )
-    for name in (names.owner, names.writer, names.reader):
+    for _, name in names.kinds():
         if not _ROLE_NAME.fullmatch(name):
             raise BadOption(
                 f"role name {name!r} is not valid: lower-case letters, digits, _ and $, "
@@ -168,11 +192,14 @@ def _run(args: argparse.Namespace, dsn: str | None, schema: str, table: str) -> 
     if command == "partitions":
         _check_ahead(args.create_ahead, "--create-ahead")
     keep = None
+    key = None
     if command == "retention":
         try:
             keep = parse_keep(args.keep)
         except RetentionError as exc:
             raise BadOption(str(exc)) from None
+        if args.key:
+            key = _signer(args.key)
     if command == "init-db":
         if args.output and not args.distributed:
             raise BadOption("--output goes with --distributed")
@@ -201,7 +228,8 @@ def _run(args: argparse.Namespace, dsn: str | None, schema: str, table: str) -> 
                 if roles is not None:
                     print(
                         f"auditq: roles {roles.owner} (owner, NOLOGIN), {roles.writer} "
-                        f"(writer), {roles.reader} (reader, tenant from auditq.tenant)"
+                        f"(writer), {roles.reader} (reader, tenant from auditq.tenant), "
+                        f"{roles.checkpointer} (checkpointer), {roles.verifier} (verifier)"
                     )
                 return 0
             if command == "migrate":
@@ -209,7 +237,7 @@ def _run(args: argparse.Namespace, dsn: str | None, schema: str, table: str) -> 
             if command == "partitions":
                 return _partitions(conn, args, schema, table)
             assert keep is not None
-            return _retention(conn, args, schema, table, keep)
+            return _retention(conn, args, schema, table, keep, key)
     except (RoleError, RetentionError, SchemaError) as exc:
         print(f"auditq {command}: {exc}", file=sys.stderr)
         return 2
@@ -222,6 +250,17 @@ def _run(args: argparse.Namespace, dsn: str | None, schema: str, table: str) -> 
             f"auditq {command} failed: {first[0] if first else type(exc).__name__}", file=sys.stderr
         )
         return 1
+
+
+def _signer(path: str) -> Any:
+    from pathlib import Path
+
+    from .checkpoint import KeyFileError, MissingExtra, read_signer
+
+    try:
+        return read_signer(Path(path))
+    except (OSError, KeyFileError, MissingExtra, ValueError) as exc:
+        raise BadOption(f"--key: {exc}") from None
 
 
 def _distributed(args: argparse.Namespace, schema: str, table: str, roles: Any) -> int:
@@ -304,9 +343,15 @@ def _size(count: int) -> str:
 
 
 def _retention(
-    conn: psycopg.Connection[Any], args: argparse.Namespace, schema: str, table: str, keep: Any
+    conn: psycopg.Connection[Any],
+    args: argparse.Namespace,
+    schema: str,
+    table: str,
+    keep: Any,
+    key: Any,
 ) -> int:
-    from .retention import become_owner, drop, plan
+    from .chain_schema import retention_table
+    from .retention import become_owner, chained_ranges, drop, plan
 
     # The owner only, for a dry run too: counting a partition's rows reads it directly,
     # and no other role holds rights on partitions.
@@ -319,14 +364,28 @@ def _retention(
     for part in doomed:
         start = part.range_from.isoformat() if part.range_from else "MINVALUE"
         end = part.range_to.isoformat() if part.range_to else "MAXVALUE"
+        # Checked for every partition before any is dropped (and again under each drop's
+        # lock): a refusal leaves them all in place.
+        ranges = chained_ranges(conn, schema, table, part, key)
+        chained = (
+            f", {sum(r.rows for r in ranges)} chained in {len(ranges)} position "
+            f"run{'s' if len(ranges) > 1 else ''}"
+            if ranges
+            else ""
+        )
         print(
             f"auditq retention: {verb} {schema}.{part.name} [{start}, {end}) "
-            f"{part.rows} rows, {_size(part.total_bytes)}"
+            f"{part.rows} rows{chained}, {_size(part.total_bytes)}"
         )
     if not args.dry_run:
-        drop(conn, schema, table, keep, doomed)
+        purges = drop(conn, schema, table, keep, doomed, key=key)
+        signed = (
+            f" and signed chain records {', '.join(map(str, purges))} in {retention_table(table)}"
+            if purges
+            else ""
+        )
         print(
             f"auditq retention: dropped {len(doomed)} partition(s), "
-            "recorded in auditq_retention_log"
+            f"recorded in auditq_retention_log{signed}"
         )
     return 0

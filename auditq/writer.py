@@ -31,6 +31,7 @@ from . import forks, ids, native, readiness
 from . import otel as _otel
 from .buffer import Buffer, Gate
 from .config import (
+    CHAIN_DEFAULT,
     DEFAULT_BATCH_SIZE,
     OPTION_NAMES,
     FsyncPolicy,
@@ -90,6 +91,7 @@ class AuditWriter:
     spool_after = OptionView[float]()
     spool_max_bytes = OptionView[int]()
     spool_fsync = OptionView[FsyncPolicy]()
+    chain = OptionView[bool]()
 
     def __init__(
         self,
@@ -116,6 +118,7 @@ class AuditWriter:
         spool_after: float = 5.0,
         spool_max_bytes: int = 1024**3,
         spool_fsync: FsyncPolicy = "interval",
+        chain: bool = CHAIN_DEFAULT,
         origin: str | None = None,
         name: str | None = None,
         **unknown: Never,
@@ -196,6 +199,7 @@ class AuditWriter:
             write_timeout=options.write_timeout,
             retry_backoff_max=options.retry_backoff_max,
             origin=options.origin_or_default,
+            chain=options.chain,
         )
         self._delivery = Delivery(
             self._buffer,

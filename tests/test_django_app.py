@@ -152,7 +152,7 @@ def test_auditq_init_creates_the_table(django_env: DjangoEnv) -> None:  # noqa: 
                 " WHERE table_schema = %s AND table_name = %s",
                 (django_env.table.schema, name),
             ).fetchone()
-        assert found is not None and found[0] == 15  # the columns, origin last
+        assert found is not None and found[0] == 17  # the columns, origin, the chain's two
     finally:
         with psycopg.connect(django_env.table.dsn, autocommit=True) as conn:
             conn.execute(

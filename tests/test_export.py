@@ -106,6 +106,8 @@ def test_jsonl_is_one_valid_object_per_line_whatever_the_values(
         "request_id",
         "metadata",
         "origin",
+        "chain_stream",
+        "chain_pos",
     ]
 
 

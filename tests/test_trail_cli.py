@@ -46,7 +46,7 @@ def _refused(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
         (["init-db", "--ahead", "500"], "--ahead 500"),
         (["init-db", "--role-prefix", "x"], "need --roles"),
         (["init-db", "--roles", "--role-prefix", "Bad-Name"], "is not valid"),
-        (["init-db", "--roles", "--writer-role", "a", "--reader-role", "a"], "three different"),
+        (["init-db", "--roles", "--writer-role", "a", "--reader-role", "a"], "all be different"),
         (["migrate", "--roles", "--to-partitioned"], "separately"),
         (["migrate", "--bogus"], "unrecognized arguments"),
         (["partitions", "--create-ahead", "-1"], "--create-ahead -1"),

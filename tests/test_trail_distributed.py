@@ -11,6 +11,7 @@ import pytest
 from psycopg import sql
 
 from auditq import AuditWriter
+from auditq.chain_schema import checkpoints_table, digests_table, retention_table
 from auditq.cli import main
 from auditq.distributed import script
 from auditq.partitions import ensure_partition_sql, list_partitions
@@ -99,12 +100,27 @@ def test_row_guards_only_and_truncate_refused_by_grants(distributed: Trail) -> N
     assert triggers == [("auditq_append_only", triggers[0][1], "A")]
     assert triggers[0][1] & row_bit
     statement_triggers = distributed.run(
-        "SELECT count(*) FROM pg_trigger g JOIN pg_class c ON c.oid = g.tgrelid "
+        "SELECT c.relname::text FROM pg_trigger g JOIN pg_class c ON c.oid = g.tgrelid "
         "JOIN pg_namespace n ON n.oid = c.relnamespace "
-        "WHERE n.nspname = %s AND g.tgtype & 1 = 0 AND NOT g.tgisinternal",
+        "WHERE n.nspname = %s AND g.tgtype & 1 = 0 AND NOT g.tgisinternal ORDER BY 1",
         distributed.schema,
     )
-    assert statement_triggers == [(0,)]
+    # Only the chain's own tables, which stay ordinary tables on the coordinator, have
+    # statement (TRUNCATE) triggers; no distributed or reference table has one.
+    chain_tables = sorted(
+        (
+            digests_table(distributed.table),
+            checkpoints_table(distributed.table),
+            retention_table(distributed.table),
+        )
+    )
+    assert [row[0] for row in statement_triggers] == chain_tables
+    assert distributed.run(
+        "SELECT count(*) FROM information_schema.columns WHERE table_schema = %s "
+        "AND table_name = %s AND column_name IN ('chain_stream', 'chain_pos')",
+        distributed.schema,
+        distributed.table,
+    ) == [(2,)]
     truncaters = distributed.run(
         "SELECT a.grantee FROM pg_class c, aclexplode(coalesce(c.relacl, "
         "acldefault('r', c.relowner))) a "
@@ -158,7 +174,12 @@ def test_the_cli_prints_or_writes_the_script(
     out = capsys.readouterr().out
     assert "SELECT create_distributed_table('\"public\".\"audit_logs\"', 'tenant_id');" in out
     assert "tenant_id     text NOT NULL" in out
-    assert "FOR EACH STATEMENT" not in out
+    # Statement triggers guard only the chain's coordinator tables, never the audit table.
+    assert all(
+        "_digests" in line or "_checkpoints" in line or "_retention" in line
+        for line in out.splitlines()
+        if "FOR EACH STATEMENT" in line
+    )
     path = tmp_path / "citus.sql"
     assert (
         main(["init-db", "--distributed", "--partitioned", "--roles", "--output", str(path)]) == 0

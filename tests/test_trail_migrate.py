@@ -11,6 +11,7 @@ import pytest
 from psycopg import sql
 
 from auditq import AuditWriter, guards
+from auditq.chain_schema import create_chain_tables
 from auditq.cli import main
 from auditq.migrate import MigrateError, migrate, to_partitioned
 from auditq.partitions import add_months, is_partitioned, list_partitions, month_start
@@ -86,7 +87,7 @@ def test_migrate_brings_version_1_to_the_current_shape(old: Trail) -> None:
         ).format(qualified(old.schema, old.table))
         assert refused(conn, denied) == "23514"
         report = migrate(conn, old.schema, old.table)
-        assert len(report.steps) == 5, report.steps
+        assert len(report.steps) == 6, report.steps  # version 2's four, the chain, the version
         assert check_version(conn, old.schema, old.table) is None
         conn.execute(denied)  # free text now
         too_long = sql.SQL(
@@ -101,7 +102,7 @@ def test_migrate_brings_version_1_to_the_current_shape(old: Trail) -> None:
         )
         # Idempotent: a second run finds nothing to do and records nothing.
         assert migrate(conn, old.schema, old.table).steps == []
-    assert _columns(old)[-1] == "origin"
+    assert _columns(old)[-3:] == ["origin", "chain_stream", "chain_pos"]
     assert old.run("SELECT count(*) FROM {table}") == [(15,)]
     versions = old.run(
         "SELECT version, layout FROM {schema}.auditq_schema_version WHERE table_name = %s",
@@ -115,6 +116,8 @@ def test_a_migrated_table_matches_a_new_one(old: Trail, pg_dsn: str) -> None:
         migrate(conn, old.schema, old.table)
     fresh = Trail(old.dsn, old.schema, "fresh", old.roles)
     create(pg_dsn, schema=old.schema, table="fresh")
+    with old.connect() as conn:  # a no-op once init-db adds the chain itself
+        create_chain_tables(conn, old.schema, "fresh")
     assert _columns(old) == _columns(fresh)
     checks = (
         "SELECT conname LIKE '%%outcome%%', pg_get_constraintdef(oid) FROM pg_constraint "

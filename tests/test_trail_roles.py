@@ -79,12 +79,14 @@ def test_the_writer_role_cannot_change_or_unguard(roled: Trail) -> None:
         )
         with roled.connect() as admin:
             parts = list_partitions(admin, roled.schema, roled.table)
-        for part in parts:  # partitions hold no grants at all
+        for part in parts:  # partitions grant the writer INSERT only
             target = qualified(roled.schema, part.name)
             assert refused(conn, sql.SQL("TRUNCATE {}").format(target)) == "42501"
             disable = sql.SQL("ALTER TABLE {} DISABLE TRIGGER auditq_no_truncate").format(target)
             assert refused(conn, disable) == "42501"
             assert refused(conn, sql.SQL("SELECT 1 FROM {}").format(target)) == "42501"
+            assert refused(conn, sql.SQL("DELETE FROM {}").format(target)) == "42501"
+            assert refused(conn, sql.SQL("UPDATE {} SET action = 'x'").format(target)) == "42501"
     assert roled.run("SELECT count(*) FROM {table}") == [(1,)]
 
 

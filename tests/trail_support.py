@@ -68,7 +68,7 @@ def trail(dsn: str) -> Iterator[Trail]:
     finally:
         with psycopg.connect(dsn, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(tag)))
-            for role in (made.roles.reader, made.roles.writer, made.roles.owner):
+            for _, role in reversed(made.roles.kinds()):
                 exists = conn.execute(
                     "SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)
                 ).fetchone()
@@ -78,10 +78,11 @@ def trail(dsn: str) -> Iterator[Trail]:
 
 
 def allow_login(made: Trail) -> None:
-    """The writer and reader roles are made NOLOGIN; the tests connect as them."""
+    """The roles but the owner are made NOLOGIN; the tests connect as them."""
     with made.connect() as conn:
-        for role in (made.roles.writer, made.roles.reader):
-            conn.execute(sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(role)))
+        for _, role in made.roles.kinds()[1:]:
+            if conn.execute("SELECT 1 FROM pg_roles WHERE rolname = %s", (role,)).fetchone():
+                conn.execute(sql.SQL("ALTER ROLE {} LOGIN").format(sql.Identifier(role)))
 
 
 def refused(conn: psycopg.Connection[Any], statement: str | sql.Composable) -> str:

@@ -33,6 +33,7 @@ VALID = {
     "spool_fsync": "Always",
     "origin": "billing@web-1",
     "wake_rows": "700",
+    "chain": "on",
 }
 EXPECTED = {
     "table": "audit_x",
@@ -53,6 +54,7 @@ EXPECTED = {
     "spool_fsync": "always",
     "origin": "billing@web-1",
     "wake_rows": 700,
+    "chain": True,
 }
 INVALID = {
     "table": ["x" * 64],
@@ -70,6 +72,7 @@ INVALID = {
     "spool_max_bytes": ["1e9", "0"],
     "spool_fsync": ["sometimes"],
     "wake_rows": ["0", "some"],
+    "chain": ["sometimes"],
     "request_id_header": ["X Request", "é"],
     "trusted_proxies": ["10.0.0.0/8, nonsense", "300.1.1.1"],
     "log_requests": ["sometimes"],
