@@ -15,9 +15,10 @@ setup(
                 "auditq/_caller.c",
                 "auditq/_prefault.c",
                 "auditq/_chain.c",
+                "auditq/_pqcopy.c",
             ],
             depends=["auditq/_speedups.h"],
-            # dlopen/dlsym find libcrypto's SHA256 at run time (_chain.c)
+            # dlopen/dlsym find libcrypto's SHA256 (_chain.c) and psycopg's libpq (_pqcopy.c)
             libraries=["dl"] if sys.platform.startswith("linux") else [],
             optional=True,
             extra_compile_args=["-O2"],

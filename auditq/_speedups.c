@@ -706,7 +706,8 @@ PyMODINIT_FUNC PyInit__speedups(void) {
         return NULL;
     }
     if (auditq_add_caller_path(mod) < 0 || auditq_add_prefault(mod) < 0 ||
-        auditq_add_chain(mod) < 0) {
+        auditq_add_chain(mod) < 0 ||
+        auditq_add_pqcopy(mod) < 0) {
         Py_DECREF(mod);
         return NULL;
     }

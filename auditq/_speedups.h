@@ -18,4 +18,7 @@ int auditq_add_prefault(PyObject *module);
 /* Adds the hash-chain functions (_chain.c: chain_leaves, chain_stamp, chain_root, ...). */
 int auditq_add_chain(PyObject *module);
 
+/* Adds pq_load() and pq_copy() (_pqcopy.c: a whole COPY through libpq without the GIL). */
+int auditq_add_pqcopy(PyObject *module);
+
 #endif

@@ -1,6 +1,7 @@
 """Types of the C extension: the row encoder (_speedups.c, used by binary.py), the
 caller path of `AuditWriter.log()` (_caller.c, made by native.py) and the arena prefault
-hook (_prefault.c, installed by auditq.prefault_memory())."""
+hook (_prefault.c, installed by auditq.prefault_memory()), the hash chain (_chain.c) and the
+COPY through psycopg's libpq (_pqcopy.c, used by pqcopy.py)."""
 
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -54,3 +55,16 @@ class CallerPath:
         /,
     ) -> None: ...
     def __call__(self, action: str, /, **fields: Any) -> bool: ...
+
+# _pqcopy.c: a COPY through psycopg's libpq with the GIL released (used by pqcopy.py).
+def pq_load(prefix: str, /) -> str | None: ...
+def pq_copy(
+    pgconn_ptr: int,
+    query: bytes | None,
+    pieces: tuple[bytes, ...],
+    end: bool | bytes,
+    /,
+) -> tuple[bool, bool, tuple[dict[int, bytes] | None, bytes, bool] | None]: ...
+def pq_put(
+    pgconn_ptr: int, piece: bytes, drain: bool, /
+) -> tuple[bool, tuple[dict[int, bytes] | None, bytes, bool] | None]: ...

@@ -31,7 +31,7 @@ from typing import Any, Final, Literal, NamedTuple, Protocol
 import psycopg
 from psycopg import sql
 
-from . import chainlink, partitions
+from . import chainlink, partitions, pqcopy
 from .backoff import Backoff
 from .binary import (
     COPY_COLUMNS,
@@ -681,6 +681,18 @@ class Sink:
         *,
         ends_transaction: bool = False,
     ) -> None:
+        if pqcopy.available():
+            # Through libpq from C (see `auditq.pqcopy`): the writer waits for the GIL at
+            # the COPY's start, its end and a high water only, not after each piece's
+            # flush; behind busy threads each such wait lasts up to the switch interval
+            # while the server idles.
+            def ended() -> None:
+                # The end of the data is out; in autocommit that commits, so a lost
+                # connection from here on leaves the outcome unknown.
+                self._committing = ends_transaction
+
+            pqcopy.copy(conn, statement.as_bytes(conn), _framed(chunks), on_end=ended)
+            return
         with conn.cursor() as cur, cur.copy(statement) as copy:
             write = copy.write
             write(HEADER)
@@ -944,6 +956,13 @@ def _no_partition(exc: BaseException) -> bool:
     (a CHECK constraint's violation names its constraint), whatever the server's language."""
     diag = getattr(exc, "diag", None)
     return diag is not None and diag.constraint_name is None
+
+
+def _framed(chunks: Iterable[bytes]) -> Iterator[bytes]:
+    """A binary COPY stream: the header, the tuples, the trailer."""
+    yield HEADER
+    yield from chunks
+    yield TRAILER
 
 
 def _chunks(batch: list[Item]) -> Iterator[bytes]:
