@@ -444,9 +444,20 @@ static int parse_number(Parser *ps, Buf *out) {
         for (size_t i = lead; i < last; i++) {
             out->data[out->len++] = i < n_int ? int_start[i] : frac_start[i - n_int];
         }
+        /* "e" and the exponent in decimal (snprintf's format parsing cost more than the
+         * rest of a small number's canonical form) */
         char exp_text[32];
-        int n = snprintf(exp_text, sizeof exp_text, "e%lld", (long long)exponent);
-        if (buf_put(out, exp_text, (size_t)n) < 0) {
+        char *q = exp_text + sizeof exp_text;
+        uint64_t mag = exponent < 0 ? (uint64_t)(-(exponent + 1)) + 1 : (uint64_t)exponent;
+        do {
+            *--q = (char)('0' + mag % 10);
+            mag /= 10;
+        } while (mag != 0);
+        if (exponent < 0) {
+            *--q = '-';
+        }
+        *--q = 'e';
+        if (buf_put(out, q, (size_t)(exp_text + sizeof exp_text - q)) < 0) {
             return -1;
         }
     }
@@ -796,23 +807,24 @@ static PyObject *chain_leaves(PyObject *self, PyObject *args) {
     return result;
 }
 
+/* The stamped tuples and their leaves are written straight into bytes objects of their
+ * exact size (a first pass counts the tuples): no growing buffer, no copy into the
+ * result, and no resize (shrinking a large block in place defeats the allocator's reuse
+ * of it and costs page faults on every call). */
 static PyObject *chain_stamp(PyObject *self, PyObject *args) {
     Py_buffer view, stream;
     unsigned long long first_pos;
     if (!PyArg_ParseTuple(args, "y*y*K", &view, &stream, &first_pos)) {
         return NULL;
     }
-    PyObject *result = NULL;
-    Buf out = {NULL, 0, 0}, leaves = {NULL, 0, 0};
+    PyObject *result = NULL, *out = NULL, *leaves = NULL;
     if (stream.len != 16) {
         PyErr_SetString(PyExc_ValueError, "stream must be 16 bytes");
         goto done;
     }
     const unsigned char *data = view.buf;
     size_t len = (size_t)view.len, at = 0;
-    unsigned char extra[24];
-    memcpy(extra, stream.buf, 16);
-    uint64_t pos = first_pos;
+    size_t rows = 0;
     while (at < len) {
         int fields;
         Py_ssize_t n = tuple_length(data + at, len - at, &fields);
@@ -825,31 +837,50 @@ static PyObject *chain_stamp(PyObject *self, PyObject *args) {
                          STAMPED_FIELDS);
             goto done;
         }
+        at += (size_t)n;
+        rows++;
+    }
+    at = 0;
+    out = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(len + 32 * rows));
+    leaves = PyBytes_FromStringAndSize(NULL, (Py_ssize_t)(HASH_SIZE * rows));
+    if (out == NULL || leaves == NULL) {
+        goto done;
+    }
+    unsigned char *o = (unsigned char *)PyBytes_AS_STRING(out);
+    unsigned char *l = (unsigned char *)PyBytes_AS_STRING(leaves);
+    size_t o_len = 0, l_len = 0;
+    unsigned char extra[24];
+    memcpy(extra, stream.buf, 16);
+    uint64_t pos = first_pos;
+    static const unsigned char l16[4] = {0, 0, 0, 16}, l8[4] = {0, 0, 0, 8};
+    while (at < len) {
+        int fields;
+        Py_ssize_t n = tuple_length(data + at, len - at, &fields);
         for (int i = 0; i < 8; i++) {
             extra[16 + i] = (unsigned char)(pos >> (56 - 8 * i));
         }
-        if (buf_reserve(&leaves, HASH_SIZE) < 0 ||
-            leaf_of(data + at, (size_t)n, 12, extra, leaves.data + leaves.len) < 0) {
+        if (leaf_of(data + at, (size_t)n, 12, extra, l + l_len) < 0) {
             goto done;
         }
-        leaves.len += HASH_SIZE;
+        l_len += HASH_SIZE;
+        unsigned char *t = o + o_len;
         int total = fields + 2;
-        unsigned char count[2] = {(unsigned char)(total >> 8), (unsigned char)total};
-        static const unsigned char l16[4] = {0, 0, 0, 16}, l8[4] = {0, 0, 0, 8};
-        if (buf_put(&out, count, 2) < 0 || buf_put(&out, data + at + 2, (size_t)n - 2) < 0 ||
-            buf_put(&out, l16, 4) < 0 || buf_put(&out, extra, 16) < 0 ||
-            buf_put(&out, l8, 4) < 0 || buf_put(&out, extra + 16, 8) < 0) {
-            goto done;
-        }
+        t[0] = (unsigned char)(total >> 8);
+        t[1] = (unsigned char)total;
+        memcpy(t + 2, data + at + 2, (size_t)n - 2);
+        t += n;
+        memcpy(t, l16, 4);
+        memcpy(t + 4, extra, 16);
+        memcpy(t + 20, l8, 4);
+        memcpy(t + 24, extra + 16, 8);
+        o_len += (size_t)n + 32;
         at += (size_t)n;
         pos++;
     }
-    result = Py_BuildValue("y#y#", out.data ? (const char *)out.data : "", (Py_ssize_t)out.len,
-                           leaves.data ? (const char *)leaves.data : "",
-                           (Py_ssize_t)leaves.len);
+    result = PyTuple_Pack(2, out, leaves);
 done:
-    PyMem_Free(out.data);
-    PyMem_Free(leaves.data);
+    Py_XDECREF(out);
+    Py_XDECREF(leaves);
     PyBuffer_Release(&view);
     PyBuffer_Release(&stream);
     return result;

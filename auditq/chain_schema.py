@@ -55,8 +55,14 @@ def guard_function(table: str) -> str:
 
 
 def chain_index(table: str) -> str:
-    """The (chain_stream, chain_pos) index on the audit table (and, cloned, its partitions)."""
-    return _name(table, "_chain_idx")
+    """The (chain_stream, chain_pos) index on the audit table (and, cloned, its partitions).
+
+    A BRIN, not a btree: a full `verify` reads the table in a sequential scan and a sort
+    whatever the index (the planner's choice: benchmarks/chain_index.py), so the index only
+    narrows the partial reads (`--since TIME`, `--tenant`) to the block ranges holding a
+    stream's positions, and a btree's per-row upkeep was the largest share of what chaining
+    cost the server's COPY, paid by unchained writers too (docs/tamper-evidence.md, "Cost")."""
+    return _name(table, "_chain_brin")
 
 
 def _guard_triggers(name: str) -> tuple[str, str]:
@@ -80,6 +86,8 @@ def chain_ddl(schema: str, table: str, *, index: bool = True) -> list[sql.Compos
             "ALTER TABLE {} ADD COLUMN IF NOT EXISTS chain_stream uuid, "
             "ADD COLUMN IF NOT EXISTS chain_pos bigint"
         ).format(target),
+        # A table made with the earlier btree converges to the BRIN (see `chain_index`).
+        sql.SQL("DROP INDEX IF EXISTS {}").format(q(schema, _name(table, "_chain_idx"))),
         built_index,
         sql.SQL(
             """CREATE TABLE IF NOT EXISTS {} (
@@ -151,7 +159,9 @@ $$"""
 
 
 def index_sql(schema: str, table: str, *, concurrently: bool = False) -> sql.Composed:
-    return sql.SQL("CREATE INDEX {}IF NOT EXISTS {} ON {} (chain_stream, chain_pos)").format(
+    return sql.SQL(
+        "CREATE INDEX {}IF NOT EXISTS {} ON {} USING brin (chain_stream, chain_pos)"
+    ).format(
         sql.SQL("CONCURRENTLY " if concurrently else ""),
         sql.Identifier(chain_index(table)),
         q(schema, table),

@@ -381,7 +381,7 @@ def _swap(
         )
     )
     conn.execute(
-        sql.SQL("CREATE INDEX {} ON {} (chain_stream, chain_pos)").format(
+        sql.SQL("CREATE INDEX {} ON {} USING brin (chain_stream, chain_pos)").format(
             sql.Identifier(chain_schema.chain_index(table)), target
         )
     )
