@@ -82,8 +82,9 @@ def one_case(dsn: str, maker: Maker, entries: int, *, two_months: bool = False) 
             dsn,
             schema=SCHEMA,
             table=table,
-            max_queue=entries * 2,
+            max_queue=entries * 4,
             batch_size=entries + 1,
+            wake_rows=entries + 1,  # the writer sleeps until flush(): its drain is timed alone
             flush_interval=3600,
         )
         try:
