@@ -26,7 +26,7 @@ import psycopg
 from psycopg import sql
 
 from . import chain, chain_schema
-from .binary import COPY_COLUMNS, Item
+from .binary import COPY_COLUMNS, Item, item_id
 from .chain import ChainStream, DigestRecord, Skip
 
 logger = logging.getLogger("auditq")
@@ -77,13 +77,16 @@ def group(items: list[Item]) -> list[list[Item]]:
 
 
 class Plan(NamedTuple):
-    """One chained write: the stream it continues and the rows still to write (rows whose
-    position the stream's committed head already covers were written by an earlier
-    attempt whose commit was cut in flight)."""
+    """One chained write: the stream it continues and the rows still to write. Rows whose
+    position the stream's committed head already covers are `done` when the table holds
+    them (an earlier attempt whose commit was cut in flight wrote them) and `sealed` when
+    it does not: their positions were sealed as skipped before this replay reached them
+    (a later segment of the stream was replayed first), so they cannot join the chain."""
 
     stream: ChainStream
     todo: list[Item]
     done: list[Item]
+    sealed: list[Item]
 
 
 class Chainer:
@@ -104,6 +107,9 @@ class Chainer:
             "INSERT INTO {} (stream, first_pos, pos_count, skipped_pos, skipped_reason, root, "
             "prev_hash, hash, leaves, version) VALUES (%s, %s, %s, %s, %s, %b, %b, %b, %b, %s)"
         ).format(self._digests)
+        self._stored = sql.SQL(
+            "SELECT id FROM {} WHERE chain_stream = %s AND chain_pos = ANY(%s)"
+        ).format(chain_schema.q(schema, table))
 
     # -- stamping ---------------------------------------------------------------------------
 
@@ -194,8 +200,29 @@ class Chainer:
                     stream.skip(pos, Skip(reason))
         sealed = stream.sealed_pos
         todo = [item for item in batch if pos_of(item[0]) >= sealed]
-        done = batch if len(todo) == len(batch) else [i for i in batch if pos_of(i[0]) < sealed]
-        return Plan(stream, todo, [] if done is batch else done)
+        if len(todo) == len(batch):
+            return Plan(stream, todo, [], [])
+        covered = [i for i in batch if pos_of(i[0]) < sealed]
+        # Counted as written only if the table holds them: a covered position may have been
+        # sealed as skipped (ABANDONED) by a digest written before this row was replayed.
+        stored = self._stored_ids(conn, stream, covered)
+        done = [item for item in covered if item_id(item) in stored]
+        missing = [item for item in covered if item_id(item) not in stored]
+        return Plan(stream, todo, done, missing)
+
+    def _stored_ids(
+        self, conn: psycopg.Connection[Any], stream: ChainStream, items: list[Item]
+    ) -> set[int]:
+        """The ids, among `items`, of rows the table holds at their stream and position."""
+        found: set[int] = set()
+        for start in range(0, len(items), 1000):
+            piece = items[start : start + 1000]
+            rows = conn.execute(
+                self._stored,
+                (stream.id, [pos_of(item[0]) for item in piece]),
+            ).fetchall()
+            found.update(row[0].int for row in rows)
+        return found
 
     def seal(self, plan: Plan, written: list[Item], duplicates: list[Item]) -> DigestRecord | None:
         """The digest of a planned write: `written` rows present, `duplicates` (refused by

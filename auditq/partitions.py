@@ -85,12 +85,16 @@ BEGIN
     END IF;
     -- Whoever may INSERT into the parent may INSERT into the month directly (auditq.routes
     -- copies a batch straight into its month): nothing more, and no SELECT, which would
-    -- let a reader past the parent's row-level security.
+    -- let a reader past the parent's row-level security. When the parent has row-level
+    -- security, only roles that bypass it (never PUBLIC): a partition has no policy, so a
+    -- grant to anyone else would let them insert what the parent's policies refuse.
     FOR who IN SELECT DISTINCT CASE WHEN a.grantee = 0 THEN 'PUBLIC'
                                     ELSE a.grantee::regrole::text END
-               FROM pg_class c, aclexplode(c.relacl) a
+               FROM pg_class c CROSS JOIN LATERAL aclexplode(c.relacl) a
+               LEFT JOIN pg_roles r ON r.oid = a.grantee
                WHERE c.oid = format('%I.%I', sch, tbl)::regclass
-                 AND a.privilege_type = 'INSERT' AND a.grantee <> c.relowner LOOP
+                 AND a.privilege_type = 'INSERT' AND a.grantee <> c.relowner
+                 AND (NOT c.relrowsecurity OR coalesce(r.rolbypassrls, false)) LOOP
         EXECUTE format('GRANT INSERT ON %I.%I TO %s', sch, part, who);
     END LOOP;
     IF EXISTS (SELECT 1 FROM pg_trigger
@@ -111,7 +115,7 @@ $auditq$"""
 
 
 #: Marks the function's current text: an older one is replaced (owner and grants kept).
-FUNCTION_VERSION: Final = "auditq partition function, version 2"
+FUNCTION_VERSION: Final = "auditq partition function, version 3"
 
 
 def install_function(conn: psycopg.Connection[object], schema: str) -> None:

@@ -167,8 +167,12 @@ def _check(
         on_end()
     if error is None:
         return
-    fields, message, _lost = error
+    fields, message, lost = error
     encoding = conn.info.encoding if not conn.closed else "utf-8"
+    if lost and not conn.closed:
+        # libpq may still be in COPY_IN (the data could not be flushed): finished here, the
+        # connection reads as closed and is thrown away, never handed out again.
+        conn.pgconn.finish()
     state = (fields or {}).get(_SQLSTATE)
     if fields is None or state is None:
         text = message.decode(encoding, "replace").strip()

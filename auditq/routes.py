@@ -57,6 +57,7 @@ LATERAL regexp_match(pg_get_expr(c.relpartbound, c.oid),
                      '^FOR VALUES FROM \\(''([^'']*)''\\) TO \\(''([^'']*)''\\)$') AS b
 WHERE i.inhparent = to_regclass(%(t)s) AND c.relkind = 'r' AND NOT c.relrowsecurity
   AND has_table_privilege(c.oid, 'INSERT')
+  AND b[1] NOT LIKE '%%infinity' AND b[2] NOT LIKE '%%infinity'
 UNION ALL
 SELECT (SELECT relkind = 'p' FROM pg_class WHERE oid = to_regclass(%(t)s)),
        NULL, NULL, NULL, NULL

@@ -313,6 +313,12 @@ class Sink:
                     report.dead(
                         inserted.duplicates, "duplicate id: a row with this id is already stored"
                     )
+                if inserted.sealed:
+                    report.dead(
+                        inserted.sealed,
+                        "chain position already sealed as skipped: the rest of its stream "
+                        "was replayed first",
+                    )
             elif inserted is None or mode == "replay":
                 report.committed(len(batch))
             else:
@@ -430,7 +436,16 @@ class Sink:
             routes = self._routes
             statement = routes.copy_for(first)
             if statement is None and routes.due():
-                routes.load(conn)
+                try:
+                    routes.load(conn)
+                except psycopg.OperationalError:
+                    raise  # the connection: the COPY's failure path handles it
+                except psycopg.Error:
+                    # Routing is a shortcut: a list it cannot read sends the batch through
+                    # the parent, and the routes rest before the next try.
+                    routes.failed()
+                    if not conn.autocommit:
+                        conn.rollback()
                 statement = routes.copy_for(first)
             self._routed = statement is not None
             rest = itertools.chain((first,), chunks)
@@ -640,8 +655,9 @@ class Sink:
                 written = [item for item in plan.todo if item_id(item) in inserted]
                 duplicates = [item for item in plan.todo if item_id(item) not in inserted]
             outcome.duplicates = duplicates
-            # Rows an earlier attempt committed (the stream's head covers them) count as
-            # written: their digest proves it.
+            outcome.sealed = plan.sealed
+            # Rows an earlier attempt committed (the stream's head covers them, and the
+            # table holds them) count as written.
             outcome.rows = len(written) + len(plan.done)
             return chainer.seal(plan, written, duplicates)
 
@@ -927,6 +943,8 @@ class Written:
 
     rows: int = 0
     duplicates: list[Item] = field(default_factory=list)
+    #: Rows whose positions a digest had already sealed as skipped (see `Plan`).
+    sealed: list[Item] = field(default_factory=list)
 
 
 def _roll_back(conn: Connection) -> None:

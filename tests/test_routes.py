@@ -254,3 +254,30 @@ def test_an_older_partition_function_is_replaced(pg_dsn: str) -> None:
                 (f'"{made.schema}".auditq_ensure_partition(text,timestamptz)',),
             ).fetchone()
         assert source is not None and FUNCTION_VERSION in source[0]
+
+
+def test_a_new_month_is_not_granted_to_a_role_the_parents_policy_binds(pg_dsn: str) -> None:
+    """Under row-level security a partition (which has no policy) is granted only to the
+    parent's inserters that bypass it: a role the parent's policies bind, or PUBLIC, would
+    otherwise insert into the month what the parent refuses."""
+    with trail(pg_dsn) as made:
+        create(pg_dsn, schema=made.schema, table=made.table, partitioned=True, roles=made.roles)
+        bound = made.roles.reader  # subject to row-level security
+        with made.connect() as conn:
+            target = qualified(made.schema, made.table)
+            conn.execute(
+                sql.SQL("GRANT INSERT ON {} TO {}, PUBLIC").format(target, sql.Identifier(bound))
+            )
+            conn.execute(
+                sql.SQL("SELECT {}.auditq_ensure_partition(%s, %s)").format(
+                    sql.Identifier(made.schema)
+                ),
+                (made.table, datetime(2031, 8, 1, tzinfo=UTC)),
+            )
+            grants = conn.execute(
+                "SELECT CASE WHEN grantee = 0 THEN 'PUBLIC' ELSE grantee::regrole::text END "
+                "FROM pg_class c, aclexplode(c.relacl) a "
+                "WHERE c.oid = to_regclass(%s) AND a.grantee <> c.relowner",
+                (f'"{made.schema}"."{made.table}_p203108"',),
+            ).fetchall()
+        assert grants == [(made.roles.writer,)]

@@ -16,7 +16,7 @@ import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
-from auditq.chain import Skip
+from auditq.chain import LEAF_COLUMNS_V1, Skip
 from auditq.verify import Finding, Options, Summary, verify
 from auditq.writer import AuditWriter, DeadLetter
 
@@ -384,3 +384,37 @@ def test_partitioned_table_routed_copies_verify_clean(pg_dsn: str, writers: Writ
         assert summary.rows == 600
     finally:
         made.drop()
+
+
+def test_a_row_whose_position_was_sealed_is_not_counted_written(chained: Chained) -> None:
+    """A stream's later rows replayed first seal the earlier positions as ABANDONED; when
+    the earlier rows come after (another segment of the same dead writer), the stream's
+    head covers them but the table does not hold them: they are `sealed` (dead-lettered by
+    the sink), never `done` (counted as written)."""
+    from auditq import binary
+    from auditq.chainlink import Chainer, pos_of
+
+    from ..chain_build import encoded, make_row
+
+    chainer = Chainer(chained.schema, chained.table, enabled=True)
+    stamped, _ = chainer.stamp(b"".join(encoded(make_row(i)) for i in range(4)))
+    items: list[tuple[bytes, Any]] = [(t, None) for t in binary.split_rows(stamped)]
+    chainer.live = None  # a dead writer's stream: only replays continue it
+    cols = ", ".join(f'"{c}"' for c in LEAF_COLUMNS_V1)
+    with psycopg.connect(chained.dsn) as conn:
+        plan = chainer.plan(conn, items[2:], reconcile=False)
+        assert [pos_of(i[0]) for i in plan.todo] == [3, 4]
+        statement = chained.compose("COPY {t} (" + cols + ") FROM STDIN (FORMAT BINARY)")
+        with conn.cursor() as cur, cur.copy(statement) as copy:
+            copy.write(binary.HEADER + b"".join(i[0] for i in plan.todo) + binary.TRAILER)
+        record = chainer.seal(plan, plan.todo, [])
+        assert record is not None
+        chainer.insert(conn, record)
+    chainer.committed(plan.stream, record)
+    with psycopg.connect(chained.dsn) as conn:
+        late = chainer.plan(conn, items[:2], reconcile=True)
+        again = chainer.plan(conn, items[2:], reconcile=True)
+    assert (late.todo, late.done, [pos_of(i[0]) for i in late.sealed]) == ([], [], [1, 2])
+    assert (again.todo, [pos_of(i[0]) for i in again.done], again.sealed) == ([], [3, 4], [])
+    assert skips(chained) == [int(Skip.ABANDONED)] * 2
+    assert_clean(chained)

@@ -212,7 +212,10 @@ def test_errors_match_psycopgs(conn: psycopg.Connection[Any], table: Table, case
     assert ours.sqlstate == theirs.sqlstate
     # The same wording, line for line (a DETAIL names recorded_at, now() of each COPY).
     assert str(ours).splitlines()[0] == str(theirs).splitlines()[0]
-    assert len(str(ours).splitlines()) == len(str(theirs).splitlines())
+    if case != "cancelled":
+        # A 1 ms statement timeout fires before or after the server reads the first line,
+        # with or without a CONTEXT line, whichever path sends the data.
+        assert len(str(ours).splitlines()) == len(str(theirs).splitlines())
     for name in ("severity", "message_primary", "constraint_name", "table_name", "schema_name"):
         assert getattr(ours.diag, name) == getattr(theirs.diag, name), name
     assert (ours.diag.message_detail is None) == (theirs.diag.message_detail is None)
