@@ -281,3 +281,33 @@ def test_a_new_month_is_not_granted_to_a_role_the_parents_policy_binds(pg_dsn: s
                 (f'"{made.schema}"."{made.table}_p203108"',),
             ).fetchall()
         assert grants == [(made.roles.writer,)]
+
+
+def test_a_partition_bounded_by_infinity_does_not_stop_the_writer(pg_dsn: str) -> None:
+    """A hand-made partition up to 'infinity' (a bound Python cannot load) is left out of
+    the routes; batches of the other months are still routed, and nothing waits or fails."""
+    with trail(pg_dsn) as made:
+        create(pg_dsn, schema=made.schema, table=made.table, partitioned=True)
+        _count_copies(made, THIS_MONTH)
+        with made.connect() as conn:
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE {} PARTITION OF {} FOR VALUES FROM ('2090-01-01') TO ('infinity')"
+                ).format(
+                    qualified(made.schema, f"{made.table}_far"),
+                    qualified(made.schema, made.table),
+                )
+            )
+        writer = _writer(made.dsn, made, flush_interval=0.05)
+        try:
+            for i in range(300):
+                assert writer.log("route.infinity", resource_id=str(i))
+            assert writer.flush(timeout=30)
+            assert writer.log("route.far", occurred_at=datetime(2095, 1, 1, tzinfo=UTC))
+            assert writer.flush(timeout=30)
+        finally:
+            writer.close(timeout=10)
+        stats = writer.stats()
+        assert (stats.written, stats.dead_lettered, stats.retries) == (301, 0, 0)
+        assert _rows_in(made, THIS_MONTH) == 300
+        assert _copies(made).get(_part(made, THIS_MONTH), 0) >= 1
