@@ -163,7 +163,7 @@ def _refuse_constant(name: str) -> Any:
 # -- leaves, nodes, roots ------------------------------------------------------------------
 
 
-def _tuple_fields(data: bytes, offset: int) -> tuple[list[bytes | None], int]:
+def tuple_fields(data: bytes, offset: int) -> tuple[list[bytes | None], int]:
     (count,) = _I16.unpack_from(data, offset)
     offset += 2
     fields: list[bytes | None] = []
@@ -197,7 +197,7 @@ def _leaves_python(data: bytes, json_field: int = JSON_FIELD_V1) -> bytes:
     out = []
     offset = 0
     while offset < len(data):
-        fields, offset = _tuple_fields(data, offset)
+        fields, offset = tuple_fields(data, offset)
         out.append(_leaf_python(fields, json_field))
     return b"".join(out)
 
@@ -227,7 +227,7 @@ def _stamp_python(data: bytes, stream: bytes, first_pos: int) -> tuple[bytes, by
     offset = 0
     pos = first_pos
     while offset < len(data):
-        fields, end = _tuple_fields(data, offset)
+        fields, end = tuple_fields(data, offset)
         if len(fields) != STAMPED_FIELDS_V1:
             raise ValueError(f"a row with {len(fields)} fields, expected {STAMPED_FIELDS_V1}")
         fields.append(stream)
@@ -298,7 +298,7 @@ def _scan_python(
             break
         if count != fields:
             raise ValueError(f"a row with {count} fields, expected {fields}")
-        values, after = _tuple_fields(buf, at)
+        values, after = tuple_fields(buf, at)
         ident = values[0] if values[0] is not None and len(values[0]) == 16 else bytes(16)
         stream = values[-2] if values[-2] is not None and len(values[-2]) == 16 else bytes(16)
         pos_bytes = values[-1] if values[-1] is not None and len(values[-1]) == 8 else bytes(8)

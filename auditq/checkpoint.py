@@ -42,7 +42,7 @@ class MissingExtra(RuntimeError):
     """The `cryptography` package is not installed."""
 
 
-def _crypto() -> Any:
+def crypto_module() -> Any:
     try:
         from cryptography.hazmat.primitives.asymmetric import ed25519
     except ImportError:
@@ -96,7 +96,7 @@ class SignerKey:
     seed: bytes
 
     def verifier(self) -> VerifierKey:
-        ed = _crypto()
+        ed = crypto_module()
         public = ed.Ed25519PrivateKey.from_private_bytes(self.seed).public_key()
         from cryptography.hazmat.primitives import serialization
 
@@ -122,7 +122,7 @@ class SignerKey:
         return key
 
     def sign(self, body: bytes) -> bytes:
-        ed = _crypto()
+        ed = crypto_module()
         signature: bytes = ed.Ed25519PrivateKey.from_private_bytes(self.seed).sign(body)
         return signature
 
@@ -130,7 +130,7 @@ class SignerKey:
 def keygen(name: str) -> SignerKey:
     if not name or any(c in name for c in "+ \n\u2014") or not name.isprintable():
         raise KeyFileError("a key name is printable, without spaces or '+'")
-    _crypto()
+    crypto_module()
     return SignerKey(name, os.urandom(32))
 
 
@@ -179,7 +179,7 @@ def split_note(note: str) -> tuple[str, list[tuple[str, bytes]]]:
 
 def note_signed_by(note: str, key: VerifierKey) -> bool:
     """True when a signature of `key` on the note checks out."""
-    ed = _crypto()
+    ed = crypto_module()
     from cryptography.exceptions import InvalidSignature
 
     try:

@@ -168,9 +168,9 @@ def _verify(args: argparse.Namespace, dsn: Dsn, schema: str, table: str) -> int:
     try:
         keys = tuple(read_verifier(Path(p)) for p in args.public_key)
         if keys:
-            from .checkpoint import _crypto
+            from .checkpoint import crypto_module
 
-            _crypto()
+            crypto_module()
     except (OSError, KeyFileError, MissingExtra) as exc:
         return _fail("verify", f"public key: {exc}")
     opts = Options(
@@ -216,13 +216,13 @@ def _verify(args: argparse.Namespace, dsn: Dsn, schema: str, table: str) -> int:
 
 
 def _verify_export(args: argparse.Namespace) -> int:
-    from .checkpoint import KeyFileError, MissingExtra, _crypto, read_verifier
+    from .checkpoint import KeyFileError, MissingExtra, crypto_module, read_verifier
     from .proofs import verify_export
     from .verify import Finding
 
     try:
         keys = tuple(read_verifier(Path(p)) for p in args.public_key)
-        _crypto()
+        crypto_module()
     except (OSError, KeyFileError, MissingExtra) as exc:
         return _fail("verify-export", f"public key: {exc}")
 

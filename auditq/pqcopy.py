@@ -27,12 +27,10 @@ from psycopg.pq.misc import strip_severity
 
 from .native import speedups
 
-#: "groups": GROUP_BYTES of pieces per C call with the GIL released for all of it (the
-#: next group is encoded only after). "stream": each piece handed to libpq and sent as far
-#: as the socket takes it, with the GIL held (nothing waits), and a wait without the GIL
-#: only once HIGH_WATER bytes are unsent. Compared in benchmarks/libpq_copy.py.
-mode = "stream"
-GROUP_BYTES: Final = 8 * 1024 * 1024
+#: Each piece is handed to libpq and sent as far as the socket takes it, with the GIL held
+#: (nothing waits); a wait without the GIL comes only once HIGH_WATER bytes are unsent. (A
+#: design that sent groups of pieces per C call with the GIL released throughout lost to
+#: this one: benchmarks/README.md, "Issue 16, design 2".)
 HIGH_WATER: Final = 1024 * 1024
 _ABORT: Final = b"error from Python: the data could not be produced"
 #: PG_DIAG_SQLSTATE (psycopg's DiagnosticField value).
@@ -88,10 +86,7 @@ def copy(
     if ptr is None:
         raise psycopg.OperationalError("the connection is closed")
     with conn.lock:
-        if mode == "stream":
-            _stream(conn, ptr, query, pieces, on_end)
-        else:
-            _groups(conn, ptr, query, pieces, on_end)
+        _stream(conn, ptr, query, pieces, on_end)
 
 
 def _stream(
@@ -126,35 +121,6 @@ def _stream(
         pq_copy(ptr, None, (), _ABORT)  # the COPY is open: abort it, as psycopg's block does
         raise
     _check(conn, pq_copy(ptr, None, () if held is None else (held,), True), on_end)
-
-
-def _groups(
-    conn: psycopg.Connection[Any],
-    ptr: int,
-    query: bytes,
-    pieces: Iterable[bytes],
-    on_end: Callable[[], None] | None,
-) -> None:
-    """GROUP_BYTES of pieces per call, each call without the GIL from start to end."""
-    assert speedups is not None
-    pq_copy = speedups.pq_copy
-    statement: bytes | None = query
-    group: list[bytes] = []
-    size = 0
-    try:
-        for piece in pieces:
-            group.append(piece)
-            size += len(piece)
-            if size >= GROUP_BYTES:
-                _check(conn, pq_copy(ptr, statement, tuple(group), False), None)
-                statement, group, size = None, [], 0
-    except psycopg.Error:
-        raise
-    except BaseException:
-        if statement is None:  # the COPY is open: abort it, as psycopg's block does
-            pq_copy(ptr, None, (), _ABORT)
-        raise
-    _check(conn, pq_copy(ptr, statement, tuple(group), True), on_end)
 
 
 def _check(

@@ -42,7 +42,7 @@ from .checkpoint import (
     parse_checkpoint,
 )
 from .filters import TENANT_SETTING
-from .verify import DAMAGE, Finding, _chunks
+from .verify import DAMAGE, Finding, copy_chunks
 
 FORMAT: Final = "auditq-proofs/v1"
 _EPOCH: Final = datetime(2000, 1, 1, tzinfo=UTC)
@@ -85,7 +85,7 @@ def _value(column: str, raw: bytes | None) -> Any:
 
 def decode(tuple_bytes: bytes) -> tuple[dict[str, Any], list[bytes | None]]:
     """(column -> value, the raw fields) of one v1 tuple."""
-    fields, end = chain._tuple_fields(tuple_bytes, 0)
+    fields, end = chain.tuple_fields(tuple_bytes, 0)
     if end != len(tuple_bytes) or len(fields) != len(LEAF_COLUMNS_V1):
         raise ValueError("not one auditq v1 row")
     return {c: _value(c, f) for c, f in zip(LEAF_COLUMNS_V1, fields, strict=True)}, fields
@@ -212,7 +212,7 @@ def export_proofs(dsn: str, schema: str, table: str, tenant: str, out: IO[bytes]
         ).format(columns, target, sql.Literal(tenant))
         batch: _Batch | None = None
         written = unanchored = 0
-        for buf, records, _ in _chunks(b.cursor(), rows_sql):
+        for buf, records, _ in copy_chunks(b.cursor(), rows_sql):
             view = memoryview(buf)
             for stream_b, pos, _ident, _leaf, off, length in SCAN_RECORD.iter_unpack(records):
                 tuple_bytes = bytes(view[off : off + length])

@@ -193,55 +193,25 @@ class Sink:
         self._schema, self._table = schema, table
         target = qualified(schema, table)
         columns = sql.SQL(", ").join(map(sql.Identifier, COPY_COLUMNS))
+        chained = sql.SQL(", ").join(map(sql.Identifier, chainlink.CHAINED_COLUMNS))
         self._copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(target, columns)
         # A partitioned table's batches go straight into their month's partition (with the
         # chain, the first attempt's rows are stamped: the chained columns).
-        self._routes = Routes(
-            schema,
-            table,
-            sql.SQL(", ").join(map(sql.Identifier, chainlink.CHAINED_COLUMNS))
-            if chain
-            else columns,
-        )
+        self._routes = Routes(schema, table, chained if chain else columns)
         # True while the attempt under way is a routed COPY (see `auditq.routes`).
         self._routed = False
-        # In pg_temp by name: resolved through search_path, a table of the same name in a
-        # schema listed before pg_temp (`search_path = public, pg_temp`, a common hardening)
-        # would receive the rows, and whatever was planted in it would be merged.
-        staging = sql.Identifier(
-            "pg_temp", f"auditq_staging_{zlib.crc32(f'{schema}.{table}'.encode()):08x}"
-        )
-        self._create_staging = sql.SQL(
-            "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-        ).format(staging, target)
-        self._copy_staging = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
-            staging, columns
-        )
-        # No conflict target: a partitioned table's key is (id, occurred_at), a
-        # distributed one's starts with tenant_id; any of them names the same stored row.
-        self._merge = sql.SQL(
-            "INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT DO NOTHING RETURNING id"
-        ).format(target, columns, columns, staging)
-        # The same statements for stamped rows (two more columns); a staging table of its
-        # own, as one made before the chain columns existed would lack them.
-        chained = sql.SQL(", ").join(map(sql.Identifier, chainlink.CHAINED_COLUMNS))
         self._copy_chained = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
             target, chained
         )
-        chained_staging = sql.Identifier(
-            "pg_temp", f"auditq_staging_{zlib.crc32(f'{schema}.{table}'.encode()):08x}_c"
+        # The idempotent replay's statements, for plain and for stamped rows (two more
+        # columns: a staging table of their own, as one made before the chain columns
+        # existed would lack them).
+        self._create_staging, self._copy_staging, self._merge = _replay_statements(
+            schema, table, columns, ""
         )
-        self._create_staging_chained = sql.SQL(
-            "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
-        ).format(chained_staging, target)
-        self._copy_staging_chained = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(
-            chained_staging, chained
+        self._create_staging_chained, self._copy_staging_chained, self._merge_chained = (
+            _replay_statements(schema, table, chained, "_c")
         )
-        self._merge_chained = sql.SQL(
-            "INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT DO NOTHING RETURNING id"
-        ).format(target, chained, chained, chained_staging)
-        self._schema = schema
-        self._table = table
 
     def deliver(
         self,
@@ -981,6 +951,30 @@ def _framed(chunks: Iterable[bytes]) -> Iterator[bytes]:
     yield HEADER
     yield from chunks
     yield TRAILER
+
+
+def _replay_statements(
+    schema: str, table: str, columns: sql.Composable, suffix: str
+) -> tuple[sql.Composed, sql.Composed, sql.Composed]:
+    """The replay's staging table (created), the COPY into it, and the merge into the table
+    that inserts only the rows whose id is not stored yet."""
+    target = qualified(schema, table)
+    # In pg_temp by name: resolved through search_path, a table of the same name in a
+    # schema listed before pg_temp (`search_path = public, pg_temp`, a common hardening)
+    # would receive the rows, and whatever was planted in it would be merged.
+    staging = sql.Identifier(
+        "pg_temp", f"auditq_staging_{zlib.crc32(f'{schema}.{table}'.encode()):08x}{suffix}"
+    )
+    create = sql.SQL(
+        "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS) ON COMMIT DELETE ROWS"
+    ).format(staging, target)
+    copy = sql.SQL("COPY {} ({}) FROM STDIN (FORMAT BINARY)").format(staging, columns)
+    # No conflict target: a partitioned table's key is (id, occurred_at), a distributed
+    # one's starts with tenant_id; any of them names the same stored row.
+    merge = sql.SQL(
+        "INSERT INTO {} ({}) SELECT {} FROM {} ON CONFLICT DO NOTHING RETURNING id"
+    ).format(target, columns, columns, staging)
+    return create, copy, merge
 
 
 def _chunks(batch: list[Item]) -> Iterator[bytes]:

@@ -296,7 +296,7 @@ _RECORD: Final = SCAN_RECORD.size
 _HEAD: Final = struct.Struct(">16sQ")
 
 
-def _chunks(cur: psycopg.Cursor[Any], statement: sql.Composed) -> Iterator[Chunk]:
+def copy_chunks(cur: psycopg.Cursor[Any], statement: sql.Composed) -> Iterator[Chunk]:
     """The rows of the COPY as scanned pieces of ~64 KiB (the server sends one message per
     row; a C call and a Python step per row would cost more than the hash)."""
     rest = b""
@@ -419,7 +419,7 @@ def _digests(cur: psycopg.Cursor[Any]) -> Iterator[Digest]:
 
 def _leaf_at(tuple_bytes: bytes, pos: int) -> bytes:
     """The leaf the row would have at position `pos` (to tell a moved row from an edited one)."""
-    fields, _ = chain._tuple_fields(tuple_bytes, 0)
+    fields, _ = chain.tuple_fields(tuple_bytes, 0)
     fields[-1] = _POS.pack(pos)
     return chain.leaf_of_fields(fields)
 
@@ -775,7 +775,7 @@ def _scan_part(
             ).format(digests, where)
         )
         check = _StreamCheck(anchors, report, summary, chain_links=not joined)
-        rows = _RowSource(_chunks(b.cursor(), rows_sql))
+        rows = _RowSource(copy_chunks(b.cursor(), rows_sql))
         ds = _Peek(_digests(dcur))
         visited: set[bytes] = set()
         while ds.head is not None or rows.head is not None:

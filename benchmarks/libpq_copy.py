@@ -34,7 +34,7 @@ SPINNERS = 4
 #: psycopg's copy.write(); the C path sending a group of pieces per call without the GIL;
 #: the C path handing each piece over with the GIL held and waiting only at a high water
 #: (pqcopy.HIGH_WATER, or 4 MiB: "stream4m").
-PATHS = ("psycopg", "groups", "stream", "stream4m")
+PATHS = ("psycopg", "stream", "stream4m")
 
 
 def copy_psycopg(
@@ -69,17 +69,17 @@ def ceiling(harness: Harness, chunks: list[list[bytes]], path: str) -> float:
 
 @contextmanager
 def c_path(path: str) -> Iterator[None]:
-    """psycopg's path, or the C path: "groups", or "stream" with its high water, or
-    "stream4m" with a 4 MiB high water instead."""
-    saved = pqcopy.enabled, pqcopy.mode, pqcopy.HIGH_WATER
+    """psycopg's path, or the C path ("stream", with its high water, or "stream4m" with a
+    4 MiB high water instead). The "groups" variant measured in benchmarks/README.md was
+    removed from the library once it lost."""
+    saved = pqcopy.enabled, pqcopy.HIGH_WATER
     pqcopy.enabled = path != "psycopg"
-    pqcopy.mode = "groups" if path == "groups" else "stream"
     if path == "stream4m":
         pqcopy.HIGH_WATER = 4 * 1024 * 1024  # type: ignore[misc]
     try:
         yield
     finally:
-        pqcopy.enabled, pqcopy.mode, pqcopy.HIGH_WATER = saved  # type: ignore[misc]
+        pqcopy.enabled, pqcopy.HIGH_WATER = saved  # type: ignore[misc]
 
 
 def main() -> None:

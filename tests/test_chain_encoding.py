@@ -173,7 +173,7 @@ def test_stamp_appends_chain_fields_and_leaves_match() -> None:
     stamped, leaves = chain._stamp_python(data, stream.bytes, 41)
     rows = binary.split_rows(stamped)
     assert len(rows) == 5 and len(leaves) == 5 * 32
-    fields, _ = chain._tuple_fields(rows[2], 0)
+    fields, _ = chain.tuple_fields(rows[2], 0)
     assert len(fields) == len(chain.LEAF_COLUMNS_V1)
     assert fields[-2] == stream.bytes and int.from_bytes(fields[-1] or b"", "big") == 43
     assert chain._leaves_python(stamped) == leaves
@@ -198,7 +198,7 @@ def test_scan_twins_agree_and_stop_at_partial_tuples() -> None:
 
 def test_each_field_changes_the_leaf() -> None:
     stamped, _ = chain._stamp_python(_block(1), uuid.uuid4().bytes, 1)
-    fields, _ = chain._tuple_fields(stamped, 0)
+    fields, _ = chain.tuple_fields(stamped, 0)
     base = chain.leaf_of_fields(fields)
     for index, value in enumerate(fields):
         changed = list(fields)

@@ -212,7 +212,9 @@ def test_database_dsn_keeps_libpq_options_only(django_env: DjangoEnv) -> None:  
             "PORT": 6432,
             "OPTIONS": {"sslmode": "require", "isolation_level": 1, "pool": True},
         },
-        "other": {"ENGINE": "django.db.backends.sqlite3", "NAME": "x.sqlite3"},
+        # Another server the application also uses (never connected to: database_dsn only
+        # composes a conninfo string), whose engine is not PostgreSQL's.
+        "other": {"ENGINE": "django.db.backends.mysql", "NAME": "reports", "HOST": "mysql"},
     }
     with override_settings(DATABASES=databases):
         dsn = database_dsn()
