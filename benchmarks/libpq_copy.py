@@ -8,6 +8,11 @@ with nothing else running and with 4 threads spinning in pure Python. Alternatin
 Then the real writer draining a filled queue (`auditq-drain` and `auditq-drain-4spin` of the
 harness) with `pqcopy.enabled` off and on, alternating in the same process.
 
+"two" (pre-encoded only): the C path's stream over two connections in turn, each COPY's end
+sent without waiting for its result, which is read only before that connection's next COPY
+(issue 16's first design on top of its second): the COPY's start and end no longer leave the
+server waiting for the writer's turn at the GIL, whatever that is worth behind busy threads.
+
 Why: each GIL re-acquisition of the writer thread (the COPY's start, each piece's flush, the
 end, the result) waits behind busy threads for up to the switch interval while the server
 idles (benchmarks/README.md, issue 16). The C path needs one per group of pieces.
@@ -16,6 +21,7 @@ idles (benchmarks/README.md, issue 16). The C path needs one per group of pieces
 from __future__ import annotations
 
 import argparse
+import select
 import statistics
 import sys
 import time
@@ -27,14 +33,16 @@ import psycopg
 from auditq import pqcopy
 from auditq.benchjob import prepare_table
 from auditq.binary import HEADER, TRAILER
+from auditq.connection import widen_send_buffer
 from auditq.embedded import embedded_postgres
+from auditq.native import speedups
 from benchmarks.compare import CompareConfig, Harness, encode_ceiling, spinning
 
 SPINNERS = 4
 #: psycopg's copy.write(); the C path sending a group of pieces per call without the GIL;
 #: the C path handing each piece over with the GIL held and waiting only at a high water
 #: (pqcopy.HIGH_WATER, or 4 MiB: "stream4m").
-PATHS = ("psycopg", "stream", "stream4m")
+PATHS = ("psycopg", "stream", "stream4m", "two")
 
 
 def copy_psycopg(
@@ -51,17 +59,77 @@ def copy_c(conn: psycopg.Connection[tuple[object, ...]], query: bytes, blocks: l
     pqcopy.copy(conn, query, [HEADER, *blocks, TRAILER])
 
 
+def _read_result(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    """Send what libpq still holds of an ended COPY, then read its results (waits in
+    select(), without the GIL)."""
+    pgconn = conn.pgconn
+    while pgconn.flush() > 0:
+        select.select([pgconn.socket], [pgconn.socket], [])
+        pgconn.consume_input()
+    while True:
+        while pgconn.is_busy():
+            select.select([pgconn.socket], [], [])
+            pgconn.consume_input()
+        result = pgconn.get_result()
+        if result is None:
+            return
+        assert result.status == psycopg.pq.ExecStatus.COMMAND_OK, result.error_message
+
+
+def copy_two(
+    conns: list[psycopg.Connection[tuple[object, ...]]], query: bytes, chunks: list[list[bytes]]
+) -> None:
+    """Each chunk a COPY on the two connections in turn, ended without waiting for its
+    result; between pieces the other connection's unsent tail is pushed on."""
+    assert speedups is not None
+    pending = [False, False]
+    for n, blocks in enumerate(chunks):
+        mine, other = conns[n % 2], conns[1 - n % 2]
+        if pending[n % 2]:
+            _read_result(mine)
+        ptr: int = getattr(mine.pgconn, "pgconn_ptr")  # noqa: B009 - not in the typed protocol
+        pieces = [HEADER, *blocks, TRAILER]
+        started = speedups.pq_copy(ptr, query, (), False)
+        assert started[2] is None, started
+        unsent = 0
+        for piece in pieces[:-1]:
+            if pending[1 - n % 2]:
+                other.pgconn.flush()
+            waiting, error = speedups.pq_put(ptr, piece, unsent + len(piece) >= pqcopy.HIGH_WATER)
+            assert error is None, error
+            unsent = unsent + len(piece) if waiting else 0
+        mine.pgconn.put_copy_data(pieces[-1])
+        mine.pgconn.put_copy_end(None)
+        mine.pgconn.flush()
+        pending[n % 2] = True
+    for k, conn in enumerate(conns):
+        if pending[k]:
+            _read_result(conn)
+
+
 def ceiling(harness: Harness, chunks: list[list[bytes]], path: str) -> float:
-    with psycopg.connect(harness.dsn, autocommit=True) as conn:
+    conns = [
+        psycopg.connect(harness.dsn, autocommit=True) for _ in range(2 if path == "two" else 1)
+    ]
+    for conn in conns:
+        # As the writer's own connection has it (auditq.connection.widen_send_buffer).
+        widen_send_buffer(conn.pgconn.socket)
         conn.execute("SELECT 1")
-        query = harness.copy_sql.as_bytes(conn)
+    conn = conns[0]
+    query = harness.copy_sql.as_bytes(conn)
+    try:
         started = time.perf_counter()
-        for blocks in chunks:
+        if path == "two":
+            copy_two(conns, query, chunks)
+        for blocks in chunks if path != "two" else ():
             if path != "psycopg":
                 copy_c(conn, query, blocks)
             else:
                 copy_psycopg(conn, harness, blocks)
         seconds = time.perf_counter() - started
+    finally:
+        for conn in conns:
+            conn.close()
     rows, _ = harness.count()
     assert rows == harness.cfg.entries, rows
     return harness.cfg.entries / seconds
@@ -119,7 +187,7 @@ def main() -> None:
                     print(f"round {round_}: {key}: {rate:>9,.0f} rows/s", flush=True)
                 if args.no_writer:
                     continue
-                for path in args.paths:
+                for path in (p for p in args.paths if p != "two"):
                     harness.reset()
                     with c_path(path):
                         run = harness.drain(round_, spinners=spinners)
@@ -128,7 +196,7 @@ def main() -> None:
                     results.setdefault(key, []).append(run.rows_per_second)
                     print(f"round {round_}: {key}: {run.rows_per_second:>9,.0f} rows/s", flush=True)
             for producers in args.producers:
-                for path in args.paths:
+                for path in (p for p in args.paths if p != "two"):
                     harness.reset()
                     with c_path(path):
                         run = harness.auditq(round_, producers)
