@@ -969,11 +969,16 @@ def spinning(count: int) -> Iterator[None]:
 def _poll_written(
     writer: AuditWriter, stop: threading.Event, at: array[int], written: array[int]
 ) -> None:
-    """Every 2 ms until `stop`: when, and how many rows the writer had written by then."""
+    """Every 2 ms until `stop`: when, and how many rows the writer had written by then. One
+    poll more once `stop` is set (set when every row was seen written), so that the last
+    rows are dated too."""
     clock = time.perf_counter_ns
-    while not stop.is_set():
+    while True:
+        last = stop.is_set()
         at.append(clock())
         written.append(writer.stats().written)
+        if last:
+            return
         time.sleep(BUSY_POLL_SECONDS)
 
 
