@@ -12,9 +12,9 @@ Throughput cases (each starts on an emptied table, after a CHECKPOINT when allow
                to show what the interpreter's 5 ms GIL hand-off costs the writer thread
   auditq-drain the writer alone: a queue filled while it sleeps, then flush() timed (no
                caller competes for the GIL: what the writer itself can do)
-  auditq-drain-4spin  a diagnostic, not a target: auditq-drain while 4 threads that never
-               call auditq spin in pure Python: what any 4 busy threads cost the writer by
-               holding the GIL (compare with auditq-4t)
+  auditq-drain-4spin  auditq-drain while 4 threads that never call auditq spin in pure
+               Python: what any 4 busy threads cost the writer by holding the GIL (compare
+               with auditq-4t; issue 16 made it a target)
   naive        one INSERT per call, autocommit (the original service's design)
   executemany  INSERTs batched 1,000 per `executemany` + commit
 Then, once each: the caller's `log()` latency with the server frozen (SIGSTOP, only for a server

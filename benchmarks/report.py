@@ -254,7 +254,7 @@ def _busy_target(busy: dict[str, Any]) -> Target:
         and run["lag_p99_ms"] <= BUSY_LAG_P99_MS
     ]
     best, p99 = busy["sustained_rate"], busy["sustained_lag_p99_ms"]
-    measured = f"{best:,.0f}/s" + ("" if p99 is None else f", p99 {_ms(p99)}")
+    measured = f"{best:,.0f}/s" + ("" if p99 is None else f", p99 {p99 / 1000:.2f} s")
     control = busy["control"]
     note = (
         f"control (the same producer, writer asleep, {busy['spinners']} spinners) asked "
@@ -264,8 +264,9 @@ def _busy_target(busy: dict[str, Any]) -> Target:
         return Target(name, goal, NA, measured, f"no rate >= {BUSY_RATE:,.0f}/s tried; {note}")
     if not met and control["reached"] < BUSY_RATE:
         note = (
-            f"bounded by the producer thread's own GIL share on this machine: with no writer "
-            f"working it reaches {control['reached']:,.0f}/s ({note})"
+            f"bounded by the producer thread's own GIL share on this machine: the same producer"
+            f" with the writer asleep ({busy['spinners']} spinners) reaches "
+            f"{control['reached']:,.0f}/s of {control['rate']:,.0f}/s asked"
         )
     return Target(name, goal, _verdict(bool(met)), measured, note)
 
@@ -312,7 +313,7 @@ def format_report(result: CompareResult, target: str) -> str:
         f"{'on' if ws.get('otel_hook') else 'off'}, prefault hook "
         f"{'on' if ws.get('prefault_hook') else 'off'} (on only in frozen-prefault)",
         "",
-        f"  {'case':<16}{'rows/run':>10}{'rows/s':>12}{'min..max':>20}"
+        f"  {'case':<19}{'rows/run':>10}{'rows/s':>12}{'min..max':>20}"
         f"{'x ceiling':>11}{'x naive':>10}{'dropped':>10}",
     ]
     for case in THROUGHPUT_CASES:
@@ -322,7 +323,7 @@ def format_report(result: CompareResult, target: str) -> str:
             int(run.stats.get("dropped_overflow", 0)) for run in result.runs if run.case == case
         )
         lines.append(
-            f"  {case:<16}{t['rows']:>10,.0f}{t['median']:>12,.0f}{spread:>20}"
+            f"  {case:<19}{t['rows']:>10,.0f}{t['median']:>12,.0f}{spread:>20}"
             f"{t['median'] / ceiling if ceiling else 0:>10.2f}x"
             f"{t['median'] / naive if naive else 0:>9.1f}x"
             f"{f'{dropped:,}' if case.startswith('auditq') else '-':>10}"
