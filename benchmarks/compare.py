@@ -12,22 +12,27 @@ Throughput cases (each starts on an emptied table, after a CHECKPOINT when allow
                to show what the interpreter's 5 ms GIL hand-off costs the writer thread
   auditq-drain the writer alone: a queue filled while it sleeps, then flush() timed (no
                caller competes for the GIL: what the writer itself can do)
-  auditq-drain-4spin  a diagnostic, not a target: auditq-drain while 4 threads that never
-               call auditq spin in pure Python: what any 4 busy threads cost the writer by
-               holding the GIL (compare with auditq-4t)
+  auditq-drain-4spin  auditq-drain while 4 threads that never call auditq spin in pure
+               Python: what any 4 busy threads cost the writer by holding the GIL (compare
+               with auditq-4t; issue 16 made it a target)
   naive        one INSERT per call, autocommit (the original service's design)
   executemany  INSERTs batched 1,000 per `executemany` + commit
 Then, once each: the caller's `log()` latency with the server frozen (SIGSTOP, only for a server
-the harness started), overload (producers offered ~10x the ceiling), an idle writer's CPU, and
+the harness started), with the writer thread's GIL holds sampled meanwhile (`holds.py`),
+overload (producers offered ~10x the ceiling: the memory in flight), an idle writer's CPU,
+the busy application (4 spinning threads and one thread logging at fixed rates, with its
+control), close() under fire (a queue drained while 8 threads keep calling `log()`), and
 last the frozen server again with `auditq.prefault_memory()` in effect (the hook is
 process-wide and cannot be taken out, so it comes after every case that runs without it).
-Every writer runs with its defaults; the hook is off until that last case.
+Every writer runs with its defaults (except where a case says why not); the hook is off
+until that last case.
 
 `report.py` turns the result into the table, the target verdicts, JSON and the chart.
 """
 
 from __future__ import annotations
 
+import bisect
 import gc
 import statistics
 import sys
@@ -60,6 +65,7 @@ from auditq.config import DEFAULT_BATCH_SIZE
 from auditq.entry import COLUMNS, Row, dump_metadata
 from auditq.schema import qualified
 
+from .holds import HoldProbe, window_max
 from .system import ServerFreezer, rss_bytes
 
 THROUGHPUT_CASES = (
@@ -78,6 +84,18 @@ DIAGNOSTIC_SWITCH_INTERVAL = 0.001
 DIAGNOSTIC_SPINNERS = 4
 LATENCY_MARKS = (50, 99, 99.9)
 MiB = 1 << 20
+#: Threads of pure-Python work beside the one logging thread in the busy application.
+BUSY_SPINNERS = 4
+#: How often the busy application's poller reads `stats().written` to date each entry's write.
+BUSY_POLL_SECONDS = 0.002
+#: The busy application's control runs this long at most (its queue keeps every entry).
+BUSY_CONTROL_SECONDS = 3.0
+#: A rate counts as reached within this fraction.
+BUSY_REACHED = 0.98
+#: Threads calling `log()` flat out while close() drains.
+CLOSE_THREADS = 8
+#: After the thaw, the frozen case waits at most this long for the backlog to be written.
+CATCH_UP_SECONDS = 30.0
 
 
 @dataclass
@@ -99,6 +117,16 @@ class CompareConfig:
     idle_seconds: float = 10.0
     #: The frozen-server case once more at the end, with `auditq.prefault_memory()` on.
     frozen_with_prefault: bool = True
+    #: The busy application: the rates asked of the logging thread, seconds per rate.
+    busy_app: bool = True
+    busy_rates: tuple[float, ...] = (50_000.0, 100_000.0, 150_000.0)
+    busy_seconds: float = 10.0
+    #: close() under fire: runs (0 skips), rows queued, the writer's batch_size (issue 16's
+    #: report used 1,000), close()'s timeout.
+    close_runs: int = 2
+    close_rows: int = 50_000
+    close_batch_size: int = 1_000
+    close_timeout: float = 10.0
     table: str = "auditq_bench"
     schema: str = "public"
     progress: bool = True
@@ -138,6 +166,12 @@ class CompareResult:
     seconds: float
     #: The same with `auditq.prefault_memory()` in effect (empty when not run).
     frozen_prefault: dict[str, Any] = field(default_factory=dict)
+    #: The writer thread's GIL holds, sampled during the frozen case (`holds.HoldProbe`).
+    gil_holds: dict[str, Any] = field(default_factory=dict)
+    #: The busy application per rate, its control and the highest rate sustained.
+    busy_app: dict[str, Any] = field(default_factory=dict)
+    #: close() under fire: each run, median and max seconds.
+    close_drain: dict[str, Any] = field(default_factory=dict)
 
     @property
     def consistent(self) -> bool:
@@ -148,6 +182,8 @@ class CompareResult:
             and bool(self.frozen_prefault.get("consistent", True))
             and bool(self.overload.get("consistent", True))
             and bool(self.idle.get("consistent", True))
+            and bool(self.busy_app.get("consistent", True))
+            and bool(self.close_drain.get("consistent", True))
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -406,7 +442,14 @@ class Harness:
 
     def frozen(self, *, prefault: bool = False) -> dict[str, Any]:
         """log() latency while every server process is stopped for `freeze_seconds`; with
-        `prefault`, after `auditq.prefault_memory()` (process-wide and for good: run it last)."""
+        `prefault`, after `auditq.prefault_memory()` (process-wide and for good: run it last).
+        After the thaw the case lasts until the backlog is written, plus a second.
+
+        Without `prefault`, the writer thread's GIL holds are sampled meanwhile (under
+        "gil_holds": before the freeze, while frozen, after the thaw): the freeze and the
+        catch-up that follows are where the writer's long holds were seen (issue 16). The
+        sampler wakes every millisecond, so it competes with the producer for the GIL a
+        little; the prefault case runs without it."""
         if not self.server_owned:
             return {"skipped": "n/a (server not owned)"}
         try:
@@ -422,7 +465,8 @@ class Harness:
         # Paced so the queue holds everything offered during the freeze: the figure is the
         # caller's cost while the writer is stuck, not the cost of dropping.
         rate = min(50_000.0, 0.5 * writer.max_queue / max(freeze, 0.1))
-        capacity = int(rate * (warm + freeze + after) * 1.2) + 1_000
+        # The catch-up after the thaw takes a second or two; the producer stops at capacity.
+        capacity = int(rate * (warm + freeze + after + 10.0) * 1.2) + 1_000
         starts = array("q", bytes(8 * capacity))
         costs = array("q", bytes(8 * capacity))
         woke = array("b", bytes(capacity))
@@ -433,6 +477,11 @@ class Harness:
             args=(writer.log, rate, stop, starts, costs, done, woke),
             name="bench-producer-frozen",
         )
+        probe = None
+        if not prefault:
+            probe = HoldProbe(writer.name, warm + freeze + CATCH_UP_SECONDS + after + 5.0)
+            probe.start()  # before the writer thread exists: it forks its other sampler
+        began = time.perf_counter_ns()
         producer.start()
         processes = 0
         try:
@@ -443,9 +492,13 @@ class Harness:
         finally:
             freezer.thaw()
             thawed_at = time.perf_counter_ns()
+        caught_up = self.catch_up(writer, thawed_at)
         time.sleep(after)
         stop.set()
         producer.join()
+        ended = time.perf_counter_ns()
+        if probe is not None:
+            probe.stop()
         flushed = writer.flush(timeout=120)
         writer.close(timeout=30)
         stats = writer.stats()
@@ -474,9 +527,26 @@ class Harness:
             and in_table == stats.written
             and stats.accepted == stats.written + stats.dead_lettered
         )
+        windows = {
+            "before": (began, frozen_at),
+            "frozen": (frozen_at, thawed_at),
+            "after": (thawed_at, ended),
+        }
+        # Every call, the first after a pacing sleep included: the slowest log() of issue 16.
+        slowest = {
+            name: window_max(starts, costs, calls, lo, hi) for name, (lo, hi) in windows.items()
+        }
+        holds: dict[str, Any] = {}
+        if probe is not None:
+            holds = probe.figures(windows, frozen_at)
+            holds["slowest_log_ms"] = slowest
+            holds["switch_interval_s"] = sys.getswitchinterval()
         return {
             "prefault_hook": hook,
             "freeze_seconds": (thawed_at - frozen_at) / 1e9,
+            "caught_up_seconds": caught_up,
+            "slowest_log_ms": slowest,
+            "gil_holds": holds,
             "server_processes_stopped": processes,
             "paced_rate": rate,
             "calls": calls,
@@ -493,6 +563,14 @@ class Harness:
             "rows_in_table": in_table,
             "consistent": consistent,
         }
+
+    def catch_up(self, writer: AuditWriter, since_ns: int) -> float:
+        """Wait until the writer's backlog is down to a batch's worth of rows (at most
+        CATCH_UP_SECONDS); the seconds since `since_ns`."""
+        deadline = time.monotonic() + CATCH_UP_SECONDS
+        while writer.stats().pending > 5_000 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        return (time.perf_counter_ns() - since_ns) / 1e9
 
     def overload(self, ceiling_rows_per_second: float) -> dict[str, Any]:
         """Producers offered `overload_factor` x the ceiling: RSS growth and drops."""
@@ -589,6 +667,267 @@ class Harness:
             "consistent": flushed and stats.written == 1,
         }
 
+    # -- the busy application (issue 16)
+
+    def busy_rate(self, rate: float, seconds: float) -> dict[str, Any]:
+        """4 threads of pure-Python work that never call auditq, and one thread calling
+        `log()` at `rate` for `seconds` (paced in bursts of 64, as the frozen case), on an
+        emptied table with a fresh writer (default settings). Sustained: nothing dropped,
+        the rate reached (within 2 %), every entry in the table.
+
+        The lag of an entry is from the start of its `log()` call's burst to the first poll
+        (every 2 ms, on a sixth thread) at which `stats().written` covered it (one producer:
+        entries are written in order), measured while the spinners run; p50/p99/max over
+        every 50th entry, only when nothing was dropped. The table's `recorded_at` is not
+        used: its default is the transaction's start, and a streaming COPY starts before its
+        later rows are logged."""
+        self.reset()
+        writer = self.writer()
+        capacity = int(rate * seconds * 1.05) + 1_000
+        starts = array("q", bytes(8 * capacity))
+        costs = array("q", bytes(8 * capacity))
+        done = [0]
+        stop_producer, stop_poll = threading.Event(), threading.Event()
+        polled_at, polled_written = array("q"), array("q")
+        poller = threading.Thread(
+            target=_poll_written,
+            args=(writer, stop_poll, polled_at, polled_written),
+            name="bench-busy-poller",
+        )
+        producer = threading.Thread(
+            target=_produce_paced,
+            args=(writer.log, rate, stop_producer, starts, costs, done),
+            name="bench-busy-producer",
+        )
+        with spinning(BUSY_SPINNERS):
+            poller.start()
+            began = time.perf_counter()
+            producer.start()
+            time.sleep(seconds)
+            stop_producer.set()
+            producer.join()
+            produced_for = time.perf_counter() - began
+            # The lag of the last entries is measured with the spinners still running.
+            deadline = time.monotonic() + 30
+            while True:
+                now = writer.stats()
+                if now.written + now.dropped_overflow >= done[0] or time.monotonic() > deadline:
+                    break
+                time.sleep(0.01)
+            stop_poll.set()
+            poller.join()
+        flushed = writer.flush(timeout=60)
+        writer.close(timeout=30)
+        stats = writer.stats()
+        in_table, _ = self.count()
+        calls = done[0]
+        lags = array("q")
+        if not stats.dropped_overflow:
+            for n in range(0, calls, 50):
+                k = bisect.bisect_right(polled_written, n)  # first poll with written > n
+                if k < len(polled_at):
+                    lags.append(polled_at[k] - starts[n])
+        ordered = sorted(lags)
+
+        def mark(q: float) -> float | None:
+            return ordered[min(len(ordered) - 1, int(q * len(ordered)))] / 1e6 if ordered else None
+
+        reached = calls / produced_for
+        consistent = (
+            flushed
+            and stats.calls == calls
+            and in_table == stats.written
+            and stats.accepted == stats.written + stats.dead_lettered
+            and stats.calls == stats.accepted + stats.dropped_overflow + stats.rejected
+        )
+        return {
+            "rate": rate,
+            "seconds": produced_for,
+            "reached": reached,
+            "calls": calls,
+            "written": stats.written,
+            "dropped_overflow": stats.dropped_overflow,
+            "rows_in_table": in_table,
+            "lag_p50_ms": mark(0.50),
+            "lag_p99_ms": mark(0.99),
+            "lag_max_ms": ordered[-1] / 1e6 if ordered else None,
+            "lag_samples": len(ordered),
+            "sustained": consistent
+            and stats.dropped_overflow == 0
+            and reached >= BUSY_REACHED * rate
+            and in_table == calls,
+            "consistent": consistent,
+        }
+
+    def busy_control(self, rate: float, seconds: float) -> dict[str, Any]:
+        """The busy application's producer with no writer working: the same 4 spinners, the
+        same pacing loop asked for `rate`, the same `log()` calls, but the writer thread
+        sleeps (no wake-up by count or time, a queue that keeps every entry) until the
+        spinners have stopped. The rate reached is the producer thread's own ceiling on this
+        machine: its share of the GIL against 4 busy threads, spent on the pacing loop and
+        on `log()`'s own work on the caller's thread. No writer design can make the busy
+        application log faster than that.
+
+        Why `log()` on a sleeping writer rather than a trivial C call in the same loop:
+        `log()`'s caller-side work (checks, metadata to JSON, the row tuple, the append) is
+        paid on the producer's GIL share whatever the writer does, so leaving it out would
+        give a ceiling the target could never reach for reasons that are not the writer's;
+        a writer that refuses every call (closed, or a full queue) is cheaper still, since a
+        refused call skips the metadata. The one cost the control adds is a queue that only
+        grows (fresh pages, see benchmarks/queue_growth.py): a few per cent at most, which
+        makes the figure a slight understatement."""
+        self.reset()
+        expected = int(rate * seconds * 1.2) + 1_000
+        writer = AuditWriter(
+            self.dsn,
+            table=self.cfg.table,
+            schema=self.cfg.schema,
+            max_queue=expected,
+            wake_rows=expected + 1,
+            flush_interval=3600,
+        )
+        stop = threading.Event()
+        done = [0]
+        producer = threading.Thread(
+            target=_produce_paced,
+            args=(writer.log, rate, stop, None, None, done),
+            name="bench-busy-control",
+        )
+        with spinning(BUSY_SPINNERS):
+            began = time.perf_counter()
+            producer.start()
+            time.sleep(seconds)
+            stop.set()
+            producer.join()
+            produced_for = time.perf_counter() - began
+        flushed = writer.flush(timeout=120)
+        writer.close(timeout=30)
+        stats = writer.stats()
+        in_table, _ = self.count()
+        calls = done[0]
+        return {
+            "rate": rate,
+            "seconds": produced_for,
+            "reached": calls / produced_for,
+            "calls": calls,
+            "dropped_overflow": stats.dropped_overflow,
+            "rows_in_table": in_table,
+            "consistent": flushed
+            and stats.calls == calls
+            and in_table == stats.written
+            and stats.accepted == stats.written + stats.dead_lettered
+            and stats.calls == stats.accepted + stats.dropped_overflow + stats.rejected,
+        }
+
+    def busy_app(self) -> dict[str, Any]:
+        """Every rate of `cfg.busy_rates` (ascending, each on its own), then the control at
+        the highest; the highest rate sustained and its lag p99."""
+        rates = sorted(self.cfg.busy_rates)
+        seconds = self.cfg.busy_seconds
+        runs = []
+        for rate in rates:
+            run = self.busy_rate(rate, seconds)
+            runs.append(run)
+            self.say(
+                f"busy application {rate:>9,.0f}/s: reached {run['reached']:,.0f}/s, dropped "
+                f"{run['dropped_overflow']:,}, lag p99 {_ms(run['lag_p99_ms'])}"
+                f"{'' if run['sustained'] else '  (not sustained)'}"
+            )
+        control_seconds = min(seconds, BUSY_CONTROL_SECONDS)
+        control = self.busy_control(max(rates), control_seconds)
+        self.say(
+            f"busy application control (writer asleep) asked {max(rates):,.0f}/s: reached "
+            f"{control['reached']:,.0f}/s"
+        )
+        best = max((r for r in runs if r["sustained"]), key=lambda r: r["rate"], default=None)
+        return {
+            "spinners": BUSY_SPINNERS,
+            "seconds": seconds,
+            "rates": runs,
+            "control": control,
+            "sustained_rate": best["rate"] if best else 0.0,
+            "sustained_lag_p99_ms": best["lag_p99_ms"] if best else None,
+            "consistent": all(r["consistent"] for r in runs) and control["consistent"],
+        }
+
+    # -- close() under fire (issue 16)
+
+    def close_drain(self) -> dict[str, Any]:
+        """`cfg.close_rows` rows queued while the writer sleeps (no wake-up by count or by
+        time; `batch_size` `cfg.close_batch_size`), then 8 threads call `log()` as fast as
+        they can (refused: the queue is full, then the writer is closing) while
+        `close(timeout=cfg.close_timeout)` is timed: what a rejected call costs the writer,
+        and whether a drain at close starves."""
+        self.reset()
+        queued = self.cfg.close_rows
+        writer = AuditWriter(
+            self.dsn,
+            table=self.cfg.table,
+            schema=self.cfg.schema,
+            batch_size=self.cfg.close_batch_size,
+            max_queue=queued,
+            wake_rows=queued + 1,
+            flush_interval=3600,
+        )
+        for n in range(queued):
+            writer.log("bench.queued", tenant_id="t", actor_id=f"a{n}", resource_id=str(n))
+        time.sleep(0.5)  # the writer thread is up and connected, asleep
+        stop = threading.Event()
+        calls = [0] * CLOSE_THREADS
+        hammers = [
+            threading.Thread(
+                target=_hammer, args=(writer.log, stop, calls, k), name=f"bench-hammer-{k}"
+            )
+            for k in range(CLOSE_THREADS)
+        ]
+        for thread in hammers:
+            thread.start()
+        started = time.perf_counter()
+        clean = writer.close(timeout=self.cfg.close_timeout)
+        seconds = time.perf_counter() - started
+        stop.set()
+        for thread in hammers:
+            thread.join()
+        stats = writer.stats()
+        in_table, _ = self.count()
+        return {
+            "seconds": seconds,
+            "returned": clean,
+            "queued": queued,
+            "written": stats.written,
+            "dead_lettered": stats.dead_lettered,
+            "spooled": stats.spooled,
+            "refused": stats.rejected + stats.dropped_overflow,
+            "hammer_calls": sum(calls),
+            "rows_in_table": in_table,
+            "consistent": stats.calls == queued + sum(calls)
+            and stats.calls == stats.accepted + stats.dropped_overflow + stats.rejected
+            and stats.accepted == stats.written + stats.dead_lettered + stats.spooled
+            and in_table == stats.written,
+        }
+
+    def close_drains(self) -> dict[str, Any]:
+        """`cfg.close_runs` runs of `close_drain`, median and max seconds."""
+        runs = []
+        for k in range(self.cfg.close_runs):
+            run = self.close_drain()
+            runs.append(run)
+            self.say(
+                f"close() under fire {k + 1}/{self.cfg.close_runs}: {run['seconds']:.2f}s, "
+                f"written {run['written']:,}, dead-lettered {run['dead_lettered']:,}"
+            )
+        seconds = [run["seconds"] for run in runs]
+        return {
+            "rows": self.cfg.close_rows,
+            "batch_size": self.cfg.close_batch_size,
+            "threads": CLOSE_THREADS,
+            "timeout": self.cfg.close_timeout,
+            "runs": runs,
+            "median_seconds": statistics.median(seconds),
+            "max_seconds": max(seconds),
+            "consistent": all(run["consistent"] for run in runs),
+        }
+
 
 def prefault_in_effect() -> bool:
     """Whether `auditq.prefault_memory()`'s hook is in this process's arena allocator."""
@@ -625,6 +964,36 @@ def spinning(count: int) -> Iterator[None]:
         stop.set()
         for thread in busy:
             thread.join()
+
+
+def _poll_written(
+    writer: AuditWriter, stop: threading.Event, at: array[int], written: array[int]
+) -> None:
+    """Every 2 ms until `stop`: when, and how many rows the writer had written by then. One
+    poll more once `stop` is set (set when every row was seen written), so that the last
+    rows are dated too."""
+    clock = time.perf_counter_ns
+    while True:
+        last = stop.is_set()
+        at.append(clock())
+        written.append(writer.stats().written)
+        if last:
+            return
+        time.sleep(BUSY_POLL_SECONDS)
+
+
+def _hammer(log: Callable[..., bool], stop: threading.Event, calls: list[int], k: int) -> None:
+    """`log()` flat out until `stop`, 100 calls between looks at it; the count in calls[k]."""
+    n = 0
+    while not stop.is_set():
+        for _ in range(100):
+            log("bench.closing", tenant_id="t", actor_id="a")
+        n += 100
+    calls[k] = n
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f} ms"
 
 
 def _produce(
@@ -755,8 +1124,9 @@ def run_compare(
     }
 
     harness.reset()
-    harness.say(f"frozen server: {cfg.freeze_seconds:g}s of SIGSTOP")
+    harness.say(f"frozen server: {cfg.freeze_seconds:g}s of SIGSTOP, GIL holds sampled")
     frozen = harness.frozen()
+    gil_holds = frozen.pop("gil_holds", None) or {"skipped": frozen.get("skipped", "n/a")}
     if "latency_ns" in frozen:
         latency["frozen"] = frozen["latency_ns"]
         latency["frozen-control"] = frozen["latency_running_ns"]
@@ -771,11 +1141,29 @@ def run_compare(
     harness.say(f"idle writer: {cfg.idle_seconds:g}s")
     idle = harness.idle()
 
+    busy: dict[str, Any] = {"skipped": "n/a (--no-busy-app)"}
+    if cfg.busy_app and cfg.busy_rates:
+        harness.say(
+            f"busy application: {BUSY_SPINNERS} spinning threads + 1 logging at "
+            f"{', '.join(f'{r:,.0f}' for r in sorted(cfg.busy_rates))}/s, "
+            f"{cfg.busy_seconds:g}s each, then the control"
+        )
+        busy = harness.busy_app()
+
+    close: dict[str, Any] = {"skipped": "n/a (--close-runs 0)"}
+    if cfg.close_runs > 0:
+        harness.say(
+            f"close() under fire: {cfg.close_rows:,} rows queued, {CLOSE_THREADS} threads "
+            f"calling log(), {cfg.close_runs} run(s)"
+        )
+        close = harness.close_drains()
+
     frozen_prefault: dict[str, Any] = {}
     if cfg.frozen_with_prefault:
         harness.reset()
         harness.say(f"frozen server again, with auditq.prefault_memory(): {cfg.freeze_seconds:g}s")
         frozen_prefault = harness.frozen(prefault=True)
+        frozen_prefault.pop("gil_holds", None)  # not sampled: see Harness.frozen
         if "latency_ns" in frozen_prefault:
             latency["frozen-prefault"] = frozen_prefault["latency_ns"]
             latency["frozen-prefault-control"] = frozen_prefault["latency_running_ns"]
@@ -797,4 +1185,7 @@ def run_compare(
         idle=idle,
         seconds=time.perf_counter() - wall,
         frozen_prefault=frozen_prefault,
+        gil_holds=gil_holds,
+        busy_app=busy,
+        close_drain=close,
     )

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import multiprocessing
 import sys
 import tempfile
 import threading
@@ -49,90 +48,13 @@ from auditq import AuditWriter
 from auditq.benchjob import prepare_table
 from auditq.embedded import embedded_postgres
 from benchmarks.compare import CompareConfig, Harness, _produce_paced
-from benchmarks.system import ServerFreezer, writer_thread
-
-SAMPLE_SECONDS = 0.001
-
-
-def _sample(
-    stop: threading.Event,
-    at: array[int],
-    late: array[int],
-    done: list[int],
-    writer_cpu: array[int] | None = None,
-    writer_name: str | None = None,
-) -> None:
-    """Sleep 1 ms at a time; record when each sleep began and how late it ended (ns), and,
-    given a writer's name, how much CPU its thread used meanwhile (`writer_cpu`): on a
-    shared machine a late wake-up may be the scheduler's, but the writer's CPU time in that
-    window is what it can have held the GIL for."""
-    clock = time.perf_counter_ns
-    want = int(SAMPLE_SECONDS * 1e9)
-    clock_id: int | None = None
-    n = 0
-    cpu0 = 0
-    while not stop.is_set() and n < len(at):
-        if writer_cpu is not None and clock_id is None and writer_name is not None:
-            thread = writer_thread(writer_name)
-            if thread is not None and thread.ident is not None:
-                clock_id = time.pthread_getcpuclockid(thread.ident)
-        if clock_id is not None:
-            cpu0 = time.clock_gettime_ns(clock_id)
-        t0 = clock()
-        time.sleep(SAMPLE_SECONDS)
-        t1 = clock()
-        at[n] = t0
-        late[n] = t1 - t0 - want
-        if clock_id is not None and writer_cpu is not None:
-            try:
-                writer_cpu[n] = time.clock_gettime_ns(clock_id) - cpu0
-            except OSError:  # the writer thread ended
-                clock_id = None
-        n += 1
-    done[0] = n
-
-
-class _Collections:
-    """Garbage collections longer than 1 ms, with the thread they ran on (`gc.callbacks`):
-    a collection holds the GIL for all of its time, on whichever thread allocated last."""
-
-    def __init__(self) -> None:
-        self.long: list[tuple[float, int, str, int]] = []  # (ms, generation, thread, at)
-        self._began: dict[int, int] = {}
-
-    def __call__(self, phase: str, info: dict[str, int]) -> None:
-        now = time.perf_counter_ns()
-        ident = threading.get_ident()
-        if phase == "start":
-            self._began[ident] = now
-            return
-        took = (now - self._began.pop(ident, now)) / 1e6
-        if took > 1.0:
-            name = threading.current_thread().name
-            self.long.append((took, info["generation"], name, now))
-
-
-def _control(stop: object, conn: object, seconds: float) -> None:
-    """The same sampler in a process of its own, which shares no GIL: how late a 1 ms
-    sleep ends on this machine anyway (the scheduler, other processes), the noise floor."""
-    at = array("q", bytes(8 * int(seconds / SAMPLE_SECONDS)))
-    late = array("q", bytes(8 * len(at)))
-    done = [0]
-    _sample(stop, at, late, done)  # type: ignore[arg-type]
-    conn.send((at[: done[0]].tobytes(), late[: done[0]].tobytes()))  # type: ignore[attr-defined]
-
-
-def _window_max(at: array[int], values: array[int], count: int, lo: int, hi: int) -> float:
-    best = 0
-    for i in range(count):
-        if lo <= at[i] < hi and values[i] > best:
-            best = values[i]
-    return best / 1e6
+from benchmarks.holds import HoldProbe, window_max
+from benchmarks.system import ServerFreezer
 
 
 def one_run(
     harness: Harness, freeze: float, rate: float, options: dict[str, Any]
-) -> dict[str, float]:
+) -> dict[str, Any]:
     harness.reset()
     writer = AuditWriter(harness.dsn, table=harness.cfg.table, schema=harness.cfg.schema, **options)
     capacity = int(rate * (freeze + 30)) + 10_000
@@ -140,27 +62,12 @@ def one_run(
     costs = array("q", bytes(8 * capacity))
     stop = threading.Event()
     done = [0]
-    samples = int((freeze + 40) / SAMPLE_SECONDS)
-    at = array("q", bytes(8 * samples))
-    late = array("q", bytes(8 * samples))
-    writer_cpu = array("q", bytes(8 * samples))
-    sampled = [0]
     freezer = ServerFreezer(harness.dsn)
     producer = threading.Thread(
         target=_produce_paced, args=(writer.log, rate, stop, starts, costs, done), name="producer"
     )
-    sampler = threading.Thread(
-        target=_sample, args=(stop, at, late, sampled, writer_cpu, writer.name), name="sampler"
-    )
-    control_stop = multiprocessing.Event()
-    receive, send = multiprocessing.Pipe(duplex=False)
-    control = multiprocessing.Process(
-        target=_control, args=(control_stop, send, freeze + 40), daemon=True
-    )
-    control.start()
-    collections = _Collections()
-    gc.callbacks.append(collections)
-    sampler.start()
+    probe = HoldProbe(writer.name, freeze + 40)
+    probe.start()  # before the writer thread exists: it forks its other-process sampler
     producer.start()
     time.sleep(1.0)
     frozen_at = time.perf_counter_ns()
@@ -170,23 +77,12 @@ def one_run(
     finally:
         freezer.thaw()
     thawed_at = time.perf_counter_ns()
-    # Until the backlog is written (pending back to a batch's worth), then one second more.
-    deadline = time.monotonic() + 30
-    while writer.stats().pending > 5_000 and time.monotonic() < deadline:
-        time.sleep(0.05)
-    caught_up = (time.perf_counter_ns() - thawed_at) / 1e9
+    caught_up = harness.catch_up(writer, thawed_at)
     time.sleep(1.0)
     stop.set()
     producer.join()
-    sampler.join()
+    probe.stop()
     end = time.perf_counter_ns()
-    gc.callbacks.remove(collections)
-    control_stop.set()
-    control_at, control_late = array("q"), array("q")
-    raw_at, raw_late = receive.recv()
-    control_at.frombytes(raw_at)
-    control_late.frombytes(raw_late)
-    control.join()
     flushed = writer.flush(timeout=60)
     writer.close(timeout=30)
     stats = writer.stats()
@@ -194,32 +90,22 @@ def one_run(
     # Spooled rows are replayed by the writer before close() returns, or left for the next.
     assert flushed and stats.calls == done[0] and rows >= stats.written, (stats, rows)
     assert stats.accepted == stats.written + stats.spooled + stats.dead_lettered, stats
-    calls, count = done[0], sampled[0]
+    calls = done[0]
     windows = {
         "before": (0, frozen_at),
         "frozen": (frozen_at, thawed_at),
         "after": (thawed_at, end),
     }
-    out: dict[str, float] = {"caught_up_s": caught_up, "dropped": float(stats.dropped_overflow)}
+    holds = probe.figures(windows, frozen_at)
+    out: dict[str, Any] = {"caught_up_s": caught_up, "dropped": float(stats.dropped_overflow)}
     for name, (lo, hi) in windows.items():
-        out[f"log_max_ms_{name}"] = _window_max(starts, costs, calls, lo, hi)
-        out[f"hold_max_ms_{name}"] = _window_max(at, late, count, lo, hi)
-        out[f"noise_max_ms_{name}"] = _window_max(control_at, control_late, len(control_at), lo, hi)
-    # What the writer can have held the GIL for in each window: the sampler's wait, at most
-    # the CPU time the writer thread used meanwhile.
-    held = array("q", (min(late[i], writer_cpu[i]) for i in range(count)))
-    for name, (lo, hi) in windows.items():
-        out[f"writer_max_ms_{name}"] = _window_max(at, held, count, lo, hi)
-    gcs = sorted(collections.long, reverse=True)
-    out["gc_max_ms"] = gcs[0][0] if gcs else 0.0
-    out["gc_long"] = [  # type: ignore[assignment]
-        (round(ms, 1), f"gen{gen}", "writer" if name.startswith("auditq[") else name)
-        for ms, gen, name, _ in gcs[:3]
-    ]
-    holds = sorted(((held[i], at[i]) for i in range(count)), reverse=True)[:5]
-    out["top_holds"] = [  # type: ignore[assignment]
-        (round(v / 1e6, 2), round((t - frozen_at) / 1e9, 3)) for v, t in holds
-    ]
+        figures = holds["windows"][name]
+        out[f"log_max_ms_{name}"] = window_max(starts, costs, calls, lo, hi)
+        out[f"hold_max_ms_{name}"] = figures["wait_max_ms"]
+        out[f"noise_max_ms_{name}"] = figures["noise_max_ms"]
+        out[f"writer_max_ms_{name}"] = figures["writer_max_ms"]
+    out["gc_long"] = [(c["ms"], f"gen{c['generation']}", c["thread"]) for c in holds["gc_long"]]
+    out["top_holds"] = [(h["ms"], h["at_s"]) for h in holds["top_writer_holds"]]
     return out
 
 

@@ -5,9 +5,12 @@
 
 The COPY ceiling, auditq with 1 and 4 producers, the writer alone, naive INSERTs and
 `executemany`, cases interleaved over rounds (medians); then the caller's `log()` latency with
-the server frozen (both without and with `auditq.prefault_memory()`), overload memory and idle
-CPU, each target checked. With no --dsn ($AUDITQ_DSN, $DATABASE_URL) it runs on an embedded
-PostgreSQL it starts and owns, which is the only kind it may freeze. See benchmarks/README.md.
+the server frozen (both without and with `auditq.prefault_memory()`) and the writer thread's GIL
+holds meanwhile, overload (the memory in flight), idle CPU, the busy application (4 spinning
+threads, one logging at fixed rates, and its control) and close() under fire, each target
+(issue 16's, and issues 4 and 11's where 16 sets none) checked. With no --dsn ($AUDITQ_DSN,
+$DATABASE_URL) it runs on an embedded PostgreSQL it starts and owns, which is the only kind it
+may freeze. See benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -36,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m benchmarks.harness",
         description="auditq against the binary COPY ceiling, naive INSERTs and executemany, "
         "in one run (cases interleaved over rounds, medians), plus caller latency (also with "
-        "the server frozen, without and with auditq.prefault_memory()), overload and idle "
-        "CPU. The writer runs with its default settings.",
+        "the server frozen, without and with auditq.prefault_memory()) and the writer's GIL "
+        "holds, overload, idle CPU, the busy application and close() under fire. The writer "
+        "runs with its default settings.",
     )
     parser.add_argument(
         "--dsn",
@@ -88,12 +92,51 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--idle-seconds", type=float, default=_DEFAULTS.idle_seconds, help="idle duration (10)"
     )
+    parser.add_argument(
+        "--busy-rates",
+        type=_rates,
+        default=_DEFAULTS.busy_rates,
+        metavar="R1,R2,...",
+        help="log() calls/s the busy application's logging thread is asked for "
+        "(50000,100000,150000)",
+    )
+    parser.add_argument(
+        "--busy-seconds",
+        type=float,
+        default=_DEFAULTS.busy_seconds,
+        help="seconds per busy-application rate (10); its control runs up to 3",
+    )
+    parser.add_argument(
+        "--no-busy-app", action="store_true", help="skip the busy application and its control"
+    )
+    parser.add_argument(
+        "--close-runs",
+        type=int,
+        default=_DEFAULTS.close_runs,
+        help="runs of close() under fire (2; 0 skips it)",
+    )
+    parser.add_argument(
+        "--close-rows",
+        type=int,
+        default=_DEFAULTS.close_rows,
+        help="rows queued before close() under fire (50000)",
+    )
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     parser.add_argument(
         "--chart", metavar="PATH", help="also draw a PNG chart (needs the bench extra)"
     )
     parser.add_argument("--quiet", action="store_true", help="no progress lines")
     return parser
+
+
+def _rates(text: str) -> tuple[float, ...]:
+    try:
+        rates = tuple(float(part) for part in text.split(",") if part.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not a list of rates: {text!r}") from exc
+    if not rates or any(rate <= 0 for rate in rates):
+        raise argparse.ArgumentTypeError(f"rates must be positive: {text!r}")
+    return rates
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -107,6 +150,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         overload_seconds=args.overload_seconds,
         idle_seconds=args.idle_seconds,
         frozen_with_prefault=not args.no_prefault_case,
+        busy_app=not args.no_busy_app,
+        busy_rates=args.busy_rates,
+        busy_seconds=args.busy_seconds,
+        close_runs=max(0, args.close_runs),
+        close_rows=args.close_rows,
         table=args.table,
         schema=args.schema,
         progress=not args.quiet,

@@ -1,8 +1,10 @@
 """The comparison harness (`python -m benchmarks.harness`, from a checkout) with tiny sizes:
-every case runs, the JSON holds every figure, every run's rows are accounted for, and the
-frozen-server case is reported both without and with `auditq.prefault_memory()`. No timing is
-asserted (targets are checked by the harness on a quiet machine, never by a unit test). And
-the harness is not part of what `pip install .` installs."""
+every case runs (issue 16's busy application, close() under fire and GIL holds included), the
+JSON holds every figure, every run's rows are accounted for, and the frozen-server case is
+reported both without and with `auditq.prefault_memory()`. No timing is asserted (targets are
+checked by the harness on a quiet machine, never by a unit test); what a verdict says about a
+bound is checked on given figures. And the harness is not part of what `pip install .`
+installs."""
 
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import pytest
 
 from benchmarks.compare import THROUGHPUT_CASES, CompareConfig, Harness, prefault_in_effect
 from benchmarks.harness import build_parser
+from benchmarks.report import NOT_MET, _busy_target, _hold_target
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -29,9 +32,14 @@ TINY = CompareConfig(
     freeze_seconds=0.5,
     overload_seconds=1.0,
     idle_seconds=1.0,
+    busy_rates=(2_000.0, 4_000.0),
+    busy_seconds=0.5,
+    close_runs=1,
+    close_rows=2_000,
     table="auditq_bench_smoke",
     progress=False,
 )
+WINDOWS = {"before", "frozen", "after"}
 
 
 def test_harness_parses() -> None:
@@ -40,6 +48,74 @@ def test_harness_parses() -> None:
     )
     assert args.rounds == 2 and args.overload_seconds == 1.0 and args.no_prefault_case
     assert args.chart == "c.png" and args.entries == 200_000
+    defaults = build_parser().parse_args([])
+    assert defaults.busy_rates == (50_000.0, 100_000.0, 150_000.0)
+    assert defaults.busy_seconds == 10.0 and not defaults.no_busy_app
+    assert defaults.close_runs == 2 and defaults.close_rows == 50_000
+
+
+def test_harness_parses_issue_16_options() -> None:
+    args = build_parser().parse_args(
+        [
+            "--busy-rates",
+            "1000,2500",
+            "--busy-seconds",
+            "2",
+            "--no-busy-app",
+            "--close-runs",
+            "0",
+            "--close-rows",
+            "100",
+        ]
+    )
+    assert args.busy_rates == (1_000.0, 2_500.0) and args.busy_seconds == 2.0
+    assert args.no_busy_app and args.close_runs == 0 and args.close_rows == 100
+    for bad in ("fast", "1000,-5", ""):
+        with pytest.raises(SystemExit):
+            build_parser().parse_args(["--busy-rates", bad])
+
+
+def _busy(control_reached: float, best: float) -> dict[str, object]:
+    run = {
+        "rate": 150_000.0,
+        "reached": best,
+        "sustained": best >= 150_000.0,
+        "lag_p99_ms": 40.0,
+    }
+    return {
+        "spinners": 4,
+        "rates": [run],
+        "control": {"rate": 150_000.0, "reached": control_reached},
+        "sustained_rate": best if run["sustained"] else 0.0,
+        "sustained_lag_p99_ms": 40.0 if run["sustained"] else None,
+    }
+
+
+def test_busy_target_names_the_producers_bound() -> None:
+    """A target the producer thread cannot reach even with no writer working is reported as
+    bounded by its own GIL share, with the control's figure; one it can reach is not."""
+    bounded = _busy_target(_busy(control_reached=120_000.0, best=0.0))
+    assert bounded.status == NOT_MET
+    assert "producer thread's own GIL share" in bounded.note and "120,000/s" in bounded.note
+    writer_bound = _busy_target(_busy(control_reached=180_000.0, best=0.0))
+    assert writer_bound.status == NOT_MET and "GIL share" not in writer_bound.note
+    assert _busy_target(_busy(control_reached=180_000.0, best=150_000.0)).status == "met"
+
+
+def test_hold_target_names_its_bounds() -> None:
+    holds = {
+        "windows": {
+            "before": {"writer_max_ms": 1.0, "noise_max_ms": 0.5, "wait_max_ms": 1.2},
+            "frozen": {"writer_max_ms": 1.5, "noise_max_ms": 0.5, "wait_max_ms": 1.6},
+            "after": {"writer_max_ms": 6.0, "noise_max_ms": 9.0, "wait_max_ms": 7.0},
+        },
+        "writer_max_ms": 6.0,
+        "gc_long": [{"ms": 31.5, "generation": 2, "thread": "writer"}],
+    }
+    verdict = _hold_target(holds, 5.0)
+    assert verdict.status == NOT_MET and verdict.measured == "6.00 ms"
+    assert "switch interval 5 ms" in verdict.note and "31.5 ms (gen2, on writer)" in verdict.note
+    assert "within the noise of its window (after)" in verdict.note
 
 
 def test_the_package_holds_no_harness() -> None:
@@ -91,6 +167,14 @@ def test_harness_smoke(tmp_path: Path) -> None:
             str(TINY.overload_seconds),
             "--idle-seconds",
             str(TINY.idle_seconds),
+            "--busy-rates",
+            ",".join(f"{rate:g}" for rate in TINY.busy_rates),
+            "--busy-seconds",
+            str(TINY.busy_seconds),
+            "--close-runs",
+            str(TINY.close_runs),
+            "--close-rows",
+            str(TINY.close_rows),
             "--table",
             TINY.table,
             "--json",
@@ -140,13 +224,66 @@ def test_harness_smoke(tmp_path: Path) -> None:
     assert {"python", "psycopg", "server_version", "switch_interval_s"} <= set(data["machine"])
     assert data["writer_settings"]["max_queue"] > 0
 
+    # Issue 16: the writer's GIL holds, sampled during the (first) frozen case.
+    holds = data["gil_holds"]
+    assert set(holds["windows"]) == WINDOWS and holds["samples"] > 0
+    for window in holds["windows"].values():
+        assert set(window) == {"wait_max_ms", "writer_max_ms", "noise_max_ms"}
+        assert window["writer_max_ms"] <= window["wait_max_ms"]
+    assert holds["writer_max_ms"] == max(w["writer_max_ms"] for w in holds["windows"].values())
+    assert set(holds["slowest_log_ms"]) == WINDOWS and isinstance(holds["gc_long"], list)
+    assert set(frozen["slowest_log_ms"]) == WINDOWS and "gil_holds" not in hooked
+
+    # The busy application: every rate asked, and the control, accounted for.
+    busy = data["busy_app"]
+    assert [run["rate"] for run in busy["rates"]] == list(TINY.busy_rates)
+    for run in (*busy["rates"], busy["control"]):
+        assert run["consistent"] and run["calls"] > 0 and run["reached"] > 0
+        assert run["rows_in_table"] == run["calls"] - run["dropped_overflow"]
+    for run in busy["rates"]:
+        assert run["written"] == run["rows_in_table"]
+        if not run["dropped_overflow"]:
+            assert run["lag_samples"] > 0 and run["lag_p50_ms"] <= run["lag_p99_ms"]
+    assert busy["consistent"] and busy["control"]["rate"] == max(TINY.busy_rates)
+
+    # close() under fire: every queued row written or dead-lettered, every other call refused.
+    close = data["close_drain"]
+    assert len(close["runs"]) == TINY.close_runs and close["batch_size"] == 1_000
+    for run in close["runs"]:
+        assert run["consistent"] and run["queued"] == TINY.close_rows
+        assert run["written"] + run["dead_lettered"] + run["spooled"] == TINY.close_rows
+        assert run["rows_in_table"] == run["written"] and run["refused"] == run["hammer_calls"]
+    assert close["max_seconds"] >= close["median_seconds"] > 0
+
     verdicts = {t["name"]: t["status"] for t in data["targets"]}
-    assert len(verdicts) == 12
-    assert "log() p99 frozen, prefault_memory()" in verdicts
+    assert len(verdicts) == 16
+    assert {
+        "log() p99 frozen, prefault_memory()",
+        "auditq-drain-4spin throughput",
+        "slowest log() while frozen",
+        "writer GIL hold (frozen case)",
+        "memory in flight (overload RSS)",
+        "busy app: rate sustained, lag p99",
+        "close() drain under fire",
+    } <= set(verdicts)
     assert set(verdicts.values()) <= {"met", "NOT MET", "n/a"}
+    goals = {t["name"]: t["goal"] for t in data["targets"]}
+    assert goals["auditq-1t throughput"] == ">= 0.9x ceiling"
+    assert goals["auditq-4t throughput"] == ">= 0.85x ceiling"
+    assert goals["auditq-drain-4spin throughput"] == ">= 0.7x ceiling"
     for case in THROUGHPUT_CASES:
         assert case in done.stdout
     assert "frozen-prefault" in done.stdout and "accounting OK" in done.stdout
+    for line in (
+        "GIL holds during the frozen case",
+        "of it, the writer's (its CPU)",
+        "machine noise (other process)",
+        "busy application: 4 threads",
+        "control   asked 4,000/s",
+        "highest rate sustained",
+        "close() under fire: 2,000 rows queued",
+    ):
+        assert line in done.stdout, line
 
 
 def test_frozen_needs_an_owned_server(pg_dsn: str) -> None:
