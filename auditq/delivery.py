@@ -39,6 +39,7 @@ class Delivery:
         spool: Spool | None,
         *,
         batch_size: int,
+        stream_seconds: float,
         spool_after: float,
         retry_backoff_max: float,
         abort: threading.Event,
@@ -51,6 +52,8 @@ class Delivery:
         self._sink = sink
         self._spool = spool
         self._batch_size = batch_size
+        # How long a COPY under way keeps taking queued rows (see `_follow_on`).
+        self._stream_seconds = stream_seconds
         self._spool_after = spool_after
         # Set by close() at its deadline: the sink stops retrying and hands rows back.
         self._abort = abort
@@ -193,14 +196,20 @@ class Delivery:
     def _follow_on(self, taken: int) -> Callable[[], list[Row]]:
         """More rows for the COPY under way, up to `batch_size` rows in all, while at least
         a chunk of them is queued: a backlog streams through one COPY, but a trickle does
-        not keep a COPY (and its transaction) open. Nothing once close() is cutting the
-        writer short: what is still queued is then close()'s to account for."""
+        not keep a COPY (and its transaction) open. Nor does a steady stream the writer
+        only just keeps up with (behind busy threads): rows count as written at the COPY's
+        commit, so after `stream_seconds` (half of `flush_interval`) the COPY takes no more
+        and commits, and an entry is not left waiting a whole `batch_size` for it (not
+        while close() drains: it wants few COPYs, see `_batch_rows`). Nothing once close()
+        is cutting the writer short: what is still queued is then close()'s to account
+        for."""
         budget = self._batch_rows() - taken
+        until = float("inf") if self.closing else time.monotonic() + self._stream_seconds
 
         def more() -> list[Row]:
             nonlocal budget
             want = min(CHUNK_ROWS, budget)
-            if want <= 0 or self._sink.stopping():
+            if want <= 0 or self._sink.stopping() or time.monotonic() >= until:
                 return []
             rows = self._ledger.take(want, at_least=want)
             budget -= len(rows)

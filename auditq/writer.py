@@ -207,6 +207,7 @@ class AuditWriter:
             self._sink,
             self._spool,
             batch_size=options.batch_size,
+            stream_seconds=options.flush_interval / 2,
             spool_after=options.spool_after,
             retry_backoff_max=options.retry_backoff_max,
             abort=self._abort,

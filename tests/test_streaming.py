@@ -123,3 +123,33 @@ def test_a_backlog_queued_during_a_copy_goes_into_that_copy(
     assert (stats.written, stats.batches, stats.dead_lettered) == (20_000, 1, 0)
     assert table.count() == 20_000 == table.distinct_ids()
     assert _transactions(table) == 1
+
+
+def test_a_copy_stops_taking_rows_after_half_the_flush_interval(
+    table: Table, make_writer: WriterFactory
+) -> None:
+    # As above, but the first COPY is held on the lock for longer than half the flush
+    # interval: rows count as written at its commit, so it must not go on taking the backlog
+    # (which would keep those rows waiting for it); the backlog gets a COPY of its own.
+    blocker = psycopg.connect(table.dsn)
+    target = f'"{table.schema}"."{table.name}"'
+    blocker.execute(f"LOCK TABLE {target} IN ACCESS EXCLUSIVE MODE")
+    writer = make_writer(batch_size=20_000, flush_interval=0.4)
+    try:
+        for n in range(5_000):
+            assert writer.log("stream.test", request_id=str(n))
+        assert wait_until(lambda: len(writer._buffer) == 0, timeout=10)
+        for n in range(5_000, 20_000):
+            assert writer.log("stream.test", request_id=str(n))
+        time.sleep(0.5)  # past the first COPY's 0.2 s of taking rows
+    finally:
+        blocker.rollback()
+        blocker.close()
+    assert writer.flush(timeout=60)
+    stats = writer.stats()
+    assert (stats.written, stats.dead_lettered) == (20_000, 0)
+    assert table.count() == 20_000 == table.distinct_ids()
+    per_transaction = table.query(
+        "SELECT count(*), min(request_id::int) FROM {table} GROUP BY xmin::text ORDER BY 2"
+    )
+    assert [int(r[0]) for r in per_transaction] == [5_000, 15_000]
