@@ -5,6 +5,11 @@ medians reported. It runs from a checkout and uses auditq's public API only.
 Throughput cases (each starts on an emptied table, after a CHECKPOINT when allowed):
   ceiling      rows encoded with `auditq.binary.encode_row` before timing; timed: binary COPY of
                HEADER, the rows in ~1 MB writes, TRAILER, one commit per writer batch_size rows
+  ceiling-4spin  the same pre-encoded COPYs while 4 threads spin in pure Python, sent by the
+               best client there is for it (libpq driven from C, `auditq.pqcopy`, autocommit,
+               the writer's widened send buffer): what 4 busy threads leave of the server's
+               COPY on this machine, whatever the client; the bound of auditq-4t and
+               auditq-drain-4spin
   auditq-1t    1 producer thread calling `writer.log()` as fast as it can, default settings;
                timed from the first call until `flush()` returned (then `count(*)` must agree)
   auditq-4t    the same with 4 producer threads
@@ -50,7 +55,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from auditq import AuditWriter, WriterStats, native, otel, prefault_memory
+from auditq import AuditWriter, WriterStats, native, otel, pqcopy, prefault_memory
 from auditq.benchjob import (
     TYPICAL_FIELDS,
     machine_info,
@@ -62,6 +67,7 @@ from auditq.benchjob import (
 )
 from auditq.binary import COPY_COLUMNS, HEADER, TRAILER, encode_row
 from auditq.config import DEFAULT_BATCH_SIZE
+from auditq.connection import widen_send_buffer
 from auditq.entry import COLUMNS, Row, dump_metadata
 from auditq.schema import qualified
 
@@ -70,6 +76,7 @@ from .system import ServerFreezer, rss_bytes
 
 THROUGHPUT_CASES = (
     "ceiling",
+    "ceiling-4spin",
     "auditq-1t",
     "auditq-4t",
     "auditq-4t-si1ms",
@@ -309,6 +316,43 @@ class Harness:
             seconds = time.perf_counter() - started
         in_table, _ = self.count()
         return CaseRun("ceiling", round_, rows, seconds, rows / seconds, in_table, in_table == rows)
+
+    def ceiling_spinning(self, round_: int, chunks: list[list[bytes]]) -> CaseRun:
+        """The ceiling's COPYs while DIAGNOSTIC_SPINNERS threads spin: sent through libpq from
+        C where the C path is available (the writer's own path; one GIL wait per COPY's
+        start, per MiB the server is behind and per end, none per piece), each COPY its own
+        transaction on an autocommit connection with the writer's widened send buffer.
+        psycopg's `copy.write()` needs the GIL back after every flush, so behind 4 busy
+        threads it would measure psycopg, not the server."""
+        rows = self.cfg.entries
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            widen_send_buffer(conn.pgconn.socket)
+            conn.execute("SELECT 1")
+            query = self.copy_sql.as_bytes(conn)
+            through_c = pqcopy.available()
+            with spinning(DIAGNOSTIC_SPINNERS):
+                started = time.perf_counter()
+                for blocks in chunks:
+                    if through_c:
+                        pqcopy.copy(conn, query, [HEADER, *blocks, TRAILER])
+                        continue
+                    with conn.cursor() as cur, cur.copy(self.copy_sql) as copy:
+                        copy.write(HEADER)
+                        for block in blocks:
+                            copy.write(block)
+                        copy.write(TRAILER)
+                seconds = time.perf_counter() - started
+        in_table, _ = self.count()
+        return CaseRun(
+            "ceiling-4spin",
+            round_,
+            rows,
+            seconds,
+            rows / seconds,
+            in_table,
+            in_table == rows,
+            stats={"through_c": through_c},
+        )
 
     def auditq(self, round_: int, threads: int, *, switch_interval: float | None = None) -> CaseRun:
         if switch_interval is not None:
@@ -1093,6 +1137,7 @@ def run_compare(
     chunks = encode_ceiling(cfg)
     steps: dict[str, Callable[[int], CaseRun]] = {
         "ceiling": lambda r: harness.ceiling(r, chunks),
+        "ceiling-4spin": lambda r: harness.ceiling_spinning(r, chunks),
         "auditq-1t": lambda r: harness.auditq(r, 1),
         "auditq-4t": lambda r: harness.auditq(r, 4),
         "auditq-4t-si1ms": lambda r: harness.auditq(

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from auditq import pqcopy
 from benchmarks.compare import THROUGHPUT_CASES, CompareConfig, Harness, prefault_in_effect
 from benchmarks.harness import build_parser
 from benchmarks.report import NOT_MET, _busy_target, _hold_target
@@ -202,6 +203,9 @@ def test_harness_smoke(tmp_path: Path) -> None:
             assert stats["calls"] == stats["accepted"] + refused
             assert stats["written"] == stats["distinct_ids"] == run["rows_in_table"]
             assert set(run["latency_ns"]) >= {"p50", "p99", "p99.9", "max"}
+        if run["case"] == "ceiling-4spin":
+            # The bound of the busy-thread cases is measured with the writer's own C path.
+            assert run["stats"]["through_c"] is pqcopy.available()
 
     # The main cases ran with the interpreter's own allocator; only the last case had the hook.
     assert data["writer_settings"]["prefault_hook"] is False
