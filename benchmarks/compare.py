@@ -5,11 +5,10 @@ medians reported. It runs from a checkout and uses auditq's public API only.
 Throughput cases (each starts on an emptied table, after a CHECKPOINT when allowed):
   ceiling      rows encoded with `auditq.binary.encode_row` before timing; timed: binary COPY of
                HEADER, the rows in ~1 MB writes, TRAILER, one commit per writer batch_size rows
-  ceiling-4spin  the same pre-encoded COPYs while 4 threads spin in pure Python, sent by the
-               best client there is for it (libpq driven from C, `auditq.pqcopy`, autocommit,
-               the writer's widened send buffer): what 4 busy threads leave of the server's
-               COPY on this machine, whatever the client; the bound of auditq-4t and
-               auditq-drain-4spin
+  ceiling-4spin  the same pre-encoded COPYs while 4 threads spin in pure Python, each COPY
+               sent by one C call through libpq with the GIL released throughout: what 4 busy
+               threads leave of the server's COPY on this machine, whatever the client; the
+               bound of auditq-4t and auditq-drain-4spin
   auditq-1t    1 producer thread calling `writer.log()` as fast as it can, default settings;
                timed from the first call until `flush()` returned (then `count(*)` must agree)
   auditq-4t    the same with 4 producer threads
@@ -318,23 +317,30 @@ class Harness:
         return CaseRun("ceiling", round_, rows, seconds, rows / seconds, in_table, in_table == rows)
 
     def ceiling_spinning(self, round_: int, chunks: list[list[bytes]]) -> CaseRun:
-        """The ceiling's COPYs while DIAGNOSTIC_SPINNERS threads spin: sent through libpq from
-        C where the C path is available (the writer's own path; one GIL wait per COPY's
-        start, per MiB the server is behind and per end, none per piece), each COPY its own
-        transaction on an autocommit connection with the writer's widened send buffer.
-        psycopg's `copy.write()` needs the GIL back after every flush, so behind 4 busy
-        threads it would measure psycopg, not the server."""
+        """The ceiling's COPYs while DIAGNOSTIC_SPINNERS threads spin, each COPY (start, every
+        block, end, result) sent by one C call through libpq with the GIL released for all of
+        it (`_pqcopy.c`'s `pq_copy`, the writer's own binding), so the client waits for the
+        GIL once per COPY and never while the server has data to take: what 4 busy threads
+        leave of the server's COPY on this machine, the bound of auditq-4t and
+        auditq-drain-4spin. Without the C path, psycopg's `copy.write()`, which needs the GIL
+        back after every flush (then the figure is psycopg's behind 4 threads, not the
+        server's). Each COPY its own transaction on an autocommit connection with the
+        writer's widened send buffer."""
         rows = self.cfg.entries
+        speedups = native.speedups
+        through_c = pqcopy.available() and speedups is not None
         with psycopg.connect(self.dsn, autocommit=True) as conn:
             widen_send_buffer(conn.pgconn.socket)
             conn.execute("SELECT 1")
             query = self.copy_sql.as_bytes(conn)
-            through_c = pqcopy.available()
+            ptr: int = getattr(conn.pgconn, "pgconn_ptr")  # noqa: B009 - not in the protocol
             with spinning(DIAGNOSTIC_SPINNERS):
                 started = time.perf_counter()
                 for blocks in chunks:
-                    if through_c:
-                        pqcopy.copy(conn, query, [HEADER, *blocks, TRAILER])
+                    if through_c and speedups is not None:
+                        outcome = speedups.pq_copy(ptr, query, (HEADER, *blocks, TRAILER), True)
+                        if outcome[2] is not None:
+                            raise psycopg.OperationalError(f"ceiling-4spin COPY: {outcome[2]!r}")
                         continue
                     with conn.cursor() as cur, cur.copy(self.copy_sql) as copy:
                         copy.write(HEADER)

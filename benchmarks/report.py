@@ -65,7 +65,8 @@ def evaluate(result: CompareResult) -> list[Target]:
         detail = bound
         if case in ("auditq-4t", "auditq-drain-4spin") and machine and ceiling:
             detail += (
-                f"; bound: the same pre-encoded COPYs sent from C behind 4 spinning threads"
+                f"; bound: the same pre-encoded COPYs, one C call each without the GIL, behind"
+                f" 4 spinning threads"
                 f" (ceiling-4spin) reach {machine / ceiling:.2f}x, and this case"
                 f" {tp[case] / machine:.2f}x of that"
             )
@@ -343,8 +344,8 @@ def format_report(result: CompareResult, target: str) -> str:
         "the GIL hand-off costs, not a target;\n"
         "   auditq-drain-4spin = auditq-drain while 4 threads that never call auditq spin in pure "
         "Python: what any 4 busy threads cost the writer (issue 16's target: >= 0.7x);\n"
-        "   ceiling-4spin = the ceiling's COPYs sent from C while the same 4 threads spin: what "
-        "they leave of the server's COPY whatever the client)"
+        "   ceiling-4spin = the ceiling's COPYs, each one C call without the GIL, while the same 4 "
+        "threads spin: what they leave of the server's COPY whatever the client)"
     )
     lines += ["", f"  {'log() latency':<28}{'p50':>10}{'p99':>10}{'p99.9':>10}{'max':>12}"]
     for name in (
