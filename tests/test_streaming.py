@@ -3,11 +3,12 @@ batch_size), instead of each batch ending its COPY and starting another."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
-import psycopg
-
+from auditq import AuditWriter
 from auditq.binary import Item
 from auditq.entry import Row
 
@@ -98,58 +99,71 @@ def test_a_row_the_server_rejects_in_a_later_chunk_sinks_only_itself(table: Tabl
     assert stored == set(range(4000)) - {3210}
 
 
+def _held_at(request_id: str, release: threading.Event) -> Callable[[dict[str, Any]], Any]:
+    """A `before_write` hook that holds the writer thread at one entry until `release`."""
+
+    def hook(entry: dict[str, Any]) -> dict[str, Any]:
+        if entry["request_id"] == request_id:
+            assert release.wait(30)
+        return entry
+
+    return hook
+
+
+def _queue_backlog_while_held(writer: AuditWriter, release: threading.Event) -> None:
+    """5,000 entries the writer takes (and is held on), then 15,000 more queued meanwhile."""
+    for n in range(5_000):
+        assert writer.log("stream.test", request_id=str(n))
+    assert wait_until(lambda: len(writer._buffer) == 0, timeout=10)
+    for n in range(5_000, 20_000):
+        assert writer.log("stream.test", request_id=str(n))
+    assert writer.stats().pending == 20_000 and writer.stats().written == 0
+    release.set()
+
+
+def _per_transaction(table: Table) -> list[int]:
+    rows = table.query(
+        "SELECT count(*), min(request_id::int) FROM {table} GROUP BY xmin::text ORDER BY 2"
+    )
+    return [int(r[0]) for r in rows]
+
+
 def test_a_backlog_queued_during_a_copy_goes_into_that_copy(
     table: Table, make_writer: WriterFactory
 ) -> None:
-    # Hold a lock that the writer's first COPY waits for, so that the whole backlog is
-    # queued while that COPY is under way; once the lock goes, the COPY takes it all.
-    blocker = psycopg.connect(table.dsn)
-    target = f'"{table.schema}"."{table.name}"'
-    blocker.execute(f"LOCK TABLE {target} IN ACCESS EXCLUSIVE MODE")
-    writer = make_writer(batch_size=20_000, flush_interval=60)
-    try:
-        for n in range(5_000):
-            assert writer.log("stream.test", request_id=str(n))
-        # The writer wakes at 5,000 queued rows, takes them and waits on the lock.
-        assert wait_until(lambda: len(writer._buffer) == 0, timeout=10)
-        for n in range(5_000, 20_000):
-            assert writer.log("stream.test", request_id=str(n))
-        assert writer.stats().pending == 20_000 and writer.stats().written == 0
-    finally:
-        blocker.rollback()
-        blocker.close()
+    # The writer is held on the last entry of its first batch while the backlog queues up;
+    # the COPY it then starts takes the whole backlog.
+    release = threading.Event()
+    writer = make_writer(
+        batch_size=20_000, flush_interval=60, before_write=_held_at("4999", release)
+    )
+    _queue_backlog_while_held(writer, release)
     assert writer.flush(timeout=60)
     stats = writer.stats()
     assert (stats.written, stats.batches, stats.dead_lettered) == (20_000, 1, 0)
     assert table.count() == 20_000 == table.distinct_ids()
-    assert _transactions(table) == 1
+    assert _per_transaction(table) == [20_000]
 
 
 def test_a_copy_stops_taking_rows_after_half_the_flush_interval(
     table: Table, make_writer: WriterFactory
 ) -> None:
-    # As above, but the first COPY is held on the lock for longer than half the flush
-    # interval: rows count as written at its commit, so it must not go on taking the backlog
-    # (which would keep those rows waiting for it); the backlog gets a COPY of its own.
-    blocker = psycopg.connect(table.dsn)
-    target = f'"{table.schema}"."{table.name}"'
-    blocker.execute(f"LOCK TABLE {target} IN ACCESS EXCLUSIVE MODE")
-    writer = make_writer(batch_size=20_000, flush_interval=0.4)
-    try:
-        for n in range(5_000):
-            assert writer.log("stream.test", request_id=str(n))
-        assert wait_until(lambda: len(writer._buffer) == 0, timeout=10)
-        for n in range(5_000, 20_000):
-            assert writer.log("stream.test", request_id=str(n))
-        time.sleep(0.5)  # past the first COPY's 0.2 s of taking rows
-    finally:
-        blocker.rollback()
-        blocker.close()
+    # As above, but the COPY is then held for longer than half the flush interval at its
+    # first follow-on chunk: rows count as written at its commit, so it must not go on
+    # taking the backlog (which would keep those rows waiting for it); the rest of the
+    # backlog gets a COPY of its own.
+    release = threading.Event()
+    held_first = _held_at("4999", release)
+
+    def hook(entry: dict[str, Any]) -> Any:
+        if entry["request_id"] == "5000":
+            time.sleep(0.5)  # past the COPY's 0.2 s of taking rows
+        return held_first(entry)
+
+    writer = make_writer(batch_size=20_000, flush_interval=0.4, before_write=hook)
+    _queue_backlog_while_held(writer, release)
     assert writer.flush(timeout=60)
     stats = writer.stats()
     assert (stats.written, stats.dead_lettered) == (20_000, 0)
     assert table.count() == 20_000 == table.distinct_ids()
-    per_transaction = table.query(
-        "SELECT count(*), min(request_id::int) FROM {table} GROUP BY xmin::text ORDER BY 2"
-    )
-    assert [int(r[0]) for r in per_transaction] == [5_000, 15_000]
+    assert _per_transaction(table) == [6_000, 14_000]
