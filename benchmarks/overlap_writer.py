@@ -2,7 +2,13 @@
 work, with each COPY's result read late on a second connection. Not the writer: the protocol
 is driven by hand with psycopg's low-level `pq` interface, as `ceiling_overlap.py` does.
 
-    python -m benchmarks.overlap_writer   (from the checkout; embedded PostgreSQL)
+    python -m benchmarks.overlap_writer [--c-path] [--rounds 3]   (from the checkout)
+
+With `--c-path` the pieces go through the writer's own C path (`auditq.pqcopy`: each piece
+handed to libpq with the GIL held, a wait without it only at the COPY's start, a 1 MiB high
+water and, with one connection, its end); with two connections the end is sent without
+waiting, the other connection's unsent tail is pushed on between pieces, and the result is
+read before that connection's next COPY (issue 16's two designs together).
 
 Where `ceiling_overlap.py` sends rows encoded before timing, this loop does what the writer
 thread does for each batch: take 50,000 queued rows (the `Row` tuples `log()` queues), encode
@@ -18,6 +24,8 @@ else busy and with 4 threads spinning in pure Python (the busy application).
 
 from __future__ import annotations
 
+import argparse
+import select
 import sys
 import time
 from collections import deque
@@ -31,12 +39,14 @@ from psycopg import generators, pq, waiting
 from psycopg.abc import PQGen
 from psycopg.generators import WAIT_W
 
+from auditq import pqcopy
 from auditq.benchjob import prepare_table
 from auditq.binary import HEADER, TRAILER, encode_block, origin_field
 from auditq.buffer import PIECE_ROWS, release
 from auditq.connection import widen_send_buffer
 from auditq.embedded import embedded_postgres
 from auditq.entry import Row
+from auditq.native import speedups
 from benchmarks.compare import CompareConfig, Harness, spinning, typical_row
 
 SPINNERS = 4
@@ -118,18 +128,93 @@ def write_all(harness: Harness, queued: deque[Row], connections: int) -> float:
     return total / seconds
 
 
+def _read_late(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+    """Send what libpq still holds of an ended COPY, then read its results."""
+    pgconn = conn.pgconn
+    while pgconn.flush() > 0:
+        select.select([pgconn.socket], [pgconn.socket], [])
+        pgconn.consume_input()
+    _finish(conn)
+
+
+def write_all_c(harness: Harness, queued: deque[Row], connections: int) -> float:
+    """`write_all` through the C path (see the module's docstring)."""
+    assert speedups is not None and pqcopy.available()
+    total = len(queued)
+    conns = [psycopg.connect(harness.dsn, autocommit=True) for _ in range(connections)]
+    statement = harness.copy_sql.as_bytes(conns[0])
+    for conn in conns:
+        widen_send_buffer(conn.pgconn.socket)
+        conn.execute("SELECT 1")
+    pending = [0] * connections
+    written = 0
+    started = time.perf_counter()
+    n = 0
+    while queued:
+        k = n % connections
+        n += 1
+        conn, other = conns[k], conns[(k + 1) % connections]
+        if pending[k]:
+            _read_late(conn)
+            written += pending[k]
+            pending[k] = 0
+        ptr: int = getattr(conn.pgconn, "pgconn_ptr")  # noqa: B009 - not in the protocol
+        rows = [queued.popleft() for _ in range(min(BATCH, len(queued)))]
+        opened = speedups.pq_copy(ptr, statement, (), False)
+        assert opened[2] is None, opened
+        unsent = 0
+        pieces = [HEADER]
+        for start in range(0, len(rows), PIECE_ROWS):
+            kept: list[Row] = []
+            bad: list[tuple[Row, str]] = []
+            pieces.append(encode_block(rows[start : start + PIECE_ROWS], kept, bad, ORIGIN))
+            assert not bad, bad[:1]
+            piece = pieces.pop(0)
+            if connections > 1 and pending[(k + 1) % connections]:
+                other.pgconn.flush()
+            waiting_, error = speedups.pq_put(ptr, piece, unsent + len(piece) >= pqcopy.HIGH_WATER)
+            assert error is None, error
+            unsent = unsent + len(piece) if waiting_ else 0
+        pieces.append(TRAILER)
+        if connections == 1:
+            ended = speedups.pq_copy(ptr, None, tuple(pieces), True)
+            assert ended[2] is None, ended
+            written += len(rows)
+        else:
+            for piece in pieces:
+                conn.pgconn.put_copy_data(piece)
+            conn.pgconn.put_copy_end(None)
+            conn.pgconn.flush()
+            pending[k] = len(rows)
+        release(rows)
+    for k, conn in enumerate(conns):
+        if pending[k]:
+            _read_late(conn)
+            written += pending[k]
+    seconds = time.perf_counter() - started
+    for conn in conns:
+        conn.close()
+    assert written == total, (written, total)
+    return total / seconds
+
+
 def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.overlap_writer")
+    parser.add_argument("--c-path", action="store_true", help="the writer's C path")
+    parser.add_argument("--rounds", type=int, default=ROUNDS)
+    args = parser.parse_args()
+    write = write_all_c if args.c_path else write_all
     with embedded_postgres() as dsn:
         cfg = CompareConfig(entries=400_000)
         prepare_table(dsn, cfg.schema, cfg.table)
         harness = Harness(dsn, cfg, server_owned=True, stream=sys.stderr)
-        for _ in range(ROUNDS):
+        for _ in range(args.rounds):
             for busy in (0, SPINNERS):
                 for connections in (1, 2):
                     harness.reset()
                     queued: deque[Row] = deque(typical_row(i) for i in range(cfg.entries))
                     with spinning(busy):
-                        rate = write_all(harness, queued, connections)
+                        rate = write(harness, queued, connections)
                     rows, _ = harness.count()
                     assert rows == cfg.entries, rows
                     label = f"{busy} spinning threads" if busy else "nothing else busy"
