@@ -282,6 +282,9 @@ def test_result_lost_after_the_end_of_a_streaming_copy(
     expected_triggers = 1 if case in ("reply-lost", "end-never-arrived") else 2
     assert proxy.triggered == expected_triggers
     assert stats.retries >= expected_triggers
+    # Each retry of the lost batch went straight to the idempotent merge: a plain COPY
+    # again (a retry that took the lost result for a failure) would be one more attempt.
+    assert attempts.attempts == expected_triggers, attempts.attempts
     # The lost COPY's rows, its own and those that joined it, went through the staging
     # table's merge, once (a merge whose own reply is lost is retried, not counted here),
     # and found them stored or not as the server had left them.
