@@ -2,10 +2,18 @@
 in flight (libpq's buffer, the kernel's) while it encodes the next piece, rows queued while
 a COPY runs join it, and the end of the data and the result are one C call.
 
-Each test checks that the C path carried the data (`pqcopy.copy` and `pq_put` counted, and
-for the in-flight cases that HIGH_WATER bytes were unsent at least once) and the exact
-accounting: every accepted entry written, dead-lettered or spooled, the table holding each
-written row once. The proxy throttles the server's side so that data piles up in flight.
+The issue asked for a cut while another connection has a COPY in flight, a result lost
+between two COPYs and close() while both are in flight: the kept design has one COPY
+connection per writer, so these are the same faults against it. A cut at a byte offset of
+a COPY whose data is in flight; the result lost after the end of a streaming COPY while
+the next rows wait (and the replay on the next connection faulted again); close() while a
+COPY's data is in flight to a slow or frozen server; libpq left in COPY_IN by a failed flush.
+
+Each test checks that the C path carried the data (`pqcopy.copy` and `pq_put` counted;
+for the in-flight cases, that libpq held unsent data, past HIGH_WATER where the test says
+so) and the exact accounting: every accepted entry written, dead-lettered or spooled, the
+table holding each written row once. The proxy throttles the server's side, with small
+kernel buffers, so that the data piles up in libpq's buffer.
 """
 
 from __future__ import annotations
@@ -184,9 +192,7 @@ def test_cut_at_a_byte_offset_while_data_is_in_flight(
 ) -> None:
     proxy = slow_proxy
     # A long write_timeout: a throttled COPY is slow, not hung (the watchdog stays out).
-    writer = writers(
-        proxy.dsn, table, batch_size=100_000, max_queue=300_000, write_timeout=30.0
-    )
+    writer = writers(proxy.dsn, table, batch_size=100_000, max_queue=300_000, write_timeout=30.0)
     caller = Caller(writer)
     joins = Joins(writer)
     caller.stream(1000)
@@ -243,9 +249,7 @@ def test_result_lost_after_the_end_of_a_streaming_copy(
         monkeypatch.setattr(pqcopy, "enabled", False)
     seen = count_c_path(monkeypatch) if speedups is not None else CPath()
     proxy = slow_proxy
-    writer = writers(
-        proxy.dsn, table, batch_size=50_000, max_queue=100_000, write_timeout=30.0
-    )
+    writer = writers(proxy.dsn, table, batch_size=50_000, max_queue=100_000, write_timeout=30.0)
     caller = Caller(writer)
     attempts = Attempts(writer)
     committed = case != "end-never-arrived"
@@ -357,7 +361,7 @@ def test_close_while_a_throttled_copy_streams(
         assert stats.spooled == 0 and stats.dead_lettered == len(dead) > 0
         unsure = [d for d in dead if "outcome is unknown" in d.reason]
         assert len(unsure) == stats.unconfirmed
-        assert all("not written before close() timed out" in d.reason for d in dead[len(unsure):])
+        assert all("not written before close() timed out" in d.reason for d in dead[len(unsure) :])
         # Rows whose end of data was out when close() cut the connection may be stored.
         assert stats.written <= stored <= stats.written + stats.unconfirmed, stats
         assert_exact(writer, table, caller, unconfirmed_stored=stored - stats.written)
@@ -422,9 +426,7 @@ def test_close_while_the_server_is_frozen_mid_stream_spools_it(
     assert stats.written == 1000 and stats.spooled == 100_000, stats
     following = writers(own_server.dsn, table, spool_dir=tmp_path)
     following.flush()
-    assert wait_until(lambda: following.stats().replayed == 100_000, timeout=90), (
-        following.stats()
-    )
+    assert wait_until(lambda: following.stats().replayed == 100_000, timeout=90), following.stats()
     assert stored_numbers(table) == list(range(101_000))
     assert table.count() == table.distinct_ids() == 101_000
 
@@ -481,9 +483,7 @@ def test_a_failed_flush_does_not_leave_copy_in_on_a_healthy_looking_connection(
     try:
         data = [_rows(500) for _ in range(4)]
         with pytest.raises(psycopg.OperationalError):
-            pqcopy.copy(
-                conn, statement.as_bytes(conn), swap.pieces(conn, [HEADER, *data, TRAILER])
-            )
+            pqcopy.copy(conn, statement.as_bytes(conn), swap.pieces(conn, [HEADER, *data, TRAILER]))
         assert swap.swapped == 1
         # Never handed out again: it reads as closed (libpq finished), not as an idle
         # connection whose libpq still sits in COPY_IN and refuses every command.
