@@ -12,6 +12,11 @@ the server's unix socket (the embedded test servers listen only there). Faults:
   connection. With `forward=False` the bytes never reach the server; with `forward=True`
   they do, the server's reply is read and thrown away, and only the client is cut: for a
   COMMIT this is the commit-outcome-unknown case (committed, but the client cannot know).
+  With `after=`, a trigger is armed only once another one has fired (a fault sequence);
+* `cut_at(offset)`: cut the connection whose COPY stream (counted from its binary
+  signature) reaches `offset` bytes: the bytes before it reach the server, none after;
+* `throttle(rate)`: forward the client's bytes at most at `rate` bytes/s (a slow server or
+  link: the writer's COPY data piles up in the kernel's buffers and libpq's).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Final
@@ -37,6 +43,7 @@ COPY_SIGNATURE: Final = b"PGCOPY\n\xff\r\n\x00"
 READY_FOR_QUERY: Final = b"Z\x00\x00\x00\x05"
 
 _CHUNK: Final = 65536
+_SWALLOW_SECONDS: Final = 15.0
 _POLL: Final = 0.05
 
 
@@ -50,6 +57,11 @@ class _Link:
     closed: threading.Event = field(default_factory=threading.Event)
     # True after a forward-and-cut: the server's reply is drained and dropped.
     swallow: bool = False
+    swallow_until: float = 0.0
+    # The client's last bytes, so a pattern split over two reads is still seen.
+    tail: bytes = b""
+    # Bytes of the current COPY stream forwarded so far (None before a COPY's signature).
+    copy_pos: int | None = None
 
     def close(self) -> None:
         self.closed.set()
@@ -57,22 +69,38 @@ class _Link:
             _shut(sock)
 
     def cut_client(self) -> None:
-        """Cut the client only: the server side stays up until its reply has been drained."""
+        """Cut the client only: the server side stays up until its reply has been drained
+        (or for _SWALLOW_SECONDS: a server that never answers must not hold it forever)."""
+        self.swallow_until = time.monotonic() + _SWALLOW_SECONDS
         self.swallow = True
         _shut(self.client)
 
 
-@dataclass
+@dataclass(eq=False)
 class _Trigger:
     pattern: bytes
     forward: bool
     remaining: int
+    after: _Trigger | None = None
+
+    @property
+    def armed(self) -> bool:
+        return self.remaining > 0 and (self.after is None or self.after.remaining == 0)
+
+
+@dataclass
+class _OffsetCut:
+    offset: int
+    remaining: int
+    from_end: bool = False
 
 
 class Proxy:
     """A fault-injecting TCP proxy in front of the server that `dsn` names."""
 
-    def __init__(self, dsn: str) -> None:
+    def __init__(self, dsn: str, *, rcvbuf: int | None = None) -> None:
+        """`rcvbuf` bounds the kernel's receive buffer on the client side (autotuned up to
+        tens of MiB otherwise): with `throttle()`, the writer's data then piles up in libpq."""
         params = conninfo_to_dict(dsn)
         host = str(params.get("host") or "localhost")
         port = int(params.get("port") or 5432)
@@ -86,10 +114,14 @@ class Proxy:
             self._family = socket.AF_INET6 if ":" in host else socket.AF_INET
             self._address = (str(params.get("hostaddr") or host), port)
         self._listener = socket.create_server(("127.0.0.1", 0))
+        if rcvbuf is not None:  # inherited by the accepted sockets
+            self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         self.port: int = self._listener.getsockname()[1]
         self._lock = threading.Lock()
         self._links: set[_Link] = set()
         self._triggers: list[_Trigger] = []
+        self._offset_cuts: list[_OffsetCut] = []
+        self._rate: float | None = None
         # Cleared while blackholed: pumps wait on it before each read.
         self._flowing = threading.Event()
         self._flowing.set()
@@ -132,10 +164,40 @@ class Proxy:
         else:
             self._flowing.set()
 
-    def cut_on(self, pattern: bytes, *, forward: bool, times: int = 1) -> None:
-        """Cut the connection whose client sends `pattern`, `times` times (see module doc)."""
+    def cut_on(
+        self, pattern: bytes, *, forward: bool, times: int = 1, after: _Trigger | None = None
+    ) -> _Trigger:
+        """Cut the connection whose client sends `pattern`, `times` times (see module doc);
+        with `after`, only once that trigger has fired all its times."""
+        trigger = _Trigger(pattern, forward, times, after)
         with self._lock:
-            self._triggers.append(_Trigger(pattern, forward, times))
+            self._triggers.append(trigger)
+        return trigger
+
+    def cut_at(self, offset: int, *, times: int = 1) -> None:
+        """Cut the connection whose COPY stream reaches `offset` bytes (from the start of
+        its binary signature), `times` times: the server gets exactly the bytes before."""
+        with self._lock:
+            self._offset_cuts.append(_OffsetCut(offset, times))
+
+    def cut_at_end(self, offset: int, *, times: int = 1) -> None:
+        """Cut the connection `-offset` bytes before the end of a COPY's data (the end of
+        its CopyDone message; 0: right after it, so the server commits and the reply is
+        lost), `times` times."""
+        assert offset <= 0
+        with self._lock:
+            self._offset_cuts.append(_OffsetCut(offset, times, from_end=True))
+
+    def clear(self) -> None:
+        """Disarm every pending trigger and cut (between a property test's examples)."""
+        with self._lock:
+            self._triggers.clear()
+            self._offset_cuts.clear()
+        self._rate = None
+
+    def throttle(self, rate: float | None) -> None:
+        """Forward what clients send at most at `rate` bytes/s (None: at full speed)."""
+        self._rate = rate
 
     @property
     def open_links(self) -> int:
@@ -209,13 +271,20 @@ class Proxy:
                 try:
                     data = source.recv(_CHUNK)
                 except TimeoutError:
+                    if link.swallow and not upstream and time.monotonic() > link.swallow_until:
+                        break
                     continue
                 except OSError:
                     break
                 if not data:
                     break
                 if upstream:
-                    trigger = self._match(data)
+                    cut = self._offset_cut(link, data)
+                    if cut is not None:
+                        self.triggered += 1
+                        target.sendall(data[:cut])
+                        break
+                    trigger = self._match(link, data)
                     if trigger is not None:
                         self.triggered += 1
                         if trigger.forward:
@@ -224,6 +293,9 @@ class Proxy:
                             continue
                         break
                     target.sendall(data)
+                    rate = self._rate
+                    if rate:
+                        time.sleep(len(data) / rate)
                 elif link.swallow:
                     if READY_FOR_QUERY in data:
                         break
@@ -235,12 +307,36 @@ class Proxy:
             if not (upstream and link.swallow and not link.closed.is_set()):
                 self._drop(link)
 
-    def _match(self, data: bytes) -> _Trigger | None:
+    def _match(self, link: _Link, data: bytes) -> _Trigger | None:
+        tail = link.tail
+        link.tail = (tail + data)[-64:]
         with self._lock:
             for trigger in self._triggers:
-                if trigger.remaining > 0 and trigger.pattern in data:
+                pattern = trigger.pattern
+                # Only a pattern that ends in `data`: one the tail held whole was seen then.
+                seen = tail[len(tail) - len(pattern) + 1 :] + data if len(pattern) > 1 else data
+                if trigger.armed and pattern in seen:
                     trigger.remaining -= 1
                     return trigger
+        return None
+
+    def _offset_cut(self, link: _Link, data: bytes) -> int | None:
+        """Where in `data` to cut for an armed `cut_at` (None: forward it all)."""
+        start = data.rfind(COPY_SIGNATURE)
+        base = -start if start >= 0 else link.copy_pos
+        end = data.find(COPY_DONE_MESSAGE)
+        if base is not None:
+            link.copy_pos = base + len(data)
+        with self._lock:
+            for cut in self._offset_cuts:
+                if cut.remaining <= 0:
+                    continue
+                if cut.from_end and end >= 0:
+                    cut.remaining -= 1
+                    return max(0, end + len(COPY_DONE_MESSAGE) + cut.offset)
+                if not cut.from_end and base is not None and base <= cut.offset < base + len(data):
+                    cut.remaining -= 1
+                    return cut.offset - base
         return None
 
     def _drop(self, link: _Link) -> None:
