@@ -525,8 +525,9 @@ static PyObject *pq_put(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     int size = (int)PyBytes_GET_SIZE(args[1]);
     outcome_t out = {NULL, 0, 0, 1};
     int unsent = 0;
-    /* libpq grows its buffer rather than refuse data in nonblocking mode; a refusal (0)
-     * or a failure (-1) takes the waiting path below, without the GIL. */
+    /* In nonblocking mode libpq may refuse data it cannot buffer (0: seen with libpq 18
+     * behind a full socket); a refusal or a failure (-1) takes the waiting path below,
+     * without the GIL. */
     int r = pq.put_copy_data(conn, data, size);
     if (r == 1 && !drain) {
         unsent = pq.flush(conn);
