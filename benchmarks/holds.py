@@ -4,9 +4,10 @@ and for `benchmarks/gil_holds.py`.
 A sampling thread sleeps 1 ms at a time and records how late it woke: the time it waited for
 the GIL, that is the longest stretch some other thread held it. On a shared machine a late
 wake-up may also be the scheduler's, so two more figures come with it:
-- the writer thread's own CPU clock over each sleep: the part of a wait that the writer can
-  have held the GIL for is the wait capped by the CPU time it used meanwhile (a thread that
-  did not run cannot have held it);
+- the writer thread's own CPU clock over each sleep: an estimate of the part of a wait that
+  was the writer's, the wait capped by the CPU time it used meanwhile (it misses a hold
+  while the writer was descheduled with the GIL, and counts CPU the writer spent without
+  the GIL: the slowest `log()` is the callers' side of the same question);
 - the same sampler in a process of its own, which shares no GIL: how late a 1 ms sleep ends
   on this machine anyway (other processes, the scheduler), the noise floor.
 Garbage collections longer than 1 ms are recorded with their thread (`gc.callbacks`): a

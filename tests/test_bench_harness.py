@@ -76,12 +76,14 @@ def test_harness_parses_issue_16_options() -> None:
             build_parser().parse_args(["--busy-rates", bad])
 
 
-def _busy(control_reached: float, best: float) -> dict[str, object]:
+def _busy(control_reached: float, best: float, *, dropped: int = 0) -> dict[str, object]:
     run = {
         "rate": 150_000.0,
-        "reached": best,
+        "reached": best or 90_000.0,
         "sustained": best >= 150_000.0,
         "lag_p99_ms": 40.0,
+        "dropped_overflow": dropped,
+        "consistent": True,
     }
     return {
         "spinners": 4,
@@ -100,6 +102,9 @@ def test_busy_target_names_the_producers_bound() -> None:
     assert "producer thread's own GIL share" in bounded.note and "120,000/s" in bounded.note
     writer_bound = _busy_target(_busy(control_reached=180_000.0, best=0.0))
     assert writer_bound.status == NOT_MET and "GIL share" not in writer_bound.note
+    # A producer that cannot reach the rate does not excuse a writer that dropped entries.
+    fell_behind = _busy_target(_busy(control_reached=120_000.0, best=0.0, dropped=5))
+    assert "GIL share" not in fell_behind.note and "the writer fell behind" in fell_behind.note
     assert _busy_target(_busy(control_reached=180_000.0, best=150_000.0)).status == "met"
 
 
