@@ -28,19 +28,6 @@ from .spool import Spool, SpoolFull
 logger = logging.getLogger("auditq")
 
 
-#: The least time a COPY under way takes queued rows for, whatever `flush_interval`: each
-#: COPY costs the writer a few waits for the GIL, and a window of a few ms would end the
-#: streaming under load for a writer set for freshness.
-MIN_STREAM_SECONDS = 0.05
-
-
-def stream_seconds(flush_interval: float) -> float:
-    """How long a COPY takes queued rows for: half of `flush_interval` (an entry is then
-    committed within about one interval under a steady stream), at least
-    MIN_STREAM_SECONDS."""
-    return max(flush_interval / 2, MIN_STREAM_SECONDS)
-
-
 class Delivery:
     """How one writer's rows reach the table (or the spool, or the dead letters)."""
 
@@ -52,7 +39,6 @@ class Delivery:
         spool: Spool | None,
         *,
         batch_size: int,
-        stream_seconds: float,
         spool_after: float,
         retry_backoff_max: float,
         abort: threading.Event,
@@ -65,8 +51,6 @@ class Delivery:
         self._sink = sink
         self._spool = spool
         self._batch_size = batch_size
-        # How long a COPY under way keeps taking queued rows (see `_follow_on`).
-        self._stream_seconds = stream_seconds
         self._spool_after = spool_after
         # Set by close() at its deadline: the sink stops retrying and hands rows back.
         self._abort = abort
@@ -209,23 +193,14 @@ class Delivery:
     def _follow_on(self, taken: int) -> Callable[[], list[Row]]:
         """More rows for the COPY under way, up to `batch_size` rows in all, while at least
         a chunk of them is queued: a backlog streams through one COPY, but a trickle does
-        not keep a COPY (and its transaction) open. Nor does a steady stream the writer
-        only just keeps up with (behind busy threads): rows count as written at the COPY's
-        commit, so `stream_seconds` after the batch was taken (see `stream_seconds`) the
-        COPY takes no more and commits, and an entry is not left waiting a whole
-        `batch_size` for it (not while close() drains: it wants few COPYs, see
-        `_batch_rows`). Nothing once close()
-        is cutting the writer short: what is still queued is then close()'s to account
-        for."""
+        not keep a COPY (and its transaction) open. Nothing once close() is cutting the
+        writer short: what is still queued is then close()'s to account for."""
         budget = self._batch_rows() - taken
-        until = time.monotonic() + self._stream_seconds
 
         def more() -> list[Row]:
             nonlocal budget
             want = min(CHUNK_ROWS, budget)
             if want <= 0 or self._sink.stopping():
-                return []
-            if not self.closing and time.monotonic() >= until:
                 return []
             rows = self._ledger.take(want, at_least=want)
             budget -= len(rows)

@@ -48,7 +48,7 @@ from .connection import (
     resolve_target,
 )
 from .context import current as _current_context
-from .delivery import Delivery, stream_seconds
+from .delivery import Delivery
 from .dsn import Dsn
 from .entry import AuditEntry, InvalidEntry, Row, dump_metadata, mapping_fields
 from .hooks import BeforeWrite
@@ -207,7 +207,6 @@ class AuditWriter:
             self._sink,
             self._spool,
             batch_size=options.batch_size,
-            stream_seconds=stream_seconds(options.flush_interval),
             spool_after=options.spool_after,
             retry_backoff_max=options.retry_backoff_max,
             abort=self._abort,

@@ -10,7 +10,6 @@ from typing import Any
 
 from auditq import AuditWriter
 from auditq.binary import Item
-from auditq.delivery import MIN_STREAM_SECONDS, stream_seconds
 from auditq.entry import Row
 
 from .conftest import Table, WriterFactory
@@ -146,35 +145,3 @@ def test_a_backlog_queued_during_a_copy_goes_into_that_copy(
     assert (stats.written, stats.batches, stats.dead_lettered) == (20_000, 1, 0)
     assert table.count() == 20_000 == table.distinct_ids()
     assert _per_transaction(table) == [20_000]
-
-
-def test_a_copy_stops_taking_rows_after_half_the_flush_interval(
-    table: Table, make_writer: WriterFactory
-) -> None:
-    # As above, but the COPY is then held for longer than half the flush interval at its
-    # first follow-on chunk: rows count as written at its commit, so it must not go on
-    # taking the backlog (which would keep those rows waiting for it); the rest of the
-    # backlog gets a COPY of its own. (1 s of window against 1.5 s held: a writer slowed
-    # by a busy machine still takes its first follow-on chunk well inside the window.)
-    release = threading.Event()
-    held_first = _held_at("4999", release)
-
-    def hook(entry: dict[str, Any]) -> Any:
-        if entry["request_id"] == "5000":
-            time.sleep(1.5)  # past the COPY's 1 s of taking rows
-        return held_first(entry)
-
-    writer = make_writer(batch_size=20_000, flush_interval=2.0, before_write=hook)
-    _queue_backlog_while_held(writer, release)
-    assert writer.flush(timeout=60)
-    stats = writer.stats()
-    assert (stats.written, stats.dead_lettered) == (20_000, 0)
-    assert table.count() == 20_000 == table.distinct_ids()
-    assert _per_transaction(table) == [6_000, 14_000]
-
-
-def test_the_stream_window_is_half_the_flush_interval_with_a_floor() -> None:
-    assert stream_seconds(1.0) == 0.5
-    # A writer set for freshness still streams under load: a window of a few ms would end
-    # each COPY after a chunk or two, each COPY costing the writer waits for the GIL.
-    assert stream_seconds(0.02) == MIN_STREAM_SECONDS > 0.01

@@ -192,16 +192,7 @@ def test_cut_at_a_byte_offset_while_data_is_in_flight(
 ) -> None:
     proxy = slow_proxy
     # A long write_timeout: a throttled COPY is slow, not hung (the watchdog stays out).
-    # A long flush_interval too: a COPY takes queued rows for half of it, and this one is
-    # slowed by the throttled link, yet rows must go on joining it.
-    writer = writers(
-        proxy.dsn,
-        table,
-        batch_size=100_000,
-        max_queue=300_000,
-        write_timeout=30.0,
-        flush_interval=10.0,
-    )
+    writer = writers(proxy.dsn, table, batch_size=100_000, max_queue=300_000, write_timeout=30.0)
     caller = Caller(writer)
     joins = Joins(writer)
     caller.stream(1000)
@@ -258,15 +249,7 @@ def test_result_lost_after_the_end_of_a_streaming_copy(
         monkeypatch.setattr(pqcopy, "enabled", False)
     seen = count_c_path(monkeypatch) if speedups is not None else CPath()
     proxy = slow_proxy
-    # flush_interval: as in the test above, so rows join the COPY the link slows down.
-    writer = writers(
-        proxy.dsn,
-        table,
-        batch_size=50_000,
-        max_queue=100_000,
-        write_timeout=30.0,
-        flush_interval=10.0,
-    )
+    writer = writers(proxy.dsn, table, batch_size=50_000, max_queue=100_000, write_timeout=30.0)
     caller = Caller(writer)
     attempts = Attempts(writer)
     committed = case != "end-never-arrived"
