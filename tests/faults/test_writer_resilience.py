@@ -187,6 +187,33 @@ def test_without_spool_or_callback_each_dead_letter_is_logged_as_json(
     assert "own code failed" in letter["reason"]
 
 
+def test_many_dead_letters_at_once_are_logged_a_hundred_lines_a_record(
+    make_writer: WriterFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # close()'s leftovers (up to max_queue of them) logged a record each took seconds past
+    # its timeout; in records of LETTERS_PER_RECORD JSON lines every letter is still there.
+    import json
+
+    from auditq.ledger import LETTERS_PER_RECORD
+
+    caplog.set_level(logging.ERROR, logger="auditq.dead_letters")
+    writer = make_writer(
+        "postgresql://auditq@127.0.0.1:9/nowhere", wake_rows=10**6, flush_interval=3600
+    )
+    for n in range(250):
+        assert writer.log("never.written", request_id=str(n))
+    assert writer.close(timeout=0.5) is False
+    records = [r for r in caplog.records if r.name == "auditq.dead_letters"]
+    lines = [line for r in records for line in r.getMessage().split("\n")]
+    assert sorted(int(json.loads(line)["entry"]["request_id"]) for line in lines) == list(
+        range(250)
+    )
+    assert len(records) == 3 and max(r.getMessage().count("\n") + 1 for r in records) == (
+        LETTERS_PER_RECORD
+    )
+    assert writer.stats().dead_lettered == 250
+
+
 def test_the_dead_letter_file_keeps_metadata_as_an_object(
     make_writer: WriterFactory, tmp_path: Path
 ) -> None:
