@@ -388,6 +388,45 @@ static PyObject *error_fields(PGresult *res) {
     return fields;
 }
 
+/* The PGconn behind `arg` (psycopg's `pgconn_ptr`), or NULL with an exception set. */
+static PGconn *conn_arg(PyObject *arg) {
+    if (!pq_loaded) {
+        PyErr_SetString(PyExc_RuntimeError, "libpq is not bound (pq_load first)");
+        return NULL;
+    }
+    PGconn *conn = (PGconn *)PyLong_AsVoidPtr(arg);
+    if (conn == NULL && !PyErr_Occurred()) {
+        PyErr_SetString(PyExc_ValueError, "null PGconn");
+    }
+    return conn;
+}
+
+/* The error tuple (fields, message, lost) for `out`, a new reference (NULL with an
+ * exception set): the server's error result if there was one (cleared here), else
+ * libpq's message for the connection. */
+static PyObject *error_tuple(PGconn *conn, outcome_t *out) {
+    PyObject *fields;
+    const char *message;
+    if (out->error != NULL) {
+        fields = error_fields(out->error);
+        message = pq.result_error_message(out->error);
+    } else {
+        Py_INCREF(Py_None);
+        fields = Py_None;
+        message = pq.error_message(conn);
+    }
+    int lost = out->lost || pq.status(conn) == CONNECTION_BAD;
+    PyObject *error = fields == NULL ? NULL
+                                     : Py_BuildValue("(Ny#O)", fields, message ? message : "",
+                                                     (Py_ssize_t)(message ? strlen(message) : 0),
+                                                     lost ? Py_True : Py_False);
+    if (out->error != NULL) {
+        pq.clear(out->error);
+        out->error = NULL;
+    }
+    return error;
+}
+
 PyDoc_STRVAR(pq_copy_doc,
              "pq_copy(pgconn_ptr, query, pieces, end, /) -> tuple\n\n"
              "On the PGconn at `pgconn_ptr` (psycopg's `pgconn.pgconn_ptr`, no command in\n"
@@ -405,15 +444,8 @@ static PyObject *pq_copy(PyObject *self, PyObject *const *args, Py_ssize_t nargs
         PyErr_SetString(PyExc_TypeError, "pq_copy(pgconn_ptr, query, pieces: tuple, end)");
         return NULL;
     }
-    if (!pq_loaded) {
-        PyErr_SetString(PyExc_RuntimeError, "libpq is not bound (pq_load first)");
-        return NULL;
-    }
-    PGconn *conn = (PGconn *)PyLong_AsVoidPtr(args[0]);
+    PGconn *conn = conn_arg(args[0]);
     if (conn == NULL) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_ValueError, "null PGconn");
-        }
         return NULL;
     }
     const char *query = NULL;
@@ -462,31 +494,15 @@ static PyObject *pq_copy(PyObject *self, PyObject *const *args, Py_ssize_t nargs
     PyMem_Free(data);
     PyMem_Free(sizes);
 
-    PyObject *error = Py_None;
-    Py_INCREF(error);
+    PyObject *error;
     if (out.error != NULL || out.lost || pq.status(conn) == CONNECTION_BAD) {
-        Py_DECREF(error);
-        PyObject *fields = Py_None;
-        Py_INCREF(fields);
-        const char *message;
-        if (out.error != NULL) {
-            Py_DECREF(fields);
-            fields = error_fields(out.error);
-            message = pq.result_error_message(out.error);
-        } else {
-            message = pq.error_message(conn);
-        }
-        int lost = out.lost || pq.status(conn) == CONNECTION_BAD;
-        error = fields == NULL ? NULL
-                               : Py_BuildValue("(Ny#O)", fields, message ? message : "",
-                                               (Py_ssize_t)(message ? strlen(message) : 0),
-                                               lost ? Py_True : Py_False);
-        if (out.error != NULL) {
-            pq.clear(out.error);
-        }
+        error = error_tuple(conn, &out);
         if (error == NULL) {
             return NULL;
         }
+    } else {
+        Py_INCREF(Py_None);
+        error = Py_None;
     }
     return Py_BuildValue("(OON)", out.copy_in ? Py_True : Py_False,
                          out.end_sent ? Py_True : Py_False, error);
@@ -506,15 +522,8 @@ static PyObject *pq_put(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
         PyErr_SetString(PyExc_TypeError, "pq_put(pgconn_ptr, piece: bytes, drain: bool)");
         return NULL;
     }
-    if (!pq_loaded) {
-        PyErr_SetString(PyExc_RuntimeError, "libpq is not bound (pq_load first)");
-        return NULL;
-    }
-    PGconn *conn = (PGconn *)PyLong_AsVoidPtr(args[0]);
+    PGconn *conn = conn_arg(args[0]);
     if (conn == NULL) {
-        if (!PyErr_Occurred()) {
-            PyErr_SetString(PyExc_ValueError, "null PGconn");
-        }
         return NULL;
     }
     int drain = PyObject_IsTrue(args[2]);
@@ -551,24 +560,7 @@ static PyObject *pq_put(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
     if (out.copy_in && out.error == NULL && !out.lost) {
         return Py_BuildValue("(OO)", Py_False, Py_None);
     }
-    PyObject *fields = Py_None;
-    const char *message;
-    if (out.error != NULL) {
-        fields = error_fields(out.error);
-        message = pq.result_error_message(out.error);
-    } else {
-        Py_INCREF(fields);
-        message = pq.error_message(conn);
-    }
-    PyObject *error = fields == NULL ? NULL
-                                     : Py_BuildValue("(Ny#O)", fields, message ? message : "",
-                                                     (Py_ssize_t)(message ? strlen(message) : 0),
-                                                     (out.lost || pq.status(conn) == CONNECTION_BAD)
-                                                         ? Py_True
-                                                         : Py_False);
-    if (out.error != NULL) {
-        pq.clear(out.error);
-    }
+    PyObject *error = error_tuple(conn, &out);
     if (error == NULL) {
         return NULL;
     }

@@ -202,6 +202,17 @@ class CompareResult:
 # -- the rows every case writes -------------------------------------------------------------
 
 
+def copy_blocks(
+    conn: psycopg.Connection[tuple[object, ...]], copy_sql: sql.Composed, blocks: list[bytes]
+) -> None:
+    """One COPY of pre-encoded `blocks` through psycopg's `copy.write()`."""
+    with conn.cursor() as cur, cur.copy(copy_sql) as copy:
+        copy.write(HEADER)
+        for block in blocks:
+            copy.write(block)
+        copy.write(TRAILER)
+
+
 def typical_row(n: int) -> Row:
     """The n-th typical entry as the queue holds it (what `timed_log` logs), for the cases
     and scripts that encode rows without calling `log()`."""
@@ -307,11 +318,7 @@ class Harness:
             conn.commit()
             started = time.perf_counter()
             for blocks in chunks:
-                with conn.cursor() as cur, cur.copy(self.copy_sql) as copy:
-                    copy.write(HEADER)
-                    for block in blocks:
-                        copy.write(block)
-                    copy.write(TRAILER)
+                copy_blocks(conn, self.copy_sql, blocks)
                 conn.commit()
             seconds = time.perf_counter() - started
         in_table, _ = self.count()
@@ -343,11 +350,7 @@ class Harness:
                         if outcome[2] is not None:
                             raise psycopg.OperationalError(f"ceiling-4spin COPY: {outcome[2]!r}")
                         continue
-                    with conn.cursor() as cur, cur.copy(self.copy_sql) as copy:
-                        copy.write(HEADER)
-                        for block in blocks:
-                            copy.write(block)
-                        copy.write(TRAILER)
+                    copy_blocks(conn, self.copy_sql, blocks)
                 seconds = time.perf_counter() - started
         in_table, _ = self.count()
         return CaseRun(

@@ -36,7 +36,7 @@ from auditq.binary import HEADER, TRAILER
 from auditq.connection import widen_send_buffer
 from auditq.embedded import embedded_postgres
 from auditq.native import speedups
-from benchmarks.compare import CompareConfig, Harness, encode_ceiling, spinning
+from benchmarks.compare import CompareConfig, Harness, copy_blocks, encode_ceiling, spinning
 
 SPINNERS = 4
 #: psycopg's copy.write(); the C path sending a group of pieces per call without the GIL;
@@ -48,18 +48,14 @@ PATHS = ("psycopg", "stream", "stream4m", "two")
 def copy_psycopg(
     conn: psycopg.Connection[tuple[object, ...]], harness: Harness, blocks: list[bytes]
 ) -> None:
-    with conn.cursor() as cur, cur.copy(harness.copy_sql) as copy:
-        copy.write(HEADER)
-        for block in blocks:
-            copy.write(block)
-        copy.write(TRAILER)
+    copy_blocks(conn, harness.copy_sql, blocks)
 
 
 def copy_c(conn: psycopg.Connection[tuple[object, ...]], query: bytes, blocks: list[bytes]) -> None:
     pqcopy.copy(conn, query, [HEADER, *blocks, TRAILER])
 
 
-def _read_result(conn: psycopg.Connection[tuple[object, ...]]) -> None:
+def read_late_result(conn: psycopg.Connection[tuple[object, ...]]) -> None:
     """Send what libpq still holds of an ended COPY, then read its results (waits in
     select(), without the GIL)."""
     pgconn = conn.pgconn
@@ -86,7 +82,7 @@ def copy_two(
     for n, blocks in enumerate(chunks):
         mine, other = conns[n % 2], conns[1 - n % 2]
         if pending[n % 2]:
-            _read_result(mine)
+            read_late_result(mine)
         ptr: int = getattr(mine.pgconn, "pgconn_ptr")  # noqa: B009 - not in the typed protocol
         pieces = [HEADER, *blocks, TRAILER]
         started = speedups.pq_copy(ptr, query, (), False)
@@ -104,7 +100,7 @@ def copy_two(
         pending[n % 2] = True
     for k, conn in enumerate(conns):
         if pending[k]:
-            _read_result(conn)
+            read_late_result(conn)
 
 
 def ceiling(harness: Harness, chunks: list[list[bytes]], path: str) -> float:

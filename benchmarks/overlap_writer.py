@@ -25,7 +25,6 @@ else busy and with 4 threads spinning in pure Python (the busy application).
 from __future__ import annotations
 
 import argparse
-import select
 import sys
 import time
 from collections import deque
@@ -48,6 +47,7 @@ from auditq.embedded import embedded_postgres
 from auditq.entry import Row
 from auditq.native import speedups
 from benchmarks.compare import CompareConfig, Harness, spinning, typical_row
+from benchmarks.libpq_copy import read_late_result
 
 SPINNERS = 4
 ROUNDS = 3
@@ -128,15 +128,6 @@ def write_all(harness: Harness, queued: deque[Row], connections: int) -> float:
     return total / seconds
 
 
-def _read_late(conn: psycopg.Connection[tuple[object, ...]]) -> None:
-    """Send what libpq still holds of an ended COPY, then read its results."""
-    pgconn = conn.pgconn
-    while pgconn.flush() > 0:
-        select.select([pgconn.socket], [pgconn.socket], [])
-        pgconn.consume_input()
-    _finish(conn)
-
-
 def write_all_c(harness: Harness, queued: deque[Row], connections: int) -> float:
     """`write_all` through the C path (see the module's docstring)."""
     assert speedups is not None and pqcopy.available()
@@ -155,7 +146,7 @@ def write_all_c(harness: Harness, queued: deque[Row], connections: int) -> float
         n += 1
         conn, other = conns[k], conns[(k + 1) % connections]
         if pending[k]:
-            _read_late(conn)
+            read_late_result(conn)
             written += pending[k]
             pending[k] = 0
         ptr: int = getattr(conn.pgconn, "pgconn_ptr")  # noqa: B009 - not in the protocol
@@ -189,7 +180,7 @@ def write_all_c(harness: Harness, queued: deque[Row], connections: int) -> float
         release(rows)
     for k, conn in enumerate(conns):
         if pending[k]:
-            _read_late(conn)
+            read_late_result(conn)
             written += pending[k]
     seconds = time.perf_counter() - started
     for conn in conns:
